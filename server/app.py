@@ -1,0 +1,61 @@
+"""fedlora's ServerApp: aggregates LoRA adapter updates from the sites.
+
+Writes everything into ``output-dir`` (an absolute path on the coordinator is best):
+``config.json``, ``history.json``, ``checkpoints/round-<r>/``, ``adapter/``, ``report.md``,
+``plots/``. With ``resume=true`` it continues from the newest checkpoint there.
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from server.checkpoints import latest_checkpoint, restore, save_checkpoint
+from server.federation import Federation
+from server.global_model import GlobalModel
+from server.history import save_history, write_json
+from server.report import write_report
+from strategies.factory import build_strategy
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = dict(context.run_config)
+    out_dir = Path(str(run_config["output-dir"])).expanduser().resolve()
+    global_model = GlobalModel.load(run_config)
+    start_round, history = 1, []
+    if run_config["resume"] and (checkpoint := latest_checkpoint(out_dir)) is not None:
+        restore(global_model.model, checkpoint)
+        start_round, history = checkpoint.round + 1, checkpoint.history
+        log(INFO, "resuming %s from round %s", out_dir, checkpoint.round)
+    write_json(out_dir / "config.json", {**run_config, "output-dir": str(out_dir)})
+
+    central_data = str(run_config["central-eval-data"])
+    federation = Federation(
+        grid=grid,
+        strategy=build_strategy(run_config),
+        num_rounds=int(run_config["num-server-rounds"]),
+        timeout=float(run_config["round-timeout"]),
+        train_config={},
+        evaluate_config={},
+        central_eval=global_model.central_evaluator(central_data) if central_data else None,
+    )
+
+    def on_round(server_round, arrays, rounds) -> None:
+        global_model.set_arrays(arrays)
+        save_checkpoint(out_dir, server_round, global_model.model, global_model.tokenizer, global_model.metadata, rounds)
+        save_history(out_dir, rounds)
+        write_report(out_dir, run_config, rounds)
+
+    arrays = federation.run(global_model.arrays(), start_round, history, on_round)
+    global_model.set_arrays(arrays)
+    global_model.save(out_dir / "adapter")
+    save_history(out_dir, history)
+    write_report(out_dir, run_config, history)
+    log(INFO, "results in %s", out_dir)

@@ -1,0 +1,70 @@
+"""Per-round checkpoints: ``checkpoints/round-<r>/`` holds the global adapter in PEFT format
+(so any round loads with ``PeftModel.from_pretrained``) plus ``state.json`` with the history so
+far; ``--resume`` continues from the newest complete one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerBase
+
+from fedlora.adapters import load_adapter_state, save_adapter
+from server.history import write_json
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    path: Path
+    history: list[dict[str, Any]]
+
+    def adapter(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / ADAPTER_WEIGHTS))
+
+
+def save_checkpoint(
+    out_dir: Path,
+    server_round: int,
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    metadata: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> Path:
+    """Write the round's checkpoint completely, then move it into place (atomic on one disk)."""
+    final = out_dir / CHECKPOINTS / f"round-{server_round}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, tokenizer, {**metadata, "round": server_round})
+    write_json(tmp / STATE_FILE, {"round": server_round, "history": history})
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint (a ``.tmp`` left by a crash is ignored)."""
+    found = []
+    for path in (out_dir / CHECKPOINTS).glob("round-*"):
+        suffix = path.name.removeprefix("round-")
+        if suffix.isdigit() and (path / STATE_FILE).is_file() and (path / ADAPTER_WEIGHTS).is_file():
+            found.append((int(suffix), path))
+    if not found:
+        return None
+    server_round, path = max(found)
+    state = json.loads((path / STATE_FILE).read_text())
+    return Checkpoint(round=server_round, path=path, history=state["history"])
+
+
+def restore(model: PeftModel, checkpoint: Checkpoint) -> None:
+    load_adapter_state(model, checkpoint.adapter())

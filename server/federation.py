@@ -1,0 +1,108 @@
+"""The round loop: train, screen and aggregate, evaluate, checkpoint.
+
+Flower's ``Strategy.start`` runs rounds 1..N in one go. fedlora drives the same strategy
+methods (``configure_train`` / ``aggregate_train`` / ``configure_evaluate`` /
+``aggregate_evaluate``) itself, because a resumed run starts at round k+1 and every round must
+be checkpointed and reported before the next one begins.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from strategies.screening import ReplyOutcome, ScreenedStrategy, TooFewUpdates
+
+RoundCallback = Callable[[int, ArrayRecord, list[dict[str, Any]]], None]
+
+
+@dataclass
+class Federation:
+    grid: Grid
+    strategy: ScreenedStrategy
+    num_rounds: int
+    timeout: float
+    train_config: dict[str, Any]
+    evaluate_config: dict[str, Any]
+    central_eval: Callable[[ArrayRecord], dict[str, float]] | None = None
+
+    def run(self, arrays: ArrayRecord, start_round: int, history: list[dict[str, Any]], on_round: RoundCallback) -> ArrayRecord:
+        for server_round in range(start_round, self.num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", server_round, self.num_rounds)
+            arrays, record = self._round(server_round, arrays)
+            history.append(record)
+            on_round(server_round, arrays, history)
+            log(INFO, "round %s: eval accuracy %s, train loss %s, %s/%s sites aggregated",
+                server_round, record["eval_accuracy"], record["train_loss"],
+                sum(c["outcome"] == "aggregated" for c in record["clients"]), len(record["clients"]))
+        return arrays
+
+    def _round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
+        start = time.perf_counter()
+        messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(dict(self.train_config)), self.grid))
+        bytes_down = {m.metadata.dst_node_id: m.content["arrays"].count_bytes() for m in messages}
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        failure, train_metrics = None, None
+        try:
+            new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+        except TooFewUpdates as err:
+            failure = str(err)
+            log(WARNING, "%s; the global adapter is unchanged", failure)
+        clients = _client_entries(self.strategy.train_outcomes, bytes_down)
+
+        eval_messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(self.evaluate_config)), self.grid))
+        eval_metrics = self.strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(eval_messages, timeout=self.timeout))
+        central = self.central_eval(arrays) if self.central_eval else {}
+        record = {
+            "round": server_round,
+            "train_loss": (train_metrics or {}).get("train-loss"),
+            "eval_loss": (eval_metrics or {}).get("eval-loss"),
+            "eval_accuracy": (eval_metrics or {}).get("eval-accuracy"),
+            "central_loss": central.get("loss"),
+            "central_accuracy": central.get("accuracy"),
+            "bytes_up": sum(c["bytes_up"] for c in clients),
+            "bytes_down": sum(bytes_down.values()),
+            "seconds": time.perf_counter() - start,
+            "failure": failure,
+            "clients": clients,
+            "evaluations": [
+                {"client": o.site, "node_id": o.node_id, "outcome": o.outcome, "reason": o.reason,
+                 "num_examples": o.metrics.get("num-examples"), "eval_accuracy": o.metrics.get("eval-accuracy")}
+                for o in self.strategy.evaluate_outcomes
+            ],
+        }
+        return arrays, record
+
+
+def _client_entries(outcomes: list[ReplyOutcome], bytes_down: dict[int, int]) -> list[dict[str, Any]]:
+    answered = {o.node_id for o in outcomes}
+    entries = [
+        {
+            "client": o.site,
+            "node_id": o.node_id,
+            "outcome": o.outcome,
+            "reason": o.reason,
+            "num_examples": o.metrics.get("num-examples"),
+            "train_loss": o.metrics.get("train-loss"),
+            "epsilon": o.metrics.get("epsilon") if o.metrics.get("dp") else None,
+            "privacy": {k: o.metrics[k] for k in ("noise-multiplier", "sample-rate", "steps", "delta", "max-epsilon", "dp") if k in o.metrics},
+            "bytes_up": o.bytes_up,
+            "bytes_down": bytes_down.get(o.node_id, 0),
+        }
+        for o in outcomes
+    ]
+    entries += [
+        {"client": f"node-{node}", "node_id": node, "outcome": "no-reply", "reason": "no reply before the round timeout",
+         "num_examples": None, "train_loss": None, "epsilon": None, "privacy": {}, "bytes_up": 0, "bytes_down": sent}
+        for node, sent in bytes_down.items() if node not in answered
+    ]
+    return entries

@@ -1,0 +1,90 @@
+"""``report.md`` and ``plots/*.png``: what a person reads after a run."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: coordinators and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def plot_series(path: Path, title: str, ylabel: str, series: Mapping[str, list[tuple[int, float]]]) -> Path | None:
+    """One line per named series of (round, value); skipped when there is nothing to plot."""
+    series = {name: pts for name, pts in series.items() if pts}
+    if not series:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in series.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _points(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["round"], r[key]) for r in history if r.get(key) is not None]
+
+
+def write_report(out_dir: Path, config: Mapping[str, Any], history: list[dict[str, Any]]) -> Path:
+    plots = out_dir / "plots"
+    plot_series(plots / "loss.png", "Loss per round", "loss", {
+        "train (sites)": _points(history, "train_loss"),
+        "eval (sites' held-out)": _points(history, "eval_loss"),
+        "central test set": _points(history, "central_loss"),
+    })
+    plot_series(plots / "accuracy.png", "Accuracy per round", "accuracy", {
+        "eval (sites' held-out)": _points(history, "eval_accuracy"),
+        "central test set": _points(history, "central_accuracy"),
+    })
+    dp = "ON" if config.get("dp") else "**OFF — training was not differentially private**"
+    lines = [
+        "# fedlora run report",
+        "",
+        f"- model: `{config['model']}` ({config['task']}), LoRA rank {config['lora-rank']}",
+        f"- data: `{config['data']}`, partition `{config['partition']}`",
+        f"- strategy: `{config['strategy']}`, rounds: {config['num-server-rounds']}",
+        f"- differential privacy: {dp}",
+        "",
+        "## Rounds",
+        "",
+        "| round | train loss | eval loss | eval accuracy | central accuracy | sites aggregated | bytes up | bytes down | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in history:
+        aggregated = sum(c["outcome"] == "aggregated" for c in r["clients"])
+        lines.append(
+            f"| {r['round']} | {_fmt(r['train_loss'])} | {_fmt(r['eval_loss'])} | {_fmt(r['eval_accuracy'])} "
+            f"| {_fmt(r.get('central_accuracy'))} | {aggregated}/{len(r['clients'])} | {r['bytes_up']} "
+            f"| {r['bytes_down']} | {_fmt(r['seconds'], 1)} |"
+        )
+    problems = [
+        f"- round {r['round']}: {c['client']} {c['outcome']}: {c['reason']}"
+        for r in history for c in r["clients"] if c["outcome"] != "aggregated"
+    ] + [f"- round {r['round']}: not aggregated: {r['failure']}" for r in history if r.get("failure")]
+    lines += ["", "## Sites that did not contribute", ""] + (problems or ["None: every site sent a valid update every round."])
+    lines += ["", "## Files", "", "- `adapter/`: final global adapter (PEFT format; `PeftModel.from_pretrained(base, 'adapter')`)",
+              "- `checkpoints/round-<r>/`: the adapter after each round", "- `history.json`, `config.json`",
+              "- `plots/loss.png`, `plots/accuracy.png`", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,126 @@
+"""Screening of replies before any strategy aggregates them.
+
+Wraps a Flower strategy the way Flower's own DP wrappers do. Every training reply ends up
+in exactly one :class:`ReplyOutcome`:
+
+- ``aggregated``: a well-formed adapter update, passed on to the wrapped strategy;
+- ``rejected``: malformed, non-finite or too large (``strategies.validation``), left out;
+- ``refused``: the site chose not to train (budget exhausted, policy, broken data) and said
+  why in its ``status`` record;
+- ``failed``: the site's ClientApp raised, or the connection failed (Flower error reply);
+- ``no-reply``: the site was sent work but never answered (marked by the caller).
+
+A round whose aggregated replies number fewer than ``min_valid`` fails with a clear
+:class:`TooFewUpdates` error; the global adapter then stays as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from strategies.validation import spec_from_arrays, validate_update
+
+
+class TooFewUpdates(RuntimeError):
+    """Fewer valid updates than the configured minimum: the round cannot be aggregated."""
+
+
+@dataclass
+class ReplyOutcome:
+    node_id: int
+    site: str
+    outcome: str
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+
+
+def describe_reply(msg: Message) -> ReplyOutcome:
+    """Classify a reply that needs no validation (error, refusal) or prepare one that does."""
+    node_id = msg.metadata.src_node_id
+    if msg.has_error():
+        return ReplyOutcome(node_id, f"node-{node_id}", "failed", msg.error.reason)
+    content = msg.content
+    site = str(content["site"]["name"]) if "site" in content.config_records else f"node-{node_id}"
+    metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+    if "status" in content.config_records:
+        status = content["status"]
+        return ReplyOutcome(node_id, site, "refused", f"{status['status']}: {status['reason']}", metrics)
+    bytes_up = content["arrays"].count_bytes() if "arrays" in content.array_records else 0
+    return ReplyOutcome(node_id, site, "aggregated", "", metrics, bytes_up)
+
+
+class ScreenedStrategy(Strategy):
+    """Validate every update (keys, shapes, dtypes, finiteness, norm) before ``inner`` sees it.
+
+    ``expected_upload`` maps the global arrays sent this round to what a site must send back
+    (identity, or only the trainable tensors under FFA-LoRA).
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        min_valid: int = 1,
+        max_update_norm: float | None = None,
+        rank_flexible: bool = False,
+        expected_upload: Callable[[ArrayRecord], ArrayRecord] = lambda arrays: arrays,
+    ) -> None:
+        self.inner = inner
+        self.min_valid = min_valid
+        self.max_update_norm = max_update_norm
+        self.rank_flexible = rank_flexible
+        self.expected_upload = expected_upload
+        self.train_outcomes: list[ReplyOutcome] = []
+        self.evaluate_outcomes: list[ReplyOutcome] = []
+        self._reference: ArrayRecord | None = None
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._reference = arrays
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        reference = self.expected_upload(self._reference)
+        spec = spec_from_arrays(reference, self.max_update_norm, self.rank_flexible)
+        self.train_outcomes, valid = [], []
+        for msg in replies:
+            outcome = describe_reply(msg)
+            if outcome.outcome == "aggregated":
+                if "arrays" not in msg.content.array_records or "num-examples" not in outcome.metrics:
+                    reason = "reply has no adapter or no num-examples"
+                else:
+                    reason = validate_update(msg.content["arrays"], spec, reference)
+                if reason:
+                    outcome.outcome, outcome.reason = "rejected", reason
+                else:
+                    valid.append(msg)
+            self.train_outcomes.append(outcome)
+        if len(valid) < self.min_valid:
+            problems = "; ".join(f"{o.site}: {o.outcome} ({o.reason})" for o in self.train_outcomes if o.reason)
+            raise TooFewUpdates(
+                f"round {server_round}: {len(valid)} valid update(s), fewer than the minimum of "
+                f"{self.min_valid}" + (f" — {problems}" if problems else "")
+            )
+        return self.inner.aggregate_train(server_round, valid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        self.evaluate_outcomes, usable = [], []
+        for msg in replies:
+            outcome = describe_reply(msg)
+            if outcome.outcome == "aggregated" and "eval-loss" not in outcome.metrics:
+                outcome.outcome, outcome.reason = "refused", "no held-out examples"
+            if outcome.outcome == "aggregated":
+                outcome.outcome = "evaluated"
+                usable.append(msg)
+            self.evaluate_outcomes.append(outcome)
+        return self.inner.aggregate_evaluate(server_round, usable) if usable else None
