@@ -8,6 +8,7 @@ in-process. Each virtual site ``i`` gets node config ``{"site-name": "site-i",
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from flwr.app import Context, RecordDict
 
 # Flower's public ``run_simulation`` accepts no run config; its engine underneath does. Every
 # name below comes from that one module, so a Flower upgrade that moves them fails here, once.
-from flwr.simulation import run_simulation as engine
+engine = importlib.import_module("flwr.simulation.run_simulation")
 
 from fedlora.run_config import PYPROJECT
 from server.app import app as server_app

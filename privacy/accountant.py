@@ -1,0 +1,191 @@
+"""Epsilon from a DP-SGD history, its independent cross-check, and noise calibration.
+
+A site's whole privacy spend is its *history*: one row ``(sigma, q, T)`` per round it trained
+in, where sigma is the noise multiplier, q the Poisson sampling rate and T the number of noisy
+steps. Each step is the subsampled Gaussian mechanism M = G_sigma o Poisson_q, so the site has
+run the adaptive composition of M_1^{T_1}, ..., M_k^{T_k} and, in Renyi DP (Mironov 2017)::
+
+    RDP(alpha) = sum_i T_i * rdp_{q_i, sigma_i}(alpha)
+    epsilon(delta) = min_alpha  RDP(alpha) + log((alpha - 1) / alpha)
+                                - (log(delta) + log(alpha)) / (alpha - 1)
+
+(the conversion is Balle et al. 2020, Thm. 21). Opacus computes this for ``"rdp"``; its
+``"prv"`` accountant composes privacy-loss random variables numerically instead (Gopi et al.
+2021), which is tighter. Epsilon depends on nothing but the history, which is why the ledger
+persists exactly these rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral
+
+import dp_accounting
+from dp_accounting.rdp import RdpAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.accountant import IAccountant
+
+from privacy.budget import BudgetExhausted
+
+History = list[tuple[float, float, int]]
+"""(noise_multiplier, sample_rate, steps) per round: Opacus' accountant history format."""
+
+ACCOUNTANTS = ("rdp", "prv")
+
+DP_ACCOUNTING_RTOL = 1e-2
+"""Relative gap tolerated between Opacus' RDP epsilon and :func:`epsilon_dp_accounting`.
+
+Measured (opacus 1.6.0, dp-accounting 0.6.0, both on Opacus' default orders): the RDP of the
+subsampled Gaussian at *integer* orders is the same closed form in both and agrees to ~1e-14.
+At *fractional* orders dp-accounting sums the absolute values of the alternating series of
+Mironov et al. 2019, Sec. 3.3, an upper bound; Opacus keeps the signs and is exact (checked
+against numerical integration of A_alpha: e.g. q=0.02, sigma=0.5, alpha=1.4 gives
+log A = 0.0031566 by quadrature and in Opacus, 0.0034575 in dp-accounting). So dp-accounting's
+epsilon is never below Opacus' and the gap grows as the optimal order approaches 1, i.e. with
+epsilon. Over q in {0.005 .. 0.2}, 1 to 10 epochs, delta = 1e-5, sigma calibrated to a target:
+
+    epsilon <= 2: gap < 1e-5;  4: <= 2.1e-4;  8: <= 1.2e-3;  10: <= 3.1e-3;  20: <= 5.9e-3;
+    50: up to 0.19 (optimal order ~1.4).
+
+Typical single histories (sigma 1, q 0.01, 1000 steps; mixed multi-row ones) agree to 1e-6.
+1e-2 covers every measured history with epsilon <= 20 with margin; above that (sites whose
+budget allows it) the cross-check can report a gap that is dp-accounting's looseness, not an
+Opacus error. Another corner: when the total RDP is below delta^2 at some order (delta >= 1e-4
+and a handful of steps at q <= 1e-3) dp-accounting proves (0, delta)-DP from the KL bound and
+returns 0 where Opacus reports up to ~0.3.
+"""
+
+# Opacus' order grid; the independent recomputation uses the same one so the two agree.
+RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+_MAX_SIGMA = 1e6  # as in opacus.accountants.utils.get_noise_multiplier
+_SIGMA_RTOL = 1e-3  # calibrate_noise's precision on sigma
+
+
+def epsilon_for(
+    history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp"
+) -> float:
+    """Epsilon after composing every row of ``history``, at ``delta``, with Opacus.
+
+    An empty history has spent nothing (0.0). A row with sigma = 0 is non-private training:
+    no finite epsilon covers it, so the result is ``math.inf``. Rows with equal (sigma, q)
+    are composed as one (see :func:`_contributing`).
+    """
+    engine = _opacus_accountant(accountant)
+    _check_delta(delta)
+    rows = _contributing(history)
+    if not rows:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in rows):
+        return math.inf
+    engine.history = rows
+    return float(engine.get_epsilon(delta))
+
+
+def epsilon_dp_accounting(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """The same RDP epsilon as :func:`epsilon_for` (``"rdp"``), recomputed with Google's
+    ``dp_accounting`` from the raw rows: each row is the event
+    ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), T)`` on Opacus' order grid.
+
+    Agrees with Opacus to within :data:`DP_ACCOUNTING_RTOL` (see there for the measurement).
+    """
+    _check_delta(delta)
+    rows = _contributing(history)
+    if not rows:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in rows):
+        return math.inf
+    engine = RdpAccountant(orders=list(RDP_ORDERS))
+    for sigma, q, steps in rows:
+        step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        engine.compose(dp_accounting.SelfComposedDpEvent(step, steps))
+    return float(engine.get_epsilon(delta))
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    prior: Sequence[tuple[float, float, int]] = (),
+) -> float:
+    """Smallest sigma (to 0.1 %) with ``epsilon_for(prior + [(sigma, q, T)]) <= target_epsilon``.
+
+    Epsilon falls monotonically as sigma grows, so bisection finds it: the returned sigma
+    meets the target, and sigma * (1 - 1e-3) does not. Raises :class:`BudgetExhausted` when
+    ``prior`` alone already reaches the target (no amount of noise then helps).
+    """
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target_epsilon must be a positive finite number, got {target_epsilon!r}")
+    if not (isinstance(steps, Integral) and not isinstance(steps, bool) and steps > 0):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    prior_rows = list(prior)
+    spent = epsilon_for(prior_rows, delta, accountant)
+    if spent >= target_epsilon:
+        raise BudgetExhausted(
+            f"budget exhausted: previous rounds already spent epsilon {spent:.4f} "
+            f">= target-epsilon {target_epsilon:.4f}"
+        )
+
+    def epsilon(sigma: float) -> float:
+        return epsilon_for(prior_rows + [(sigma, sample_rate, steps)], delta, accountant)
+
+    # Invariant: epsilon(low) > target >= epsilon(high); sigma = 0 is non-private (inf).
+    low, high = 0.0, 1.0
+    while epsilon(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > _MAX_SIGMA:
+            raise BudgetExhausted(
+                f"budget exhausted: previous rounds spent epsilon {spent:.4f}; even noise "
+                f"multiplier {_MAX_SIGMA:g} cannot keep {steps} more steps at sample rate "
+                f"{sample_rate} within target-epsilon {target_epsilon:.4f}"
+            )
+    while high - low > _SIGMA_RTOL * high:
+        middle = (low + high) / 2
+        if epsilon(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def _opacus_accountant(name: str) -> IAccountant:
+    if name == "rdp":
+        return RDPAccountant()
+    if name == "prv":
+        return PRVAccountant()
+    raise ValueError(f"unknown accountant {name!r}: choose one of {', '.join(ACCOUNTANTS)}")
+
+
+def _check_delta(delta: float) -> None:
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def _contributing(history: Sequence[tuple[float, float, int]]) -> History:
+    """The validated history as one row per distinct (sigma, q), steps summed.
+
+    Composition is commutative, so T_1 steps and later T_2 steps of the same mechanism are
+    that mechanism self-composed T_1 + T_2 times (Opacus' own ``step`` merges consecutive
+    ones the same way). It keeps the PRV accountant's cost, which grows with the number of
+    distinct rows, independent of the number of rounds. Rows without a step or a sampled
+    example compose the identity and are dropped (PRV cannot discretise zero steps).
+    """
+    steps_by_mechanism: dict[tuple[float, float], int] = {}
+    for index, (sigma, q, steps) in enumerate(history):
+        if not (isinstance(steps, Integral) and not isinstance(steps, bool) and steps >= 0):
+            raise ValueError(f"history row {index}: steps must be an integer >= 0, got {steps!r}")
+        if not 0 <= q <= 1:
+            raise ValueError(f"history row {index}: sample_rate must be in [0, 1], got {q!r}")
+        if not (sigma >= 0 and math.isfinite(sigma)):
+            raise ValueError(
+                f"history row {index}: noise_multiplier must be finite and >= 0, got {sigma!r}"
+            )
+        if steps > 0 and q > 0:
+            key = (float(sigma), float(q))
+            steps_by_mechanism[key] = steps_by_mechanism.get(key, 0) + int(steps)
+    return [(sigma, q, steps) for (sigma, q), steps in steps_by_mechanism.items()]

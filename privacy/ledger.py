@@ -1,0 +1,312 @@
+"""A site's privacy ledger: an append-only, hash-chained SQLite table of every round it trained in.
+
+Each round adds a **spend** row *before* training starts and a **confirm** row after it
+finished. A crash in between leaves a pending spend, which still counts: the ledger can
+over-count a site's spend, never under-count it. A spend row records the cumulative epsilon of
+the site after that round, over all spend rows so far, so epsilon continues across runs and
+restarts instead of starting from zero with each fresh Opacus PrivacyEngine.
+
+Tamper evidence: row n stores ``hash_n = sha256(hash_{n-1} + canonical_json(row_n))`` with
+``hash_0 = "0" * 64``, where the canonical JSON covers every other column (``id`` included, so
+rows cannot be reordered) with sorted keys. Editing, deleting or inserting a row breaks the
+chain from there on. Triggers also abort UPDATE and DELETE, against accidents; a determined
+editor can drop them, which is what the chain is for. Truncating the *tail* keeps the chain
+intact: compare :meth:`PrivacyLedger.head_hash` with a copy kept elsewhere to detect that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from privacy.accountant import History, epsilon_for
+
+GENESIS_HASH = "0" * 64
+VERSIONED_PACKAGES = ("torch", "opacus", "peft", "transformers", "flwr")
+
+# Columns in table order; all but `hash` enter the row's hash.
+COLUMNS = (
+    "id", "kind", "run_id", "round", "recorded_at", "noise_multiplier", "sample_rate", "steps",
+    "max_grad_norm", "delta", "accountant", "epsilon", "max_epsilon", "versions", "rng_mode",
+    "refers_to", "prev_hash", "hash",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind             TEXT    NOT NULL CHECK (kind IN ('spend', 'confirm')),
+    run_id           TEXT    NOT NULL,
+    round            INTEGER NOT NULL,
+    recorded_at      TEXT    NOT NULL,
+    noise_multiplier REAL    NOT NULL,
+    sample_rate      REAL    NOT NULL,
+    steps            INTEGER NOT NULL,
+    max_grad_norm    REAL    NOT NULL,
+    delta            REAL    NOT NULL,
+    accountant       TEXT    NOT NULL,
+    epsilon          REAL    NOT NULL,
+    max_epsilon      REAL    NOT NULL,
+    versions         TEXT    NOT NULL,
+    rng_mode         TEXT    NOT NULL,
+    refers_to        INTEGER,
+    prev_hash        TEXT    NOT NULL,
+    hash             TEXT    NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: UPDATE refused'); END;
+CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: DELETE refused'); END;
+"""
+
+
+class LedgerError(Exception):
+    """The file is not a readable privacy ledger, or an append was refused."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One row. A confirm row repeats its spend row's parameters and epsilon and points at it
+    with ``refers_to``; ``versions`` maps package name to version (None: not installed)."""
+
+    id: int
+    kind: str
+    run_id: str
+    round: int
+    recorded_at: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    epsilon: float
+    max_epsilon: float
+    versions: dict[str, str | None]
+    rng_mode: str
+    refers_to: int | None
+    prev_hash: str
+    hash: str
+
+
+def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    """sha256 hex of ``prev_hash`` + the canonical JSON of ``row``'s columns other than
+    ``hash`` and ``prev_hash``; ``versions`` enters as its stored JSON text."""
+    body = {k: v for k, v in row.items() if k not in ("hash", "prev_hash")}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+
+
+class PrivacyLedger:
+    """The ledger in one SQLite file. ``read_only=True`` opens an existing ledger without
+    creating or changing anything (what an auditor wants); otherwise missing parent folders
+    and the schema are created."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        self.path = Path(path)
+        if read_only:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"privacy ledger not found: {self.path}")
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: transactions are opened explicitly, one per append.
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        try:
+            if not read_only:
+                self._db.executescript(_SCHEMA)
+            columns = tuple(r[1] for r in self._db.execute("PRAGMA table_info(ledger)"))
+        except sqlite3.DatabaseError as err:
+            self._db.close()
+            raise LedgerError(f"{self.path} is not a privacy ledger: {err}") from err
+        if columns != COLUMNS:
+            self._db.close()
+            raise LedgerError(f"{self.path} is not a privacy ledger (no table 'ledger' with the expected columns)")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> PrivacyLedger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def projected_epsilon(
+        self, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str
+    ) -> float:
+        """Cumulative epsilon if a round with these parameters were spent now."""
+        return epsilon_for(self.history() + [(noise_multiplier, sample_rate, steps)], delta, accountant)
+
+    def begin_spend(
+        self,
+        *,
+        run_id: str,
+        round: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        max_grad_norm: float,
+        delta: float,
+        accountant: str,
+        max_epsilon: float,
+        rng_mode: str,
+    ) -> LedgerEntry:
+        """Append the spend row of a round about to train, with the site's cumulative epsilon
+        after it (all earlier spend rows, pending ones included, plus this one, at this row's
+        delta and accountant). Call before training; checking the budget is the caller's job
+        (:func:`privacy.budget.check_budget`): the ledger records what happened."""
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
+        if not max_epsilon > 0:
+            raise ValueError(f"max_epsilon must be > 0, got {max_epsilon!r}")
+        with self._transaction():
+            history = self.history() + [(noise_multiplier, sample_rate, steps)]
+            epsilon = epsilon_for(history, delta, accountant)
+            return self._append(
+                kind="spend", run_id=str(run_id), round=int(round),
+                noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate),
+                steps=int(steps), max_grad_norm=float(max_grad_norm), delta=float(delta),
+                accountant=accountant, epsilon=epsilon, max_epsilon=float(max_epsilon),
+                rng_mode=str(rng_mode), refers_to=None,
+            )
+
+    def confirm(self, spend_id: int) -> LedgerEntry:
+        """Append the confirm row of spend row ``spend_id``: its training finished."""
+        with self._transaction():
+            entries = self.entries()
+            spend = next((e for e in entries if e.id == spend_id and e.kind == "spend"), None)
+            if spend is None:
+                raise LedgerError(f"cannot confirm row {spend_id}: no spend row with that id")
+            earlier = next((e for e in entries if e.refers_to == spend_id), None)
+            if earlier is not None:
+                raise LedgerError(f"spend row {spend_id} is already confirmed by row {earlier.id}")
+            return self._append(
+                kind="confirm", run_id=spend.run_id, round=spend.round,
+                noise_multiplier=spend.noise_multiplier, sample_rate=spend.sample_rate,
+                steps=spend.steps, max_grad_norm=spend.max_grad_norm, delta=spend.delta,
+                accountant=spend.accountant, epsilon=spend.epsilon, max_epsilon=spend.max_epsilon,
+                rng_mode=spend.rng_mode, refers_to=spend.id,
+            )
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def entries(self) -> list[LedgerEntry]:
+        """All rows, oldest first."""
+        return [_entry(row) for row in self._raw_rows()]
+
+    def spends(self) -> list[LedgerEntry]:
+        return [e for e in self.entries() if e.kind == "spend"]
+
+    def history(self) -> History:
+        """(noise_multiplier, sample_rate, steps) of every spend row, confirmed or pending."""
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.spends()]
+
+    def cumulative_epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
+        """Epsilon of the whole history, recomputed (not read from the rows). ``delta`` and
+        ``accountant`` default to the last spend row's; an empty ledger has spent 0.0."""
+        spends = self.spends()
+        if not spends:
+            return 0.0
+        last = spends[-1]
+        return epsilon_for(
+            self.history(),
+            last.delta if delta is None else delta,
+            last.accountant if accountant is None else accountant,
+        )
+
+    def head_hash(self) -> str:
+        """Hash of the last row (the genesis hash when empty): anchor it elsewhere to detect a
+        truncated tail."""
+        row = self._db.execute("SELECT hash FROM ledger ORDER BY id DESC LIMIT 1").fetchone()
+        return GENESIS_HASH if row is None else row[0]
+
+    def verify_chain(self) -> list[str]:
+        """Problems with the chain, each naming the row id; empty when intact."""
+        problems: list[str] = []
+        prev_hash = GENESIS_HASH
+        kinds: dict[int, str] = {}
+        for row in self._raw_rows():
+            rid = row["id"]
+            if row["prev_hash"] != prev_hash:
+                problems.append(
+                    f"row {rid}: broken link: prev_hash {row['prev_hash'][:12]}... does not match "
+                    f"the previous row's hash {prev_hash[:12]}... (a row was removed, inserted or edited)"
+                )
+            if row_hash(row["prev_hash"], row) != row["hash"]:
+                problems.append(f"row {rid}: bad hash: the row's contents were changed after it was written")
+            if row["kind"] == "confirm" and kinds.get(row["refers_to"]) != "spend":
+                problems.append(
+                    f"row {rid}: confirm row refers to row {row['refers_to']}, "
+                    "which is not an earlier spend row"
+                )
+            kinds[rid] = row["kind"]
+            prev_hash = row["hash"]
+        return problems
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _raw_rows(self) -> list[dict[str, Any]]:
+        cursor = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM ledger ORDER BY id")
+        return [dict(zip(COLUMNS, values)) for values in cursor]
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` takes the write lock before the tail is read, so two processes
+        appending to one file serialise; any error rolls the whole append back."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _append(self, **values: Any) -> LedgerEntry:
+        """Insert one chained row; runs inside the caller's write transaction, so the tail it
+        links to cannot change underneath it."""
+        last = self._db.execute("SELECT id, hash FROM ledger ORDER BY id DESC LIMIT 1").fetchone()
+        # The id is hashed, so it is chosen here rather than left to SQLite.
+        row: dict[str, Any] = {
+            "id": last[0] + 1 if last else 1,
+            "recorded_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            "versions": json.dumps(_versions(), sort_keys=True),
+            **values,
+            "prev_hash": last[1] if last else GENESIS_HASH,
+        }
+        row["hash"] = row_hash(row["prev_hash"], row)
+        self._db.execute(
+            f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+            [row[c] for c in COLUMNS],
+        )
+        return _entry(row)
+
+
+def _entry(row: dict[str, Any]) -> LedgerEntry:
+    return LedgerEntry(**{**row, "versions": json.loads(row["versions"])})
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

@@ -1,0 +1,141 @@
+import re
+
+import pytest
+
+from privacy.budget import (
+    BudgetExhausted,
+    DPRequest,
+    EffectiveDP,
+    PolicyViolation,
+    SitePolicy,
+    check_budget,
+    dp_request,
+    resolve,
+    site_policy,
+)
+
+POLICY = SitePolicy(max_epsilon=10.0, delta=1e-5, min_noise_multiplier=0.3, require_dp=True)
+
+
+def request(**overrides) -> DPRequest:
+    values = dict(dp=True, noise_multiplier=0.0, target_epsilon=0.0, delta=0.0, max_grad_norm=1.0, max_epsilon=0.0)
+    return DPRequest(**(values | overrides))
+
+
+def test_site_policy_defaults():
+    assert site_policy({}) == POLICY
+
+
+def test_site_policy_reads_node_config_and_ignores_other_keys():
+    node = {"max-epsilon": 4, "delta": 1e-6, "min-noise-multiplier": 0.8, "dp": False, "data-path": "/x"}
+    assert site_policy(node) == SitePolicy(4.0, 1e-6, 0.8, False)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("max-epsilon", 0, "must be > 0"),
+        ("max-epsilon", -1.0, "must be > 0"),
+        ("max-epsilon", "10", "must be a number"),
+        ("max-epsilon", float("inf"), "must be finite"),
+        ("delta", 1.0, "must be in (0, 1)"),
+        ("delta", 0.0, "must be in (0, 1)"),
+        ("delta", True, "must be a number"),
+        ("min-noise-multiplier", -0.1, "must be >= 0"),
+        ("dp", "false", "must be true or false"),
+        ("dp", 0, "must be true or false"),
+    ],
+)
+def test_bad_node_config_rejected(key, value, message):
+    with pytest.raises(PolicyViolation) as caught:
+        site_policy({key: value})
+    text = str(caught.value)
+    assert text.startswith(f"node config {key} ")
+    assert message in text and repr(value) in text
+
+
+def test_dp_request_from_run_config():
+    run = {"dp": True, "noise-multiplier": 0.0, "target-epsilon": 8.0, "delta": 1e-5,
+           "max-grad-norm": 1.0, "max-epsilon": 0.0, "num-server-rounds": 3}
+    assert dp_request(run) == request(target_epsilon=8.0, delta=1e-5)
+    assert dp_request({}) == request()
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("max-grad-norm", 0.0, "must be > 0"),
+        ("delta", 1.5, "must be in [0, 1)"),
+        ("noise-multiplier", -1.0, "must be >= 0"),
+        ("target-epsilon", "8", "must be a number"),
+        ("dp", 1, "must be true or false"),
+    ],
+)
+def test_bad_run_config_rejected(key, value, message):
+    with pytest.raises(PolicyViolation) as caught:
+        dp_request({key: value})
+    assert str(caught.value).startswith(f"run config {key} ")
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "looser, expected",
+    [
+        (dict(dp=False), "dp: the server requests dp=false (non-private training), but this site requires differential privacy (node config dp=true)"),
+        (dict(delta=1e-4), "delta: the server requests 0.0001, above this site's delta 1e-05"),
+        (dict(max_epsilon=20.0), "max-epsilon: the server requests 20, above this site's max-epsilon 10"),
+        (dict(noise_multiplier=0.1), "noise-multiplier: the server requests 0.1, below this site's min-noise-multiplier 0.3"),
+    ],
+)
+def test_looser_requests_refused(looser, expected):
+    with pytest.raises(PolicyViolation, match=re.escape(expected)):
+        resolve(POLICY, request(**looser))
+
+
+def test_default_request_takes_site_settings():
+    assert resolve(POLICY, request()) == EffectiveDP(
+        enabled=True, delta=1e-5, max_epsilon=10.0, max_grad_norm=1.0, noise_multiplier=None, target_epsilon=10.0
+    )
+
+
+def test_stricter_requests_applied():
+    effective = resolve(POLICY, request(delta=1e-7, max_epsilon=4.0, target_epsilon=3.0, max_grad_norm=0.5))
+    assert effective == EffectiveDP(
+        enabled=True, delta=1e-7, max_epsilon=4.0, max_grad_norm=0.5, noise_multiplier=None, target_epsilon=3.0
+    )
+
+
+def test_equal_settings_are_not_looser():
+    effective = resolve(POLICY, request(delta=1e-5, max_epsilon=10.0, noise_multiplier=0.3))
+    assert (effective.delta, effective.max_epsilon, effective.noise_multiplier) == (1e-5, 10.0, 0.3)
+
+
+def test_explicit_noise_multiplier_wins_over_target():
+    effective = resolve(POLICY, request(noise_multiplier=1.2, target_epsilon=8.0))
+    assert (effective.noise_multiplier, effective.target_epsilon) == (1.2, None)
+
+
+def test_target_defaults_to_and_is_capped_by_max_epsilon():
+    assert resolve(POLICY, request(max_epsilon=4.0)).target_epsilon == 4.0
+    assert resolve(POLICY, request(target_epsilon=8.0, max_epsilon=4.0)).target_epsilon == 4.0
+    assert resolve(SitePolicy(5.0, 1e-5, 0.3, True), request(target_epsilon=8.0)).target_epsilon == 5.0
+
+
+def test_non_private_training_only_where_site_allows_it():
+    allowing = SitePolicy(10.0, 1e-5, 0.3, require_dp=False)
+    assert resolve(allowing, request(dp=False)) == EffectiveDP(
+        enabled=False, delta=1e-5, max_epsilon=10.0, max_grad_norm=1.0, noise_multiplier=None, target_epsilon=None
+    )
+    # Allowing non-private training does not loosen the limits of private training.
+    with pytest.raises(PolicyViolation, match="delta"):
+        resolve(allowing, request(delta=1e-3))
+
+
+def test_check_budget():
+    check_budget(9.99, 10.0)
+    check_budget(10.0, 10.0)
+    with pytest.raises(BudgetExhausted) as caught:
+        check_budget(10.5, 10.0)
+    assert str(caught.value) == "budget exhausted: this round would bring epsilon to 10.5000 > max-epsilon 10.0000"
+    with pytest.raises(BudgetExhausted, match="epsilon to inf"):
+        check_budget(float("inf"), 10.0)

@@ -1,0 +1,64 @@
+"""A site's train and evaluate handlers end to end on tiny models: both tasks, DP on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import app as client_app
+from client.outgoing_guard import ALLOWED_METRICS
+from fedlora.adapters import is_adapter_key
+from fedlora.run_config import apply_overrides
+from server.global_model import GlobalModel
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Messages are stamped with the sender's identity; here the test plays the server."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1234, 1
+
+
+def site_context(run_config: dict, node_config: dict, node_id: int = 7) -> Context:
+    return Context(run_id=1234, node_id=node_id, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def train_message(arrays: ArrayRecord, server_round: int = 1) -> Message:
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    return Message(content=content, dst_node_id=7, message_type="train")
+
+
+def test_classification_round_sends_only_adapter_and_whitelisted_metrics(tiny_run_config, classification_csv, tmp_path):
+    global_model = GlobalModel.load(tiny_run_config)
+    sent = global_model.arrays()
+    ctx = site_context(tiny_run_config, {"data-path": str(classification_csv), "ledger-path": str(tmp_path / "l.db")})
+    reply = client_app.app(train_message(sent), ctx)
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
+    arrays = reply.content["arrays"]
+    assert set(arrays.keys()) == set(sent.keys())
+    assert all(is_adapter_key(k) for k in arrays)
+    assert not any(k.startswith("base_model.model.bert.embeddings") for k in arrays)
+    assert arrays.count_bytes() == sent.count_bytes()
+    # LoRA tensors only: 2 layers x (query, value) x (A, B) + classifier weight and bias.
+    assert len(arrays) == 2 * 2 * 2 + 2
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) <= ALLOWED_METRICS
+    assert metrics["dp"] == 1 and 0 < metrics["epsilon"] <= 8.0
+    changed = [k for k in sent if not torch.equal(torch.tensor(sent[k].numpy()), torch.tensor(arrays[k].numpy()))]
+    assert len(changed) == len(sent), "DP training must change every trainable adapter tensor"
+
+
+def test_causal_lm_round_on_tiny_llama(tiny_llama, instruction_jsonl, tiny_run_config, tmp_path):
+    config = apply_overrides(tiny_run_config, {"model": tiny_llama, "task": "causal-lm", "data": str(instruction_jsonl), "label-names": ""})
+    global_model = GlobalModel.load(config)
+    sent = global_model.arrays()
+    assert all(("q_proj" in k or "v_proj" in k) and "lora_" in k for k in sent)
+    ctx = site_context(config, {"data-path": str(instruction_jsonl), "ledger-path": str(tmp_path / "l.db")})
+    reply = client_app.app(train_message(sent), ctx)
+    assert not reply.has_error(), reply.error
+    assert set(reply.content["arrays"].keys()) == set(sent.keys())
+    evaluation = client_app.app(Message(content=RecordDict({"arrays": reply.content["arrays"], "config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="evaluate"), ctx)
+    assert 0.0 <= evaluation.content["metrics"]["eval-accuracy"] <= 1.0
+    assert evaluation.content["metrics"]["eval-loss"] > 0
