@@ -22,7 +22,9 @@ app = ClientApp(mods=[outgoing_guard])
 def train(msg: Message, context: Context) -> Message:
     site = Site(context)
     try:
-        outcome = site.train(msg.content["arrays"], int(msg.content["config"]["server-round"]))
+        config = msg.content["config"]
+        proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx only
+        outcome = site.train(msg.content["arrays"], int(config["server-round"]), proximal_mu)
     except RefusedRound as refusal:
         return _status_reply(msg, site, refusal)
     content = RecordDict(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import datasets
@@ -35,11 +36,14 @@ def load_site_data(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
     elif "partition-id" in node_config:
         pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
         source = f"{run_config['data']} (partition {pid} of {parts}, {run_config['partition']})"
-        partitions = partition_dataset(
-            load_source(run_config), str(run_config["partition"]), parts, "label", int(run_config["seed"])
-        )
-        table = partitions[pid]
+        table = _partitions(load_source(run_config), str(run_config["partition"]), parts, int(run_config["seed"]))[pid]
     else:
         raise DataError("this site has no 'data-path' in its node config (flower-supernode --node-config)")
     train, held_out = split_train_eval(table, float(run_config["eval-fraction"]), int(run_config["seed"]))
     return SiteData(train=train, eval=held_out, source=source)
+
+
+@lru_cache(maxsize=2)
+def _partitions(dataset: datasets.Dataset, spec: str, parts: int, seed: int) -> list[datasets.Dataset]:
+    """All partitions at once, kept for the process: a simulation worker serves many sites."""
+    return partition_dataset(dataset, spec, parts, "label", seed)

@@ -26,13 +26,14 @@ from fedlora.adapters import adapter_state, attach_adapter, load_adapter_state
 from fedlora.data import DataError
 from fedlora.evaluation import evaluate
 from fedlora.model import ModelError, load_base_model, load_tokenizer, select_device
-from fedlora.run_config import LoraSettings
+from fedlora.run_config import LoraSettings, freezes_lora_a
 from fedlora.tasks import encode
 from privacy.accountant import calibrate_noise, epsilon_for
 from privacy.budget import BudgetExhausted, PolicyViolation, check_budget, dp_request, resolve, site_policy
 from privacy.dp_sgd import rng_mode
 from privacy.ledger import PrivacyLedger
 from simulations.sources import resolve_label_names
+from strategies.hetero_rank import lora_rank_of, truncate_to_rank
 
 ACCOUNTANT = "rdp"
 
@@ -75,7 +76,8 @@ class Site:
     def device(self) -> torch.device:
         return select_device(str(self.node.get("device", "auto")))
 
-    def train(self, global_adapter: ArrayRecord, server_round: int) -> TrainOutcome:
+    def train(self, global_adapter: ArrayRecord, server_round: int, proximal_mu: float = 0.0) -> TrainOutcome:
+        """``proximal_mu`` > 0 (FedProx, sent by the server) adds (mu/2)||w - w_global||^2."""
         try:
             dp = resolve(site_policy(self.node), dp_request(self.run))
         except PolicyViolation as err:
@@ -115,6 +117,7 @@ class Site:
             result = train(
                 model, examples, task, tokenizer.pad_token_id, settings,
                 DPSettings(noise, dp.max_grad_norm) if dp.enabled else None,
+                proximal_mu=proximal_mu,
             )
             ledger.confirm(spend.id)
         metrics = {
@@ -132,7 +135,7 @@ class Site:
             "examples-per-second": result.examples_per_second,
             "lora-rank": self.lora_rank,
         }
-        adapter = adapter_state(model, trainable_only=bool(self.run["strategy"] == "ffa-lora"))
+        adapter = adapter_state(model, trainable_only=freezes_lora_a(self.run))
         return TrainOutcome(adapter=adapter, metrics=metrics)
 
     def evaluate(self, global_adapter: ArrayRecord) -> dict[str, float | int]:
@@ -169,7 +172,7 @@ class Site:
         lora = LoraSettings.from_run_config(self.run, rank=self.lora_rank)
         try:
             model, tokenizer = _cached_model(str(self.run["model"]), task, labels, lora)
-            load_adapter_state(model, global_adapter.to_torch_state_dict())
+            load_adapter_state(model, _at_rank(global_adapter, self.lora_rank))
         except (ModelError, ValueError) as err:
             raise RefusedRound("model-error", str(err)) from err
         return model, tokenizer
@@ -181,6 +184,18 @@ def _cached_model(model_name: str, task: str, labels: tuple[str, ...], lora: Lor
     adapter tensors with the global ones, so no state leaks from round to round."""
     base = load_base_model(model_name, task, list(labels) or None)
     return attach_adapter(base, lora.peft_config(task), freeze_lora_a=lora.freeze_a), load_tokenizer(model_name)
+
+
+def _at_rank(adapter: ArrayRecord, rank: int) -> dict[str, torch.Tensor]:
+    """The received adapter at this site's LoRA rank: its first ``rank`` components when it is
+    larger (a HetLoRA server sends the full rank until it has seen this site's rank)."""
+    arrays = {name: array.numpy() for name, array in adapter.items()}
+    received = lora_rank_of(arrays)
+    if received < rank:
+        raise ValueError(f"the server sent a rank-{received} adapter; this site trains rank {rank} (node config lora-rank)")
+    if received > rank:
+        arrays = truncate_to_rank(arrays, rank)
+    return {name: torch.from_numpy(value) for name, value in arrays.items()}
 
 
 def _site_name(node_config: Mapping[str, Any], node_id: int) -> str:

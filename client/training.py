@@ -60,12 +60,18 @@ def train(
     pad_token_id: int,
     settings: TrainSettings,
     dp: DPSettings | None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Run ``settings.planned_steps`` optimizer steps on ``examples``; returns the mean loss.
 
     With DP, batches are Poisson-sampled (rate q = batch_size / N) as the accounting assumes;
     without DP, batches are shuffled mini-batches. Either way the number of steps is the planned
     one, so the ledger records exactly what ran.
+
+    ``proximal_mu`` = mu > 0 is FedProx: the local objective becomes
+    loss(w) + (mu/2) ||w - w_global||^2 over the trainable (adapter) parameters, w_global being
+    their values on entry, i.e. the global adapter the site just loaded (see
+    :func:`_add_proximal_gradient`).
     """
     n = len(examples)
     if n == 0:
@@ -76,6 +82,8 @@ def train(
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    if proximal_mu > 0:
+        _add_proximal_gradient(optimizer, params, proximal_mu)
     runner = model
     if dp is not None:
         runner, optimizer = make_private(model, optimizer, dp.noise_multiplier, dp.max_grad_norm, settings.batch_size)
@@ -112,6 +120,31 @@ def train(
         sample_rate=q,
         seconds=time.perf_counter() - start,
     )
+
+
+def _add_proximal_gradient(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], mu: float) -> None:
+    """Make every step of ``optimizer`` descend (mu/2) ||w - w0||^2 too, w0 = ``params`` now.
+
+    The term's gradient mu (w - w0) is added to each parameter's gradient just before the
+    update (an optimizer step pre-hook): identical to adding the term to the loss. It must not
+    go through the loss under DP-SGD: Opacus replaces the gradient with the clipped, noised sum
+    of *per-example* gradients, and a term with no per-example part would be silently dropped.
+    Added after Opacus, it costs no privacy: it involves no data, only the weights and the
+    global adapter (post-processing).
+    """
+    anchors = [p.detach().clone() for p in params]
+
+    def add_proximal_gradient(*_: object) -> None:
+        with torch.no_grad():
+            for p, anchor in zip(params, anchors, strict=True):
+                pull = mu * (p - anchor)
+                if p.grad is None:
+                    p.grad = pull
+                else:
+                    p.grad.add_(pull)
+
+    # On the plain optimizer: a DPOptimizer wrapping it calls its step after adding the noise.
+    optimizer.register_step_pre_hook(add_proximal_gradient)
 
 
 def _shuffled_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):

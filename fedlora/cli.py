@@ -11,6 +11,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,10 @@ SIMULATE_OPTIONS = {
     "output": "output-dir",
     "strategy": "strategy",
 }
+
+
+SIMULATION_FILE = "simulation.json"
+DEFAULT_OUTPUTS = Path("outputs")
 
 
 class UsageError(Exception):
@@ -74,15 +79,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import run_simulation
 
     overrides: dict[str, Any] = {}
-    num_clients = args.num_clients
+    sites: dict[str, Any] = {"num-clients": 3, "node-config": {}, "site-config": {}}
     if args.resume:
-        previous = Path(args.resume) / "config.json"
-        if not previous.is_file():
-            raise UsageError(f"--resume {args.resume}: no config.json there (not a fedlora output directory)")
-        saved = json.loads(previous.read_text())
-        num_clients = num_clients or saved.pop("num-clients", None)
-        overrides |= {k: v for k, v in saved.items() if k in default_run_config()}
-        overrides |= {"resume": True, "output-dir": str(Path(args.resume).resolve())}
+        out = Path(args.resume)
+        if not (out / "config.json").is_file() or not (out / SIMULATION_FILE).is_file():
+            raise UsageError(f"--resume {args.resume}: not the output directory of a fedlora simulation")
+        overrides |= json.loads((out / "config.json").read_text())
+        overrides |= {"resume": True, "output-dir": str(out.resolve())}
+        sites = json.loads((out / SIMULATION_FILE).read_text())
     for option, key in SIMULATE_OPTIONS.items():
         if getattr(args, option) is not None:
             overrides[key] = getattr(args, option)
@@ -93,28 +97,42 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         config = apply_overrides(default_run_config(), overrides)
     except KeyError as err:
         raise UsageError(err.args[0]) from err
-    node_config = parse_assignments(args.node_config or [])
+    if args.num_clients is not None:
+        sites["num-clients"] = args.num_clients
+    sites["node-config"] |= parse_assignments(args.node_config or [])
+    if args.site_config:
+        sites["site-config"] = {str(k): v for k, v in load_site_configs(args.site_config).items()}
     if not config["dp"]:
         # Turning DP off is explicit at both ends: the simulated sites allow it too.
-        node_config.setdefault("dp", False)
-    num_clients = int(num_clients or 3)
-    config["num-clients"] = num_clients
-    out_dir = run_simulation(
-        {k: v for k, v in config.items() if k != "num-clients"},
-        num_clients,
-        node_config=node_config,
-        per_site=load_site_configs(args.site_config),
+        sites["node-config"].setdefault("dp", False)
+    out_dir = _output_dir(config, resume=bool(args.resume))
+    config["output-dir"] = str(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # What the virtual sites were given, so that --resume brings back the same sites.
+    (out_dir / SIMULATION_FILE).write_text(json.dumps(sites, indent=2))
+    run_simulation(
+        config,
+        int(sites["num-clients"]),
+        node_config=sites["node-config"],
+        per_site={int(k): v for k, v in sites["site-config"].items()},
     )
-    _record_num_clients(out_dir, num_clients)
+    if out_dir.parent == DEFAULT_OUTPUTS.resolve():
+        latest = DEFAULT_OUTPUTS / "latest"
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(out_dir.name)
     print(f"results: {out_dir} (report.md, history.json, adapter/, plots/)")
     return 0
 
 
-def _record_num_clients(out_dir: Path, num_clients: int) -> None:
-    path = out_dir / "config.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        path.write_text(json.dumps({**data, "num-clients": num_clients}, indent=2))
+def _output_dir(config: dict[str, Any], resume: bool) -> Path:
+    """A new timestamped folder under ``outputs/`` unless one is given. A fresh run never
+    writes into a folder that already holds a run: its sites' ledgers belong to that run."""
+    if not config["output-dir"]:
+        return (DEFAULT_OUTPUTS / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    out = Path(str(config["output-dir"])).expanduser().resolve()
+    if not resume and ((out / "history.json").exists() or (out / "privacy").exists()):
+        raise UsageError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --output")
+    return out
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -185,14 +203,25 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command not in ("privacy", "certs", "site"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    from fedlora.data import DataError
-    from fedlora.model import ModelError
-
     try:
         return int(args.func(args) or 0)
-    except (UsageError, DataError, ModelError) as err:
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
         print(f"fedlora {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """UsageError, and DataError/ModelError if their modules were loaded (else none was raised).
+
+    Looked up lazily: importing fedlora.data/fedlora.model pulls in torch and transformers,
+    several seconds that `fedlora certs` and `fedlora site` do not need."""
+    errors: list[type[Exception]] = [UsageError]
+    for module, name in (("fedlora.data", "DataError"), ("fedlora.model", "ModelError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -19,6 +20,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+# A freshly initialised classification head is expected here, not a problem worth a warning
+# block in every site's log each round.
+transformers.logging.set_verbosity_error()
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 TASKS = ("classification", "causal-lm")

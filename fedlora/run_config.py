@@ -45,6 +45,11 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     return merged
 
 
+def freezes_lora_a(run_config: Mapping[str, Any]) -> bool:
+    """FFA-LoRA (``strategy`` ``ffa-lora`` or ``ffa-lora+<aggregator>``): A frozen, only B sent."""
+    return str(run_config["strategy"]).partition("+")[0] == "ffa-lora"
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     rank: int
@@ -61,7 +66,7 @@ class LoraSettings:
             alpha=float(run_config["lora-alpha"]),
             dropout=float(run_config["lora-dropout"]),
             target_modules=modules,
-            freeze_a=run_config["strategy"] == "ffa-lora",
+            freeze_a=freezes_lora_a(run_config),
         )
 
     def peft_config(self, task: str) -> LoraConfig:

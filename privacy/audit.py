@@ -71,6 +71,12 @@ class LedgerAudit:
         return not (self.chain_problems or self.epsilon_mismatches or self.budget_exceeded)
 
 
+_NUMERIC = {
+    "noise_multiplier": float, "sample_rate": float, "steps": int, "delta": float,
+    "epsilon": float, "max_epsilon": float,
+}
+
+
 def audit_ledger(path: str | Path, tolerance: float = 1e-6) -> LedgerAudit:
     """Audit one ledger file. ``tolerance`` is the relative gap allowed between the recorded
     epsilon and Opacus' recomputation (both run the same code, so only float noise).
@@ -87,8 +93,15 @@ def audit_ledger(path: str | Path, tolerance: float = 1e-6) -> LedgerAudit:
     exceeded: list[str] = []
     history: History = []
     for spend in (e for e in entries if e.kind == "spend"):
-        history.append((spend.noise_multiplier, spend.sample_rate, spend.steps))
         label = f"row {spend.id} (run {spend.run_id}, round {spend.round})"
+        # SQLite keeps text that an editor wrote into a REAL column as text.
+        not_numbers = [c for c in _NUMERIC if not isinstance(getattr(spend, c), _NUMERIC[c])]
+        if not_numbers:
+            mismatches.extend(
+                f"{label}: {c} holds {getattr(spend, c)!r}, not a number" for c in not_numbers
+            )
+            continue
+        history.append((spend.noise_multiplier, spend.sample_rate, spend.steps))
         try:
             opacus = epsilon_for(history, spend.delta, spend.accountant)
             independent = epsilon_dp_accounting(history, spend.delta)
@@ -181,7 +194,8 @@ def _ledger_json(audit: LedgerAudit) -> dict[str, Any]:
         "ok": audit.ok,
         "head_hash": audit.head_hash,
         "rows": [
-            {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(row).items()}
+            {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+             for k, v in asdict(row).items()}
             for row in audit.rows
         ],
         "problems": {
@@ -196,10 +210,11 @@ def _print_audit(console: Console, audit: LedgerAudit) -> None:
     table = Table(
         title=escape(f"site {audit.site}  ({audit.path})"), title_justify="left", box=box.SIMPLE_HEAD
     )
+    left_aligned = ("run", "recorded at (UTC)", "acct", "status")
     for header in ("id", "run", "round", "recorded at (UTC)", "sigma", "q", "steps", "C",
                    "delta", "acct", "eps recorded", "eps opacus", "eps dp-acc", "eps prv",
                    "status", "budget left"):
-        table.add_column(header, justify="left" if header in ("run", "recorded at (UTC)", "acct", "status") else "right")
+        table.add_column(header, justify="left" if header in left_aligned else "right")
     for row in audit.rows:
         table.add_row(
             str(row.id), escape(row.run_id), str(row.round), row.recorded_at[:19],

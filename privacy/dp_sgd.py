@@ -17,12 +17,17 @@ gradients; the frozen base model is never touched.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+# Opacus' hooks fire on every frozen block whose inputs need no gradient; harmless, but torch
+# warns on each backward pass.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 def make_private(

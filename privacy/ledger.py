@@ -10,8 +10,9 @@ Tamper evidence: row n stores ``hash_n = sha256(hash_{n-1} + canonical_json(row_
 ``hash_0 = "0" * 64``, where the canonical JSON covers every other column (``id`` included, so
 rows cannot be reordered) with sorted keys. Editing, deleting or inserting a row breaks the
 chain from there on. Triggers also abort UPDATE and DELETE, against accidents; a determined
-editor can drop them, which is what the chain is for. Truncating the *tail* keeps the chain
-intact: compare :meth:`PrivacyLedger.head_hash` with a copy kept elsewhere to detect that.
+editor can drop them, which is what the chain is for. The hash has no key, so a forger who
+rewrites every later row's hash, or truncates the tail, leaves a consistent chain: compare
+:meth:`PrivacyLedger.head_hash` with a copy kept elsewhere to catch that too.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ class PrivacyLedger:
             raise LedgerError(f"{self.path} is not a privacy ledger: {err}") from err
         if columns != COLUMNS:
             self._db.close()
-            raise LedgerError(f"{self.path} is not a privacy ledger (no table 'ledger' with the expected columns)")
+            raise LedgerError(
+                f"{self.path} is not a privacy ledger (no table 'ledger' with the expected columns)"
+            )
 
     def close(self) -> None:
         self._db.close()
@@ -147,12 +150,6 @@ class PrivacyLedger:
         self.close()
 
     # -- writing ------------------------------------------------------------------------------
-
-    def projected_epsilon(
-        self, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str
-    ) -> float:
-        """Cumulative epsilon if a round with these parameters were spent now."""
-        return epsilon_for(self.history() + [(noise_multiplier, sample_rate, steps)], delta, accountant)
 
     def begin_spend(
         self,
@@ -246,11 +243,14 @@ class PrivacyLedger:
             rid = row["id"]
             if row["prev_hash"] != prev_hash:
                 problems.append(
-                    f"row {rid}: broken link: prev_hash {row['prev_hash'][:12]}... does not match "
-                    f"the previous row's hash {prev_hash[:12]}... (a row was removed, inserted or edited)"
+                    f"row {rid}: broken link: prev_hash {row['prev_hash'][:12]}... does not "
+                    f"match the previous row's hash {prev_hash[:12]}... "
+                    "(a row was removed, inserted or edited)"
                 )
             if row_hash(row["prev_hash"], row) != row["hash"]:
-                problems.append(f"row {rid}: bad hash: the row's contents were changed after it was written")
+                problems.append(
+                    f"row {rid}: bad hash: the row's contents were changed after it was written"
+                )
             if row["kind"] == "confirm" and kinds.get(row["refers_to"]) != "spend":
                 problems.append(
                     f"row {rid}: confirm row refers to row {row['refers_to']}, "
@@ -299,7 +299,11 @@ class PrivacyLedger:
 
 
 def _entry(row: dict[str, Any]) -> LedgerEntry:
-    return LedgerEntry(**{**row, "versions": json.loads(row["versions"])})
+    try:
+        versions = json.loads(row["versions"])
+    except (TypeError, ValueError) as err:
+        raise LedgerError(f"row {row['id']}: versions is not JSON: {row['versions']!r}") from err
+    return LedgerEntry(**{**row, "versions": versions})
 
 
 def _versions() -> dict[str, str | None]:

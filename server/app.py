@@ -2,7 +2,7 @@
 
 Writes everything into ``output-dir`` (an absolute path on the coordinator is best):
 ``config.json``, ``history.json``, ``checkpoints/round-<r>/``, ``adapter/``, ``report.md``,
-``plots/``. With ``resume=true`` it continues from the newest checkpoint there.
+``privacy_report.{md,json}``, ``plots/``. With ``resume=true`` it continues from the newest checkpoint there.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from server.checkpoints import latest_checkpoint, restore, save_checkpoint
 from server.federation import Federation
 from server.global_model import GlobalModel
 from server.history import save_history, write_json
+from server.privacy_report import write_privacy_report
 from server.report import write_report
 from strategies.factory import build_strategy
 
@@ -27,7 +28,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
-    out_dir = Path(str(run_config["output-dir"])).expanduser().resolve()
+    out_dir = Path(str(run_config["output-dir"]) or f"outputs/run-{context.run_id}").expanduser().resolve()
     global_model = GlobalModel.load(run_config)
     start_round, history = 1, []
     if run_config["resume"] and (checkpoint := latest_checkpoint(out_dir)) is not None:
@@ -52,10 +53,12 @@ def main(grid: Grid, context: Context) -> None:
         save_checkpoint(out_dir, server_round, global_model.model, global_model.tokenizer, global_model.metadata, rounds)
         save_history(out_dir, rounds)
         write_report(out_dir, run_config, rounds)
+        write_privacy_report(out_dir, run_config, rounds)
 
     arrays = federation.run(global_model.arrays(), start_round, history, on_round)
     global_model.set_arrays(arrays)
     global_model.save(out_dir / "adapter")
     save_history(out_dir, history)
     write_report(out_dir, run_config, history)
+    write_privacy_report(out_dir, run_config, history)
     log(INFO, "results in %s", out_dir)

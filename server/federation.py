@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -32,8 +32,14 @@ class Federation:
     train_config: dict[str, Any]
     evaluate_config: dict[str, Any]
     central_eval: Callable[[ArrayRecord], dict[str, float]] | None = None
+    # node id -> site-name, learnt from the sites' replies: a site that stops answering (no-reply,
+    # or a Flower error reply, which carries no site record) is still reported under its name.
+    site_names: dict[int, str] = field(default_factory=dict)
 
     def run(self, arrays: ArrayRecord, start_round: int, history: list[dict[str, Any]], on_round: RoundCallback) -> ArrayRecord:
+        for record in history:  # a resumed run knows the sites from the rounds before
+            self._learn_names(record["clients"] + record.get("evaluations", []))
+        self.strategy.restore(history)  # a resumed run's central-DP spend counts the earlier rounds
         for server_round in range(start_round, self.num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", server_round, self.num_rounds)
             arrays, record = self._round(server_round, arrays)
@@ -58,6 +64,7 @@ class Federation:
             failure = str(err)
             log(WARNING, "%s; the global adapter is unchanged", failure)
         clients = _client_entries(self.strategy.train_outcomes, bytes_down)
+        self._learn_names(clients)
 
         eval_messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(self.evaluate_config)), self.grid))
         eval_metrics = self.strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(eval_messages, timeout=self.timeout))
@@ -73,6 +80,7 @@ class Federation:
             "bytes_down": sum(bytes_down.values()),
             "seconds": time.perf_counter() - start,
             "failure": failure,
+            "central_epsilon": self.strategy.central_epsilon,
             "clients": clients,
             "evaluations": [
                 {"client": o.site, "node_id": o.node_id, "outcome": o.outcome, "reason": o.reason,
@@ -80,7 +88,15 @@ class Federation:
                 for o in self.strategy.evaluate_outcomes
             ],
         }
+        self._learn_names(record["evaluations"])
+        for entry in record["clients"] + record["evaluations"]:
+            entry["client"] = self.site_names.get(entry["node_id"], entry["client"])
         return arrays, record
+
+    def _learn_names(self, entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            if entry.get("node_id") is not None and entry["client"] != f"node-{entry['node_id']}":
+                self.site_names[entry["node_id"]] = entry["client"]
 
 
 def _client_entries(outcomes: list[ReplyOutcome], bytes_down: dict[int, int]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import datasets
 
-from fedlora.data import label_names_of, load_causal_lm, load_classification
+from fedlora.data import DataError, label_names_of, load_causal_lm, load_classification, load_table
 
 EMBEDDED_DATA = "embedded:clinical-notes"
 
@@ -34,7 +34,8 @@ def resolve_label_names(run_config: Mapping[str, Any]) -> list[str]:
 
 
 def load_source(run_config: Mapping[str, Any]) -> datasets.Dataset:
-    """The whole labelled dataset (``text``/``label`` or ``prompt``/``response``)."""
+    """The whole labelled dataset (``text``/``label`` or ``prompt``/``response``), plus the
+    column that ``partition = "column:NAME"`` splits sites by."""
     return _load_cached(
         str(run_config["data"]),
         str(run_config["task"]),
@@ -44,6 +45,7 @@ def load_source(run_config: Mapping[str, Any]) -> datasets.Dataset:
         str(run_config["response-column"]),
         tuple(resolve_label_names(run_config)) if run_config["task"] == "classification" else (),
         int(run_config["seed"]),
+        str(run_config["partition"]).removeprefix("column:") if str(run_config["partition"]).startswith("column:") else "",
     )
 
 
@@ -58,16 +60,22 @@ def load_file(path: str, run_config: Mapping[str, Any], label_names: list[str] |
 
 
 @lru_cache(maxsize=4)
-def _load_cached(source, task, text_col, label_col, prompt_col, response_col, labels, seed):
+def _load_cached(source, task, text_col, label_col, prompt_col, response_col, labels, seed, site_col):
     if source == EMBEDDED_DATA:
         if task != "classification":
             raise ValueError(f"{EMBEDDED_DATA} is a classification corpus; give --data for causal-lm")
         from simulations.corpus import generate_clinical_corpus
 
         corpus = generate_clinical_corpus(seed=seed)
-        return corpus.map(lambda row: {"label": labels.index(row["label"])}).select_columns(["text", "label"])
+        return corpus.map(lambda row: {"label": labels.index(row["label"])})
     config = {
         "task": task, "text-column": text_col, "label-column": label_col,
         "prompt-column": prompt_col, "response-column": response_col,
     }
-    return load_file(source, config, list(labels) or None)
+    dataset = load_file(source, config, list(labels) or None)
+    if site_col:
+        raw = load_table(source)
+        if site_col not in raw.column_names:
+            raise DataError(f"{source}: no column {site_col!r} to partition by; columns: {', '.join(raw.column_names)}")
+        dataset = dataset.add_column(site_col, [str(v) for v in raw[site_col]])
+    return dataset

@@ -1,9 +1,33 @@
 """The ``strategy`` run-config key -> a screened Flower strategy.
 
-| strategy | when to use it |
-|---|---|
-| ``fedavg`` (default) | IID-ish sites, no DP or light DP: the standard weighted mean of adapters. |
-| ``ffa-lora`` | DP and/or non-IID sites: only B trains, aggregation is exact, uploads halve. |
+| strategy | Flower class (keys) | when to use it |
+|---|---|---|
+| ``fedavg`` (default) | ``FedAvg`` | IID-ish sites, no or light DP: the mean of the adapters weighted by example counts. |
+| ``fedprox`` | ``FedProx`` (``proximal-mu``) | non-IID sites whose local training drifts apart: each site adds (μ/2)‖w − w_global‖² over the adapter to its local loss. |
+| ``fedadam`` | ``FedAdam`` (``server-learning-rate``, ``server-tau``) | slow or noisy progress over many rounds: Adam on the server, applied to the mean update. |
+| ``fedyogi`` | ``FedYogi`` (same keys) | as ``fedadam``, with Yogi's slower-growing second moment: more stable under noisy (DP) or sparse updates. |
+| ``trimmed-mean`` | ``FedTrimmedAvg`` (``trim-beta``) | a few sites may send outliers (broken data, bugs): per coordinate, drop the ``trim-beta`` fraction at each end, average the rest. |
+| ``median`` | ``FedMedian`` | as ``trimmed-mean``, stronger: the per-coordinate median tolerates up to half the sites being bad. |
+| ``krum`` | ``Krum`` / ``MultiKrum`` (``krum-byzantine``, ``krum-select``) | up to f = ``krum-byzantine`` adversarial sites (needs n > 2f + 2): keep the ``krum-select`` updates closest to their n − f − 2 nearest neighbours. |
+| ``ffa-lora`` | ``FedAvg`` on B (``strategies.freeze_a``) | DP and/or non-IID sites: A stays at its seeded value, only B (+ head) trains and is sent; the mean is exact and uploads halve. |
+| ``ffa-lora+NAME`` | NAME's class on B | FFA-LoRA with another aggregation of B, e.g. ``ffa-lora+median``; NAME is any row above except ``ffa-lora``. |
+| ``hetlora`` | ``HetLoRA`` (``strategies.hetlora``) | sites of different compute: each sets ``lora-rank`` (<= the run's) in its node config; zero-padded rank-aware mean. |
+
+Robust aggregators (``trimmed-mean``, ``median``, ``krum``) ignore example counts for the
+adapter (one site, one vote); training metrics stay weighted means.
+
+Every strategy is wrapped in :class:`ScreenedStrategy`: replies that are malformed, non-finite or
+farther than ``max-update-norm`` from the global adapter are left out before aggregation.
+
+``central-dp = true`` adds site-level DP (``strategies.central_dp``): Flower's
+``DifferentialPrivacyServerSideFixedClipping`` (``central-dp-noise-multiplier``,
+``central-dp-clipping-norm``) around the plain-mean strategies only (``fedavg``, ``fedprox``,
+``ffa-lora``, ``ffa-lora+fedprox``), with exactly ``num-sampled-clients`` sites per round; the
+cumulative ε at ``central-dp-delta`` goes into every history record (``central_epsilon``).
+
+Layers, outermost first: screening, then FFA-LoRA's A handling, then central DP, then the
+aggregator, so that validation sees the whole reply and DP clips and noises exactly the tensors
+the aggregator averages.
 """
 
 from __future__ import annotations
@@ -11,16 +35,34 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
-from strategies.fedavg import FfaLoraFedAvg, ffa_upload
+from strategies.central_dp import CentralDP
+from strategies.freeze_a import FreezeA, ffa_upload
+from strategies.hetlora import HetLoRA
 from strategies.screening import ScreenedStrategy
 
-STRATEGIES = ("fedavg", "ffa-lora")
+FFA_LORA = "ffa-lora"
+AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "trimmed-mean", "median", "krum")
+STRATEGIES = (*AGGREGATORS, FFA_LORA, *(f"{FFA_LORA}+{name}" for name in AGGREGATORS), "hetlora")
+# Central DP's noise is calibrated to the sensitivity C/m of a plain mean (strategies.central_dp).
+_PLAIN_MEAN = ("fedavg", "fedprox")
 
 
 def build_strategy(run_config: Mapping[str, Any]) -> ScreenedStrategy:
     name = str(run_config["strategy"])
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     common = dict(
         fraction_train=float(run_config["fraction-train"]),
         fraction_evaluate=float(run_config["fraction-evaluate"]),
@@ -28,17 +70,65 @@ def build_strategy(run_config: Mapping[str, Any]) -> ScreenedStrategy:
         min_evaluate_nodes=int(run_config["min-evaluate-nodes"]),
         min_available_nodes=int(run_config["min-train-nodes"]),
     )
-    inner: Strategy
-    if name == "fedavg":
-        inner, upload = FedAvg(**common), (lambda arrays: arrays)
-    elif name == "ffa-lora":
-        inner, upload = FfaLoraFedAvg(**common), ffa_upload
+    ffa = name == FFA_LORA or name.startswith(f"{FFA_LORA}+")
+    aggregator = (name.partition("+")[2] or "fedavg") if ffa else name
+
+    central_dp = None
+    if aggregator == "hetlora":
+        inner: Strategy = HetLoRA(max_rank=int(run_config["lora-rank"]), **common)
     else:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+        inner = _aggregator(aggregator, run_config, common)
+    if run_config["central-dp"]:
+        if aggregator not in _PLAIN_MEAN:
+            raise ValueError(
+                f"central-dp works with a plain mean of the updates (fedavg, fedprox, ffa-lora, "
+                f"ffa-lora+fedprox), not with {name!r}: its noise is calibrated to that mean's sensitivity"
+            )
+        sampled = int(run_config["num-sampled-clients"])
+        if sampled < 1:
+            raise ValueError("central-dp needs num-sampled-clients: the number of sites sampled per round")
+        inner = central_dp = CentralDP(
+            inner,
+            noise_multiplier=float(run_config["central-dp-noise-multiplier"]),
+            clipping_norm=float(run_config["central-dp-clipping-norm"]),
+            num_sampled_clients=sampled,
+            delta=float(run_config["central-dp-delta"]),
+        )
+    if ffa:
+        inner = FreezeA(inner)
     max_norm = float(run_config.get("max-update-norm", 0.0)) or None
     return ScreenedStrategy(
         inner,
         min_valid=int(run_config.get("min-valid-updates", 1)),
         max_update_norm=max_norm,
-        expected_upload=upload,
+        rank_flexible=aggregator == "hetlora",
+        expected_upload=ffa_upload if ffa else (lambda arrays: arrays),
+        central_dp=central_dp,
     )
+
+
+def _aggregator(name: str, run_config: Mapping[str, Any], common: dict[str, Any]) -> FedAvg:
+    """The Flower strategy that turns the sites' (screened) updates into the new global one."""
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedprox":
+        return FedProx(**common, proximal_mu=float(run_config["proximal-mu"]))
+    if name in ("fedadam", "fedyogi"):
+        server_opt = FedAdam if name == "fedadam" else FedYogi
+        return server_opt(
+            **common,
+            eta=float(run_config["server-learning-rate"]),
+            # eta_l is only logged by Flower; the sites' learning rate is the run's.
+            eta_l=float(run_config["learning-rate"]),
+            tau=float(run_config["server-tau"]),
+        )
+    if name == "trimmed-mean":
+        return FedTrimmedAvg(**common, beta=float(run_config["trim-beta"]))
+    if name == "median":
+        return FedMedian(**common)
+    if name == "krum":
+        byzantine, select = int(run_config["krum-byzantine"]), int(run_config["krum-select"])
+        if select == 1:
+            return Krum(**common, num_malicious_nodes=byzantine)
+        return MultiKrum(**common, num_malicious_nodes=byzantine, num_nodes_to_select=select)
+    raise ValueError(f"unknown aggregator {name!r}")

@@ -12,18 +12,26 @@ in exactly one :class:`ReplyOutcome`:
 
 A round whose aggregated replies number fewer than ``min_valid`` fails with a clear
 :class:`TooFewUpdates` error; the global adapter then stays as it was.
+
+The aggregate keeps the dtype of every global tensor: a server-side optimizer may promote it
+(Flower's FedAdam returns float64), and sites, validation and checkpoints expect what was sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from strategies.validation import spec_from_arrays, validate_update
+
+if TYPE_CHECKING:
+    from strategies.central_dp import CentralDP
 
 
 class TooFewUpdates(RuntimeError):
@@ -59,7 +67,8 @@ class ScreenedStrategy(Strategy):
     """Validate every update (keys, shapes, dtypes, finiteness, norm) before ``inner`` sees it.
 
     ``expected_upload`` maps the global arrays sent this round to what a site must send back
-    (identity, or only the trainable tensors under FFA-LoRA).
+    (identity, or only the trainable tensors under FFA-LoRA). ``central_dp`` is the central-DP
+    wrapper somewhere inside ``inner``, if any: its cumulative ε is reported per round.
     """
 
     def __init__(
@@ -69,8 +78,10 @@ class ScreenedStrategy(Strategy):
         max_update_norm: float | None = None,
         rank_flexible: bool = False,
         expected_upload: Callable[[ArrayRecord], ArrayRecord] = lambda arrays: arrays,
+        central_dp: CentralDP | None = None,
     ) -> None:
         self.inner = inner
+        self.central_dp = central_dp
         self.min_valid = min_valid
         self.max_update_norm = max_update_norm
         self.rank_flexible = rank_flexible
@@ -81,6 +92,17 @@ class ScreenedStrategy(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+    @property
+    def central_epsilon(self) -> float | None:
+        """Cumulative site-level ε of central DP so far; None without central DP."""
+        return None if self.central_dp is None else self.central_dp.epsilon
+
+    def restore(self, history: Sequence[dict[str, Any]]) -> None:
+        """Resume after ``history``: the central-DP accountant must count the earlier releases
+        (every round aggregated under central DP is one)."""
+        if self.central_dp is not None:
+            self.central_dp.replay(sum(1 for r in history if r.get("central_epsilon") is not None and not r.get("failure")))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._reference = arrays
@@ -108,7 +130,8 @@ class ScreenedStrategy(Strategy):
                 f"round {server_round}: {len(valid)} valid update(s), fewer than the minimum of "
                 f"{self.min_valid}" + (f" — {problems}" if problems else "")
             )
-        return self.inner.aggregate_train(server_round, valid)
+        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        return (None if arrays is None else _with_dtypes_of(self._reference, arrays)), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
@@ -124,3 +147,13 @@ class ScreenedStrategy(Strategy):
                 usable.append(msg)
             self.evaluate_outcomes.append(outcome)
         return self.inner.aggregate_evaluate(server_round, usable) if usable else None
+
+
+def _with_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with each tensor cast to the dtype of the same-named reference tensor."""
+    cast = {}
+    for name, array in arrays.items():
+        value = array.numpy()
+        dtype = np.dtype(reference[name].dtype) if name in reference else value.dtype
+        cast[name] = Array(np.ascontiguousarray(value, dtype=dtype))
+    return ArrayRecord(cast)

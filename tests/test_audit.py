@@ -175,3 +175,11 @@ def test_all_ledgers_must_pass(tmp_path, capsys):
     assert [(entry["site"], entry["ok"]) for entry in document["ledgers"]] == [("site-x", True), ("site-y", False)]
     assert document["ok"] is False
     assert document["ledgers"][1]["rows"][0]["opacus_epsilon"] == epsilon_for([(1.0, 0.01, 10)], DELTA)
+
+
+def test_text_written_into_numeric_column_is_reported(ledger_path):
+    _tamper(ledger_path, "UPDATE ledger SET epsilon = 'tiny' WHERE id = 3")
+    audit = audit_ledger(ledger_path)
+    assert "row 3 (run run-1, round 2): epsilon holds 'tiny', not a number" in audit.epsilon_mismatches
+    assert audit.chain_problems == ["row 3: bad hash: the row's contents were changed after it was written"]
+    assert [row.id for row in audit.rows] == [1, 5]

@@ -62,9 +62,6 @@ def test_epsilon_is_cumulative_over_all_spends(path):
         assert ledger.cumulative_epsilon() == second.epsilon
         assert ledger.cumulative_epsilon(delta=1e-3) == epsilon_for(history, 1e-3)
         assert ledger.cumulative_epsilon(accountant="prv") == epsilon_for(history, DELTA, "prv")
-        assert ledger.projected_epsilon(1.0, 0.01, 50, DELTA, "rdp") == epsilon_for(
-            history + [(1.0, 0.01, 50)], DELTA
-        )
 
 
 def test_empty_ledger(path):

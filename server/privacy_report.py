@@ -1,0 +1,226 @@
+"""``privacy_report.json``, ``privacy_report.md`` and ``plots/epsilon.png``: what DP cost each site.
+
+Everything comes from ``history.json``'s client entries, i.e. from what the sites reported.
+A site's epsilon is its **cumulative** spend read from its own privacy ledger after the round:
+every round it ever trained in, in this run and earlier ones, composed at its delta
+(``privacy.accountant``). It is a lifetime figure, not the cost of one round, and it only grows;
+the site's budget is its ``max-epsilon``. The server cannot verify it: the site's ledger and
+``fedlora privacy audit`` are the record of truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: coordinators and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from server.history import write_json  # noqa: E402
+
+RUN_DP_KEYS = ("dp", "target-epsilon", "noise-multiplier", "max-grad-norm", "delta", "max-epsilon")
+CENTRAL_DP_KEYS = ("central-dp-noise-multiplier", "central-dp-clipping-norm", "central-dp-delta")
+# history.json client entry "privacy" key -> report key
+_ROUND_PRIVACY = {"noise-multiplier": "noise_multiplier", "sample-rate": "sample_rate", "steps": "steps",
+                  "delta": "delta", "max-epsilon": "max_epsilon"}
+
+
+def write_privacy_report(out_dir: Path, run_config: Mapping[str, Any], history: list[dict]) -> dict:
+    """Write the three files under ``out_dir`` and return the JSON document."""
+    report = privacy_summary(run_config, history)
+    write_json(out_dir / "privacy_report.json", report)
+    (out_dir / "privacy_report.md").write_text(_markdown(report))
+    _plot_epsilon(out_dir / "plots" / "epsilon.png", report)
+    return report
+
+
+def privacy_summary(run_config: Mapping[str, Any], history: list[dict]) -> dict[str, Any]:
+    """The JSON document: ``dp`` (the run's requested settings), ``sites`` (per site: every
+    round it was sent work, its latest epsilon and privacy parameters, its refusals) and
+    ``central`` (server-side DP, null unless the history records carry ``central_epsilon``)."""
+    rounds_by_site: dict[str, list[dict[str, Any]]] = {}
+    for record in history:
+        for client in record["clients"]:
+            privacy = client.get("privacy") or {}
+            rounds_by_site.setdefault(client["client"], []).append(
+                {
+                    "round": record["round"],
+                    "outcome": client["outcome"],
+                    "reason": client.get("reason") or "",
+                    "epsilon": client.get("epsilon"),
+                    "dp": bool(privacy["dp"]) if "dp" in privacy else None,
+                    **{new: privacy.get(old) for old, new in _ROUND_PRIVACY.items()},
+                }
+            )
+    dp = {key: run_config.get(key) for key in RUN_DP_KEYS}
+    dp["dp"] = bool(dp["dp"])
+    return {
+        "dp": dp,
+        "sites": {name: _site_summary(rounds) for name, rounds in sorted(rounds_by_site.items())},
+        "central": _central_summary(run_config, history),
+    }
+
+
+def _site_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The site's parameters are those of the last round it reported them in (a site that was
+    only ever refused has none)."""
+    reported = [r for r in rounds if r["noise_multiplier"] is not None]
+    last = reported[-1] if reported else {}
+    spent = [r["epsilon"] for r in rounds if r["epsilon"] is not None]
+    latest = spent[-1] if spent else None
+    max_epsilon = last.get("max_epsilon")
+    return {
+        "latest_epsilon": latest,
+        "max_epsilon": max_epsilon,
+        "budget_used": latest / max_epsilon if latest is not None and max_epsilon else None,
+        "dp": last.get("dp"),
+        **{key: last.get(key) for key in ("delta", "noise_multiplier", "sample_rate", "steps")},
+        "rounds": [
+            {key: r[key] for key in ("round", "outcome", "epsilon", "noise_multiplier", "sample_rate", "steps")}
+            for r in rounds
+        ],
+        "refusals": [
+            {"round": r["round"], "reason": r["reason"]} for r in rounds if r["outcome"] == "refused"
+        ],
+    }
+
+
+def _central_summary(run_config: Mapping[str, Any], history: list[dict]) -> dict[str, Any] | None:
+    points = [
+        {"round": r["round"], "epsilon": r["central_epsilon"]}
+        for r in history if r.get("central_epsilon") is not None
+    ]
+    if not points:
+        return None
+    return {
+        "epsilon_per_round": points,
+        "latest_epsilon": points[-1]["epsilon"],
+        **{key.removeprefix("central-dp-").replace("-", "_"): run_config.get(key) for key in CENTRAL_DP_KEYS},
+    }
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = ["# fedlora privacy report", ""]
+    if not report["dp"]["dp"]:
+        lines += [
+            "> **WARNING: DIFFERENTIAL PRIVACY WAS OFF FOR THIS RUN (`dp = false`).**",
+            "> The sites trained without DP-SGD: their adapter updates carry **no** formal privacy",
+            "> guarantee and may reveal information about individual training examples.",
+            "",
+        ]
+    lines += _settings(report["dp"]) + _site_table(report["sites"]) + _round_table(report["sites"])
+    lines += _refusals(report["sites"]) + _central(report["central"])
+    lines += ["", "Verify any site's figures with `fedlora privacy audit LEDGER` at that site.", ""]
+    return "\n".join(lines)
+
+
+def _settings(dp: dict[str, Any]) -> list[str]:
+    return [
+        "## Local DP-SGD settings requested by the server",
+        "",
+        f"- dp: {'on' if dp['dp'] else '**OFF**'}",
+        f"- target-epsilon: {_fmt(dp['target-epsilon'])} (sigma is calibrated to it when noise-multiplier is 0)",
+        f"- noise-multiplier: {_fmt(dp['noise-multiplier'])} (0: calibrated at each site)",
+        f"- max-grad-norm: {_fmt(dp['max-grad-norm'])}",
+        f"- delta: {_fmt(dp['delta'])} (0: each site's own)",
+        f"- max-epsilon: {_fmt(dp['max-epsilon'])} (0: each site's own budget)",
+        "",
+        "Each site sets its own limits (node config); these settings can only tighten them.",
+        "",
+    ]
+
+
+def _site_table(sites: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Sites",
+        "",
+        "epsilon is each site's cumulative spend from its own privacy ledger after the round (every",
+        "round it ever trained in, this run and earlier ones), at its delta.",
+        "",
+        "| site | latest epsilon | budget (max-epsilon) | used | delta | noise multiplier "
+        "| sample rate | steps/round | refusals |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, site in sites.items():
+        used = f"{site['budget_used']:.0%}" if site["budget_used"] is not None else "–"
+        lines.append(
+            f"| {name} | {_fmt(site['latest_epsilon'])} | {_fmt(site['max_epsilon'])} | {used} "
+            f"| {_fmt(site['delta'])} | {_fmt(site['noise_multiplier'])} | {_fmt(site['sample_rate'])} "
+            f"| {_fmt(site['steps'])} | {len(site['refusals'])} |"
+        )
+    return lines
+
+
+def _round_table(sites: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per round, one column per site; a round the site did not contribute to is
+    marked with its outcome (a rejected update was still trained, so it has an epsilon)."""
+    cells: dict[int, dict[str, str]] = {}
+    for name, site in sites.items():
+        for r in site["rounds"]:
+            cell = _fmt(r["epsilon"]) + ("" if r["outcome"] == "aggregated" else f" ({r['outcome']})")
+            cells.setdefault(r["round"], {})[name] = cell
+    lines = ["", "## Epsilon per round", "", "| round | " + " | ".join(sites) + " |", "|---" * (len(sites) + 1) + "|"]
+    for server_round in sorted(cells):
+        lines.append(f"| {server_round} | " + " | ".join(cells[server_round].get(name, "") for name in sites) + " |")
+    return lines
+
+
+def _refusals(sites: dict[str, dict[str, Any]]) -> list[str]:
+    refusals = sorted((r["round"], name, r["reason"]) for name, site in sites.items() for r in site["refusals"])
+    lines = [f"- round {server_round}: {name}: {reason}" for server_round, name, reason in refusals]
+    return ["", "## Refusals", ""] + (lines or ["None: no site refused a round."])
+
+
+def _central(central: dict[str, Any] | None) -> list[str]:
+    if central is None:
+        return []
+    return [
+        "", "## Central DP (server side, site-level)", "",
+        f"- latest epsilon: {_fmt(central['latest_epsilon'])} at delta {_fmt(central['delta'])}",
+        f"- noise multiplier {_fmt(central['noise_multiplier'])}, clipping norm {_fmt(central['clipping_norm'])}",
+    ]
+
+
+def _plot_epsilon(path: Path, report: dict[str, Any]) -> Path | None:
+    """epsilon per site per round, each site's budget as a dashed line in its colour (same
+    look as ``server.report.plot_series``); skipped when no site reported an epsilon."""
+    series = {
+        name: [(r["round"], r["epsilon"]) for r in site["rounds"] if r["epsilon"] is not None]
+        for name, site in report["sites"].items()
+    }
+    series = {name: points for name, points in series.items() if points}
+    if not series:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in series.items():
+        xs, ys = zip(*points)
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
+        budget = report["sites"][name]["max_epsilon"]
+        if budget:
+            ax.axhline(budget, linestyle="--", color=line.get_color(), alpha=0.7, label=f"{name} budget")
+    if report["central"] is not None:
+        xs, ys = zip(*((p["round"], p["epsilon"]) for p in report["central"]["epsilon_per_round"]))
+        ax.plot(xs, ys, marker="s", color="black", label="central (site-level)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds, not 1.2, 1.4, ...
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative epsilon")
+    ax.set_title("Privacy spent per site")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

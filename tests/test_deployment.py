@@ -1,0 +1,630 @@
+"""Partner-site deployment with real processes: docs/deploy.md, executed.
+
+Every command comes from the guide (blocks marked ``<!-- cmd: NAME -->``) and runs as written,
+through bash, with the guide's environment variables pointed at temporary folders and free ports
+on 127.0.0.1. Each scenario starts its own SuperLink (TLS, SuperNode authentication, state
+database) and SuperNodes, and stops every process it started (and their children) at the end,
+also when a test fails.
+
+Speed: every message a SuperNode receives starts a fresh ClientApp process (imports of torch,
+transformers, peft: most of the time here), so the runs use the tiny BERT, 2 rounds, a fixed
+noise multiplier and no federated evaluation (``fraction-evaluate=0``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from tests.conftest import LABELS, make_classification_rows
+
+pytestmark = pytest.mark.deployment
+
+REPO = Path(__file__).resolve().parents[1]
+GUIDE = REPO / "docs" / "deploy.md"
+BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
+CONNECTION = "fedlora"  # the connection name the guide writes into $FLWR_HOME/config.toml
+
+TRAIN_RECEIVED = "Receiving: train message"
+
+
+# --------------------------------------------------------------------------------------------
+# The guide
+
+
+@dataclass(frozen=True)
+class Guide:
+    commands: dict[str, str]
+    settings: dict[str, dict[str, str]]
+
+
+@cache
+def guide() -> Guide:
+    text = GUIDE.read_text()
+    commands = dict(re.findall(r"<!-- cmd: ([\w-]+) -->\s*```bash\n(.*?)```", text, re.S))
+    settings = {
+        role: dict(re.findall(r"^export (\w+)=(\S+)", block, re.M))
+        for role, block in re.findall(r"<!-- settings: ([\w-]+) -->\s*```bash\n(.*?)```", text, re.S)
+    }
+    return Guide(commands, settings)
+
+
+def command(name: str) -> str:
+    return guide().commands[name]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def run_config_string(config: dict[str, object]) -> str:
+    """``flwr run -c`` form: ``key=value`` pairs with TOML values."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL the processes and all their descendants (collected first: the SuperLink starts
+    its SuperExec in a session of its own, so process groups alone would miss it)."""
+    victims = [p for proc in procs for p in _tree(proc.pid)]
+    for victim in victims:
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=15)
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@dataclass
+class Processes:
+    """Everything one scenario started; ``stop_all`` ends it all."""
+
+    logs: Path
+    started: list[Service] = field(default_factory=list)
+
+    def start(self, name: str, cmd: str, env: dict[str, str], cwd: Path = REPO) -> Service:
+        """A long-running guide command (``exec``: bash becomes the server process)."""
+        log = self.logs / f"{name}-{len(self.started)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                ["bash", "-c", f"exec {cmd}"], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        service = Service(name, proc, log)
+        self.started.append(service)
+        return service
+
+    def stop(self, *services: Service) -> None:
+        kill_tree([s.proc for s in services])
+
+    def stop_all(self) -> None:
+        self.stop(*self.started)
+
+
+def run_command(cmd: str, env: dict[str, str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """A one-shot guide command, with bash's -e."""
+    result = subprocess.run(
+        ["bash", "-ec", cmd], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"command failed ({result.returncode}):\n{cmd}\n--- output\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def wait_for(what: str, condition: Callable[[], object], timeout: float, interval: float = 1.0, log: Callable[[], str] | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    details = f"\n--- log tail\n{log()[-4000:]}" if log else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{details}")
+
+
+def base_env(role: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "FEDLORA_"))}
+    # The guide's Flower switches as written (telemetry and update checks off); every other
+    # setting is a path, name or port that the scenarios set themselves.
+    env |= {k: v for k, v in guide().settings[role].items() if k.startswith("FLWR_") and k != "FLWR_HOME"}
+    env |= {
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the activated environment of step 1
+        "PYTHONUNBUFFERED": "1",  # logs reach the files at once: the tests read them while running
+        "COLUMNS": "250",  # rich tables (flwr ls / supernode list) without wrapping
+    }
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# Coordinator and sites
+
+
+@dataclass
+class Pki:
+    """Made once per session with the guide's commands, copied into each scenario."""
+
+    certificates: Path  # $COORD/certificates of a template coordinator
+    other_ca: Path  # ca.crt of an unrelated CA
+    keys: Path  # site key pairs: <name>, <name>.pub
+
+
+@dataclass
+class Site:
+    name: str
+    dir: Path
+    data: Path
+    env: dict[str, str]
+    node_id: int | None = None
+    service: Service | None = None
+
+    @property
+    def ledger(self) -> Path:
+        return self.dir / "privacy-ledger.db"
+
+    def trainings_received(self) -> int:
+        return self.service.output().count(TRAIN_RECEIVED) if self.service else 0
+
+
+class Federation:
+    """One coordinator (SuperLink + flwr CLI) and its sites, all started from the guide."""
+
+    def __init__(self, root: Path, pki: Pki, procs: Processes) -> None:
+        self.root, self.pki, self.procs = root, pki, procs
+        self.coord = root / "coordinator"
+        shutil.copytree(pki.certificates, self.coord / "certificates")
+        self.port = free_port()
+        self.env = base_env("coordinator") | {
+            "COORD": str(self.coord), "SUPERLINK_HOST": HOST, "SUPERLINK_BIND": HOST,
+            "SUPERLINK_PORT": str(self.port), "FLWR_HOME": str(self.coord / "flwr"), "FEDLORA_SRC": str(REPO),
+        }
+        self.sites: dict[str, Site] = {}
+        self.superlink: Service | None = None
+        self.runs: list[Service] = []
+        run_command(command("flwr-connection"), self.env)
+
+    # coordinator
+    def start_superlink(self) -> None:
+        self.superlink = self.procs.start("superlink", command("superlink"), self.env)
+        wait_for("the SuperLink to listen", self._listening, 60, 0.5, self.superlink.output)
+
+    def _listening(self) -> bool:
+        assert self.superlink.alive(), f"the SuperLink exited:\n{self.superlink.output()[-4000:]}"
+        try:
+            with socket.create_connection((HOST, self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def kill_coordinator(self) -> None:
+        """The coordinator machine goes down: SuperLink, its ServerApp and the flwr CLI."""
+        self.procs.stop(self.superlink, *self.runs)
+
+    def cli(self, name: str, extra_env: dict[str, str] | None = None, check: bool = True, timeout: float = 120):
+        return run_command(command(name), self.env | (extra_env or {}), timeout=timeout, check=check)
+
+    def online(self) -> int:
+        return self.cli("list-supernodes").stdout.count(" online ")
+
+    def wait_online(self, count: int, timeout: float = 120) -> None:
+        wait_for(f"{count} SuperNodes online", lambda: self.online() >= count, timeout, 2,
+                 lambda: "\n".join(f"== {s.name}\n{s.service.output()[-1500:]}" for s in self.sites.values() if s.service))
+
+    # sites
+    def site(self, name: str, rows: pd.DataFrame, register: bool = True) -> Site:
+        site_dir = self.root / "sites" / name
+        (site_dir / "keys").mkdir(parents=True)
+        for suffix in ("", ".pub"):  # `fedlora site` ran once per session for every name
+            shutil.copy2(self.pki.keys / f"{name}{suffix}", site_dir / "keys" / f"{name}{suffix}")
+        shutil.copy2(self.coord / "certificates" / "ca.crt", site_dir / "ca.crt")  # sent by the coordinator
+        data = site_dir / "data" / "notes.csv"
+        data.parent.mkdir()
+        rows.to_csv(data, index=False)
+        env = base_env("site") | {
+            "SITE_NAME": name, "SITE_DIR": str(site_dir), "SITE_DATA": str(data), "SUPERLINK_HOST": HOST,
+            "SUPERLINK_PORT": str(self.port), "SUPERNODE_PORT": str(free_port()), "FLWR_HOME": str(site_dir / "flwr"),
+        }
+        site = Site(name, site_dir, data, env)
+        run_command(command("node-config"), env)
+        if register:
+            self.register(site)
+        self.sites[name] = site
+        return site
+
+    def register(self, site: Site) -> None:
+        keys = self.coord / "site-keys"
+        keys.mkdir(exist_ok=True)
+        shutil.copy2(site.dir / "keys" / f"{site.name}.pub", keys / f"{site.name}.pub")  # sent by the site
+        out = self.cli("register", {"SITE_NAME": site.name}).stdout
+        site.node_id = int(re.search(r"SuperNode (\d+) registered", out).group(1))
+
+    def start_site(self, site: Site, extra_env: dict[str, str] | None = None) -> Service:
+        site.service = self.procs.start(f"supernode-{site.name}", command("supernode"), site.env | (extra_env or {}))
+        return site.service
+
+    # runs
+    def submit(self, config: dict[str, object], resume: bool = False) -> Service:
+        service = self.procs.start("resume" if resume else "run", command("resume" if resume else "run"),
+                                   self.env | {"RUN_CONFIG": run_config_string(config)})
+        self.runs.append(service)
+        return service
+
+    def finish(self, run: Service, timeout: float) -> int:
+        """Wait for ``flwr run --stream`` to return; the run's ID, checked finished:completed."""
+        try:
+            run.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the run did not finish in {timeout}s:\n{run.output()[-6000:]}") from None
+        output = run.output()
+        assert run.proc.returncode == 0, output[-6000:]
+        run_id = int(re.search(r"Successfully started run (\d+)", output).group(1))
+        assert self.run_status(run_id) == "finished:completed", output[-6000:]
+        return run_id
+
+    def run_status(self, run_id: int) -> str:
+        table = self.cli("list-runs").stdout
+        row = next((line for line in table.splitlines() if str(run_id) in line), "")
+        match = re.search(r"(pending|starting|running|finished:\w+)", row)
+        return match.group(1) if match else f"not listed:\n{table}"
+
+    def audit(self, ledgers: list[Path]) -> subprocess.CompletedProcess:
+        return self.cli("audit", {"LEDGERS": " ".join(str(p) for p in ledgers)}, check=False, timeout=300)
+
+
+def site_rows(seed: int, n: int = 40) -> pd.DataFrame:
+    return pd.DataFrame(make_classification_rows(n, seed=seed))
+
+
+def fast_config(model: str, out_dir: Path, **overrides: object) -> dict[str, object]:
+    """Tiny and fast; DP on, with a fixed noise multiplier (no per-site calibration)."""
+    return {
+        "model": model, "label-names": ",".join(LABELS), "num-server-rounds": 2, "batch-size": 8,
+        "max-seq-length": 32, "noise-multiplier": 1.0, "dp": True, "min-train-nodes": 3, "min-evaluate-nodes": 3,
+        "fraction-evaluate": 0.0, "round-timeout": 240.0, "output-dir": str(out_dir), **overrides,
+    }
+
+
+def ledger_spends(path: Path) -> list[dict]:
+    """The ledger's spend rows (read-only), each with ``confirmed``."""
+    if not path.exists():
+        return []
+    with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+        db.row_factory = sqlite3.Row
+        rows = [dict(r) for r in db.execute("SELECT * FROM ledger ORDER BY id")]
+    confirmed = {r["refers_to"] for r in rows if r["kind"] == "confirm"}
+    return [r | {"confirmed": r["id"] in confirmed} for r in rows if r["kind"] == "spend"]
+
+
+def history(out_dir: Path) -> list[dict]:
+    return json.loads((out_dir / "history.json").read_text())
+
+
+def by_site(record: dict) -> dict[str, dict]:
+    return {c["client"]: c for c in record["clients"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    root = tmp_path_factory.mktemp("pki")
+    env = base_env("coordinator") | {"COORD": str(root / "coordinator"), "SUPERLINK_HOST": HOST}
+    run_command(command("certs"), env)
+    run_command(command("certs"), env | {"COORD": str(root / "other")})
+    for name in ("site-a", "site-b", "site-c", "site-d", "intruder"):
+        run_command(command("site-key"), base_env("site") | {"SITE_DIR": str(root / "site"), "SITE_NAME": name})
+    return Pki(root / "coordinator" / "certificates", root / "other" / "certificates" / "ca.crt", root / "site" / "keys")
+
+
+@pytest.fixture(scope="class")
+def procs(tmp_path_factory) -> Iterator[Processes]:
+    processes = Processes(tmp_path_factory.mktemp("logs"))
+    try:
+        yield processes
+    finally:
+        processes.stop_all()
+
+
+@dataclass
+class Outcome:
+    federation: Federation
+    out: Path
+    run_ids: list[int]
+
+
+# --------------------------------------------------------------------------------------------
+# The guide itself
+
+
+def test_guide_commands_and_settings_are_complete():
+    g = guide()
+    assert set(g.commands) == {
+        "check-install", "certs", "superlink", "flwr-connection", "site-key", "register", "list-supernodes",
+        "node-config", "supernode", "run", "list-runs", "audit", "resume",
+    }
+    # The variables the tests set are exactly the ones the guide's settings define.
+    assert set(g.settings["coordinator"]) == {
+        "COORD", "SUPERLINK_HOST", "SUPERLINK_BIND", "SUPERLINK_PORT", "FLWR_HOME", "FEDLORA_SRC",
+        "FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK",
+    }
+    assert set(g.settings["site"]) == {
+        "SITE_NAME", "SITE_DIR", "SITE_DATA", "SUPERLINK_HOST", "SUPERLINK_PORT", "SUPERNODE_PORT", "FLWR_HOME",
+        "FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK",
+    }
+    assert set(g.settings["run"]) == {"RUN_CONFIG"} and set(g.settings["audit"]) == {"LEDGERS"}
+    # The example run config uses real run-config keys and an absolute output-dir.
+    from fedlora.run_config import default_run_config
+
+    example = re.search(r"RUN_CONFIG='(.*)'", GUIDE.read_text()).group(1)
+    pairs = dict(re.findall(r'([\w-]+)=("[^"]*"|\S+)', example))
+    assert set(pairs) <= set(default_run_config()), set(pairs) - set(default_run_config())
+    assert Path(json.loads(pairs["output-dir"])).is_absolute()
+
+
+def test_installed_tools(tmp_path):
+    run_command(command("check-install"), base_env("coordinator"), timeout=120)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Three sites complete a 2-round run; strangers are kept out.
+
+
+@pytest.fixture(scope="class")
+def three_sites(pki, procs, tiny_bert, tmp_path_factory) -> Outcome:
+    fed = Federation(tmp_path_factory.mktemp("main"), pki, procs)
+    fed.start_superlink()
+    for seed, name in enumerate(("site-a", "site-b", "site-c")):
+        fed.start_site(fed.site(name, site_rows(seed)))
+    fed.wait_online(3)
+    out = fed.root / "runs" / "study"
+    run = fed.submit(fast_config(tiny_bert, out))
+    run_id = fed.finish(run, timeout=420)
+    return Outcome(fed, out, [run_id])
+
+
+@pytest.mark.usefixtures("three_sites")
+class TestThreeSites:
+    def test_run_produces_adapter_history_and_reports(self, three_sites, tiny_bert):
+        from peft import PeftModel
+
+        from fedlora.model import load_base_model
+
+        out = three_sites.out
+        rounds = history(out)
+        assert [r["round"] for r in rounds] == [1, 2]
+        for record in rounds:
+            sites = by_site(record)
+            assert set(sites) == {"site-a", "site-b", "site-c"}, record["clients"]
+            assert all(c["outcome"] == "aggregated" and 0 < c["epsilon"] for c in sites.values()), record["clients"]
+            assert record["failure"] is None
+        assert {c["node_id"] for c in rounds[0]["clients"]} == {s.node_id for s in three_sites.federation.sites.values()}
+        model = PeftModel.from_pretrained(load_base_model(tiny_bert, "classification", LABELS), out / "adapter")
+        assert any("lora_" in name for name, _ in model.named_parameters())
+        assert (out / "report.md").is_file() and (out / "checkpoints" / "round-2").is_dir()
+        assert json.loads((out / "config.json").read_text())["output-dir"] == str(out)
+        report = out / "privacy_report.json"
+        if report.exists():  # written by server/privacy_report.py
+            text = report.read_text()
+            assert all(name in text for name in ("site-a", "site-b", "site-c"))
+
+    def test_every_ledger_records_both_rounds_and_passes_the_audit(self, three_sites):
+        (run_id,) = three_sites.run_ids
+        sites = three_sites.federation.sites.values()
+        for site in sites:
+            spends = ledger_spends(site.ledger)
+            assert [(s["run_id"], s["round"], s["confirmed"]) for s in spends] == [(str(run_id), 1, True), (str(run_id), 2, True)]
+            assert site.trainings_received() == 2
+        audit = three_sites.federation.audit([s.ledger for s in sites])
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+        assert audit.stdout.count("OK") >= 3
+
+    def test_supernode_with_an_unregistered_key_is_refused(self, three_sites, pki):
+        fed = three_sites.federation
+        intruder = fed.site("intruder", site_rows(9), register=False)
+        service = fed.start_site(intruder)
+        wait_for("the unregistered SuperNode to be refused", lambda: not service.alive(), 60, 1, service.output)
+        assert service.proc.returncode != 0
+        assert "Failed to activate SuperNode" in service.output(), service.output()
+        assert "No SuperNode found with the given public key" in fed.superlink.output()
+        assert fed.online() == 3
+
+    def test_clients_that_do_not_trust_the_ca_cannot_connect(self, three_sites, pki, tmp_path):
+        fed = three_sites.federation
+        site = fed.sites["site-a"]
+        # A SuperNode with a registered key but another CA: the TLS handshake fails.
+        stranger_ca = tmp_path / "other-ca.crt"
+        shutil.copy2(pki.other_ca, stranger_ca)
+        env = site.env | {"SITE_DIR": str(tmp_path / "site-a"), "SUPERNODE_PORT": str(free_port()), "FLWR_HOME": str(tmp_path / "flwr-site")}
+        shutil.copytree(site.dir / "keys", tmp_path / "site-a" / "keys")
+        shutil.copy2(stranger_ca, tmp_path / "site-a" / "ca.crt")
+        shutil.copy2(site.dir / "node-config.toml", tmp_path / "site-a" / "node-config.toml")
+        service = fed.procs.start("supernode-wrong-ca", command("supernode"), env)
+        wait_for("the SuperNode without the CA to give up", lambda: not service.alive(), 60, 1, service.output)
+        assert re.search(r"certificate|ssl|tls", service.output(), re.I), service.output()
+        # The flwr CLI with a connection that trusts another CA.
+        cli_home = tmp_path / "flwr-cli"
+        env = fed.env | {"FLWR_HOME": str(cli_home), "COORD": str(tmp_path / "other-coord")}
+        (tmp_path / "other-coord" / "certificates").mkdir(parents=True)
+        shutil.copy2(stranger_ca, tmp_path / "other-coord" / "certificates" / "ca.crt")
+        run_command(command("flwr-connection"), env)
+        result = run_command(command("list-runs"), env, check=False)
+        assert result.returncode != 0
+        assert "Connection to the SuperLink is unavailable" in result.stdout + result.stderr, result.stdout + result.stderr
+        assert fed.online() == 3
+
+
+# --------------------------------------------------------------------------------------------
+# 2. A site dies in the middle of a run, another has broken data: the run goes on without them.
+
+
+@pytest.fixture(scope="class")
+def faults(pki, procs, tiny_bert, tmp_path_factory) -> Outcome:
+    fed = Federation(tmp_path_factory.mktemp("faults"), pki, procs)
+    fed.start_superlink()
+    fed.site("site-a", site_rows(0))
+    fed.site("site-b", site_rows(1))
+    fed.site("site-c", pd.DataFrame({"text": ["chest pain", "cough"] * 10, "diagnosis": ["cardio", "pulmo"] * 10}))
+    doomed = fed.site("site-d", site_rows(3))
+    for site in fed.sites.values():
+        fed.start_site(site)
+    fed.wait_online(4)
+    out = fed.root / "runs" / "study"
+    # Two valid updates suffice: site-a and site-b. A short round timeout; in practice the
+    # SuperLink answers for site-d sooner, once its heartbeats stop (node unavailable).
+    config = fast_config(tiny_bert, out, **{"min-train-nodes": 2, "min-valid-updates": 2, "round-timeout": 120.0})
+    run = fed.submit(config)
+    # site-d goes down as soon as it has received its round-2 training.
+    wait_for("site-d to receive round 2", lambda: doomed.trainings_received() >= 2, 420, 0.2, run.output)
+    fed.procs.stop(doomed.service)
+    run_id = fed.finish(run, timeout=420)
+    return Outcome(fed, out, [run_id])
+
+
+@pytest.mark.usefixtures("faults")
+class TestSiteFailures:
+    def test_a_killed_site_is_named_and_the_run_finishes_without_it(self, faults):
+        fed, rounds = faults.federation, history(faults.out)
+        assert [r["round"] for r in rounds] == [1, 2] and all(r["failure"] is None for r in rounds)
+        first, second = by_site(rounds[0]), by_site(rounds[1])
+        assert {n for n, c in first.items() if c["outcome"] == "aggregated"} == {"site-a", "site-b", "site-d"}
+        assert {n for n, c in second.items() if c["outcome"] == "aggregated"} == {"site-a", "site-b"}
+        lost = second["site-d"]
+        assert lost["outcome"] in ("no-reply", "failed") and lost["node_id"] == fed.sites["site-d"].node_id, lost
+        assert f"round 2: site-d {lost['outcome']}" in (faults.out / "report.md").read_text()
+        assert (faults.out / "adapter" / "adapter_model.safetensors").is_file()
+
+    def test_a_site_with_broken_data_says_why_and_stays_connected(self, faults):
+        fed, rounds = faults.federation, history(faults.out)
+        site = fed.sites["site-c"]
+        report = (faults.out / "report.md").read_text()
+        for record in rounds:
+            entry = by_site(record)["site-c"]
+            assert entry["outcome"] == "refused", entry
+            assert entry["reason"] == (
+                f"data-error: {site.data}: missing column 'label'; available columns: text, diagnosis"
+            )
+            assert f"round {record['round']}: site-c refused: {entry['reason']}" in report
+        # It answered round 2 as well (so it was still connected), and it is still up.
+        assert site.trainings_received() == 2 and site.service.alive()
+        assert ledger_spends(site.ledger) == []
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The coordinator goes down after round 1 and the run is resumed.
+
+
+@pytest.fixture(scope="class")
+def restart(pki, procs, tiny_bert, tmp_path_factory) -> Outcome:
+    fed = Federation(tmp_path_factory.mktemp("restart"), pki, procs)
+    fed.start_superlink()
+    sites = [fed.site(name, site_rows(seed)) for seed, name in enumerate(("site-a", "site-b", "site-c"))]
+    for site in sites:
+        fed.start_site(site)
+    fed.wait_online(3)
+    out = fed.root / "runs" / "study"
+    config = fast_config(tiny_bert, out)
+    first = fed.submit(config)
+    # Down it goes once round 1 is checkpointed and every site has been sent round 2.
+    wait_for(
+        "round 1's checkpoint and round 2 sent to every site",
+        lambda: (out / "checkpoints" / "round-1").is_dir() and all(s.trainings_received() >= 2 for s in sites),
+        420, 0.2, first.output,
+    )
+    fed.kill_coordinator()
+    assert not (out / "checkpoints" / "round-2").exists(), "killed too late: round 2 had finished"
+    first_run = int(re.search(r"Successfully started run (\d+)", first.output()).group(1))
+    # The sites finish the round-2 training they had started (their SuperNodes stay up).
+    wait_for(
+        "the interrupted round's trainings to be recorded",
+        lambda: all(any(s["round"] == 2 and s["confirmed"] for s in ledger_spends(site.ledger)) for site in sites),
+        300, 1,
+    )
+    fed.start_superlink()  # the same command: the same --database
+    fed.wait_online(3, timeout=180)
+    second_run = fed.finish(fed.submit(config, resume=True), timeout=420)
+    return Outcome(fed, out, [first_run, second_run])
+
+
+@pytest.mark.usefixtures("restart")
+class TestCoordinatorRestart:
+    def test_the_resubmitted_run_resumes_from_round_1(self, restart):
+        out = restart.out
+        rounds = history(out)
+        checkpoint = json.loads((out / "checkpoints" / "round-1" / "state.json").read_text())
+        assert [r["round"] for r in rounds] == [1, 2]
+        assert rounds[0] == checkpoint["history"][0]  # round 1 was not run again
+        assert {n for n, c in by_site(rounds[1]).items() if c["outcome"] == "aggregated"} == {"site-a", "site-b", "site-c"}
+        assert json.loads((out / "config.json").read_text())["resume"] is True
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+        assert "resuming" in restart.federation.runs[-1].output()
+
+    def test_every_training_is_exactly_one_ledger_spend(self, restart):
+        first_run, second_run = restart.run_ids
+        sites = restart.federation.sites.values()
+        for site in sites:
+            spends = ledger_spends(site.ledger)
+            # round 1 and the interrupted round 2 under the first run, round 2 again under the second
+            assert [(s["run_id"], s["round"]) for s in spends] == [
+                (str(first_run), 1), (str(first_run), 2), (str(second_run), 2),
+            ], site.name
+            assert all(s["confirmed"] for s in spends)
+            assert site.trainings_received() == len(spends) == 3
+        audit = restart.federation.audit([s.ledger for s in sites])
+        assert audit.returncode == 0, audit.stdout + audit.stderr
