@@ -9,12 +9,12 @@ be checkpointed and reported before the next one begins.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -54,7 +54,7 @@ class Federation:
         start = time.perf_counter()
         messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(dict(self.train_config)), self.grid))
         bytes_down = {m.metadata.dst_node_id: m.content["arrays"].count_bytes() for m in messages}
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies = _on_behalf_of_lost_nodes(messages, self.grid.send_and_receive(messages, timeout=self.timeout))
         failure, train_metrics = None, None
         try:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
@@ -67,7 +67,8 @@ class Federation:
         self._learn_names(clients)
 
         eval_messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(self.evaluate_config)), self.grid))
-        eval_metrics = self.strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(eval_messages, timeout=self.timeout))
+        eval_replies = _on_behalf_of_lost_nodes(eval_messages, self.grid.send_and_receive(eval_messages, timeout=self.timeout))
+        eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies)
         central = self.central_eval(arrays) if self.central_eval else {}
         record = {
             "round": server_round,
@@ -97,6 +98,21 @@ class Federation:
         for entry in entries:
             if entry.get("node_id") is not None and entry["client"] != f"node-{entry['node_id']}":
                 self.site_names[entry["node_id"]] = entry["client"]
+
+
+def _on_behalf_of_lost_nodes(sent: list[Message], replies: Iterable[Message]) -> list[Message]:
+    """A node that stops sending heartbeats gets an error reply *from the SuperLink* (source node
+    1, "Node Unavailable"); make it the reply of the node it is about, so that the round records
+    that site as ``failed`` (under its name) instead of an unknown node plus a ``no-reply``."""
+    by_id = {m.metadata.message_id: m for m in sent if m.metadata.message_id}
+    destinations = {m.metadata.dst_node_id for m in sent}
+    return [
+        Message(reply.error, reply_to=by_id[reply.metadata.reply_to_message_id])
+        if reply.has_error() and reply.metadata.src_node_id not in destinations
+        and reply.metadata.reply_to_message_id in by_id
+        else reply
+        for reply in replies
+    ]
 
 
 def _client_entries(outcomes: list[ReplyOutcome], bytes_down: dict[int, int]) -> list[dict[str, Any]]:

@@ -23,11 +23,15 @@ def finished_run(tmp_path_factory, tiny_bert):
     data = root / "notes.csv"
     pd.DataFrame(make_classification_rows(120, seed=3)).to_csv(data, index=False)
     out = root / "out"
+    # site-2's own budget fits this run's 2 planned rounds (target epsilon 8) but not a third.
+    sites = root / "sites.toml"
+    sites.write_text("[site-2]\nmax-epsilon = 8.5\n")
     argv = [
         "simulate", "--num-clients", "3", "--rounds", "2", "--data", str(data), "--model", tiny_bert,
         "--output", str(out), "--partition", "dirichlet:1.0",
         "--set", "batch-size=8", "--set", "max-seq-length=32", "--set", "learning-rate=0.01",
         "--set", f"label-names={','.join(LABELS)}", "--node-config", "max-epsilon=20 delta=1e-5",
+        "--site-config", str(sites),
     ]
     assert main(argv) == 0
     return out, data
@@ -43,6 +47,7 @@ def test_simulation_writes_every_result_file(finished_run):
     assert config["num-server-rounds"] == 2 and config["dp"] is True
     sites = json.loads((out / "simulation.json").read_text())
     assert sites["num-clients"] == 3 and sites["node-config"] == {"max-epsilon": 20, "delta": 1e-5}
+    assert sites["site-config"] == {"2": {"max-epsilon": 8.5}}
 
 
 def test_history_has_rounds_and_per_client_entries(finished_run):
@@ -74,15 +79,22 @@ def test_saved_adapter_loads_with_peft_and_evaluates(finished_run, tiny_bert, ca
     assert result["num_examples"] == 120 and 0.0 <= result["accuracy"] <= 1.0 and result["loss"] > 0
 
 
-def test_resume_continues_from_the_last_checkpoint(finished_run):
+def test_resume_continues_and_an_exhausted_site_is_refused_while_others_train(finished_run):
     out, _ = finished_run
     assert main(["simulate", "--resume", str(out), "--rounds", "3"]) == 0
     history = json.loads((out / "history.json").read_text())
     assert [r["round"] for r in history] == [1, 2, 3]
     assert (out / "checkpoints/round-3/adapter_model.safetensors").is_file()
-    # Every site trained 3 times in all: 3 spends in its ledger, continuing across the restart.
-    for site in range(3):
+    outcomes = {c["client"]: c for c in history[2]["clients"]}
+    assert outcomes["site-2"]["outcome"] == "refused"
+    assert outcomes["site-2"]["reason"].startswith("budget-exhausted")
+    assert outcomes["site-0"]["outcome"] == outcomes["site-1"]["outcome"] == "aggregated"
+    # The ledgers continue across the restart: one spend per training actually run.
+    for site, trainings in ((0, 3), (1, 3), (2, 2)):
         with PrivacyLedger(out / "privacy" / f"site-{site}.db", read_only=True) as ledger:
             kinds = [entry.kind for entry in ledger.entries()]
-        assert kinds.count("spend") == 3 and kinds.count("confirm") == 3
+        assert kinds.count("spend") == trainings and kinds.count("confirm") == trainings
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert "site-2" in json.dumps(report) and "budget-exhausted" in json.dumps(report)
+    assert (out / "plots" / "epsilon.png").is_file()
     assert main(["privacy", "audit", *(str(p) for p in sorted((out / "privacy").glob("*.db")))]) == 0

@@ -1,0 +1,38 @@
+"""The coordinator's model: initial adapter, centralized evaluation, PEFT-format saving."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from peft import PeftModel
+
+from fedlora.model import load_base_model
+from server.global_model import GlobalModel
+from tests.conftest import LABELS
+
+
+def test_initial_adapter_is_seeded_and_contains_only_adapter_tensors(tiny_run_config):
+    first, second = GlobalModel.load(tiny_run_config).arrays(), GlobalModel.load(tiny_run_config).arrays()
+    assert list(first.keys()) == list(second.keys())
+    assert all(torch.equal(torch.tensor(first[k].numpy()), torch.tensor(second[k].numpy())) for k in first)
+    assert all("lora_" in k or "classifier" in k for k in first)
+
+
+def test_central_evaluation_on_a_server_side_file(tiny_run_config, classification_csv):
+    global_model = GlobalModel.load(tiny_run_config)
+    result = global_model.central_evaluator(str(classification_csv))(global_model.arrays())
+    assert result["num-examples"] == 90
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["loss"] > 0
+
+
+def test_saved_adapter_loads_with_peft_from_pretrained(tiny_run_config, tiny_bert, tmp_path):
+    global_model = GlobalModel.load(tiny_run_config)
+    path = global_model.save(tmp_path / "adapter")
+    assert json.loads((path / "fedlora.json").read_text())["label_names"] == LABELS
+    loaded = PeftModel.from_pretrained(load_base_model(tiny_bert, "classification", LABELS), str(path))
+    saved = global_model.arrays()
+    reloaded = {k: v for k, v in loaded.state_dict().items()}
+    lora_a = next(k for k in saved if "lora_A" in k)
+    match = next(v for k, v in reloaded.items() if k.replace(".default", "") == lora_a)
+    assert torch.equal(match, torch.tensor(saved[lora_a].numpy()))
