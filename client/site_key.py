@@ -11,12 +11,13 @@ P-384, the curve Flower itself generates and documents.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedlora.key_files import refuse_existing, write_file
 
 
 def create_site_key(
@@ -33,13 +34,7 @@ def create_site_key(
     out = Path(out_dir).expanduser()
     private_path, public_path = out / name, out / f"{name}.pub"
     if not overwrite:
-        # Check both before writing either, so a refusal leaves no mixed pair.
-        for path in (private_path, public_path):
-            if path.exists():
-                raise FileExistsError(
-                    f"{path} already exists; refusing to overwrite it "
-                    "(pass overwrite=True, or --overwrite on the command line)"
-                )
+        refuse_existing((private_path, public_path))
 
     key = ec.generate_private_key(ec.SECP384R1())
     # Unencrypted: flower-supernode loads the key with password=None.
@@ -55,20 +50,9 @@ def create_site_key(
     public_line = public_bytes + b" " + name.encode() + b"\n"
 
     out.mkdir(parents=True, exist_ok=True)
-    _write(private_path, private_bytes, 0o600, overwrite)
-    _write(public_path, public_line, 0o644, overwrite)
+    write_file(private_path, private_bytes, 0o600, overwrite)
+    write_file(public_path, public_line, 0o644, overwrite)
     return private_path, public_path
-
-
-def _write(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
-    """Write `data` to `path` with permissions `mode` set before any byte lands."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(path, flags, mode)
-    with os.fdopen(fd, "wb") as handle:
-        # os.open's mode is masked by the umask and ignored for an existing
-        # file, so set it explicitly: an overwritten key must not stay readable.
-        os.fchmod(handle.fileno(), mode)
-        handle.write(data)
 
 
 def site_main(argv: list[str] | None = None) -> int:

@@ -96,23 +96,33 @@ def train(
     chunk = settings.physical_batch_size or settings.batch_size
 
     start, loss_sum, loss_count = time.perf_counter(), 0.0, 0
-    for indices in tqdm(batches, total=steps, desc="local training", leave=False, disable=None):
-        if not indices:  # only possible with Poisson sampling
-            noise_only_step(optimizer)
-            continue
-        for lo in range(0, len(indices), chunk):
-            part = [examples[i] for i in indices[lo : lo + chunk]]
-            batch = {k: v.to(device) for k, v in collate(part, pad_token_id, task).items()}
-            with autocast:
-                losses = per_example_loss(forward_logits(runner, batch), batch["labels"], task)
-            # DP: Opacus wants each pass's mean; plain SGD: weight passes to the batch mean.
-            scale = 1.0 if dp is not None else len(part) / len(indices)
-            (losses.mean() * scale).backward()
-            loss_sum, loss_count = loss_sum + float(losses.detach().sum()), loss_count + len(part)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if dp is not None:
-        runner.to_standard_module()  # remove Opacus hooks so the model can be evaluated and reused
+    try:
+        for indices in tqdm(batches, total=steps, desc="local training", leave=False, disable=None):
+            if not indices:  # only possible with Poisson sampling
+                noise_only_step(optimizer)
+                continue
+            chunks = [indices[lo : lo + chunk] for lo in range(0, len(indices), chunk)]
+            for number, part_indices in enumerate(chunks, start=1):
+                part = [examples[i] for i in part_indices]
+                batch = {k: v.to(device) for k, v in collate(part, pad_token_id, task).items()}
+                with autocast:
+                    losses = per_example_loss(forward_logits(runner, batch), batch["labels"], task)
+                loss_sum, loss_count = loss_sum + float(losses.detach().sum()), loss_count + len(part)
+                if dp is None:  # weight each pass so that the gradients add up to the batch mean
+                    (losses.mean() * len(part) / len(indices)).backward()
+                    continue
+                losses.mean().backward()  # Opacus wants each pass's mean (it rescales per example)
+                if number < len(chunks):
+                    # Opacus' own gradient accumulation (as in its BatchMemoryManager): clip and
+                    # add this pass's examples, no noise and no update until the last pass.
+                    optimizer.signal_skip_step(do_skip=True)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        if dp is not None:
+            runner.to_standard_module()  # remove Opacus hooks, even after a failure: the model is reused
     return TrainResult(
         loss=loss_sum / loss_count if loss_count else math.nan,
         num_examples=n,

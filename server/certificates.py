@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedlora.key_files import refuse_existing, write_file
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 RSA_KEY_BITS = 3072
@@ -68,7 +69,7 @@ def create_certificates(
     )
     # Check every target before writing any, so a refusal leaves no mixed set.
     if not overwrite:
-        _refuse_existing(
+        refuse_existing(
             [paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key]
         )
 
@@ -84,10 +85,10 @@ def create_certificates(
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    _write(paths.ca_key, _key_pem(ca_key), 0o600, overwrite)
-    _write(paths.ca_cert, _cert_pem(ca_cert), 0o644, overwrite)
-    _write(paths.server_key, _key_pem(server_key), 0o600, overwrite)
-    _write(paths.server_cert, _cert_pem(server_cert), 0o644, overwrite)
+    write_file(paths.ca_key, _key_pem(ca_key), 0o600, overwrite)
+    write_file(paths.ca_cert, _cert_pem(ca_cert), 0o644, overwrite)
+    write_file(paths.server_key, _key_pem(server_key), 0o600, overwrite)
+    write_file(paths.server_cert, _cert_pem(server_cert), 0o644, overwrite)
     return paths
 
 
@@ -205,27 +206,6 @@ def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
 def _cert_pem(cert: x509.Certificate) -> bytes:
     """Serialise a certificate as PEM."""
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _refuse_existing(paths: Sequence[Path]) -> None:
-    """Raise FileExistsError for the first path that already exists."""
-    for path in paths:
-        if path.exists():
-            raise FileExistsError(
-                f"{path} already exists; refusing to overwrite it "
-                "(pass overwrite=True, or --overwrite on the command line)"
-            )
-
-
-def _write(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
-    """Write `data` to `path` with permissions `mode` set before any byte lands."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(path, flags, mode)
-    with os.fdopen(fd, "wb") as handle:
-        # os.open's mode is masked by the umask and ignored for an existing
-        # file, so set it explicitly: an overwritten key must not stay readable.
-        os.fchmod(handle.fileno(), mode)
-        handle.write(data)
 
 
 def certs_main(argv: list[str] | None = None) -> int:
