@@ -14,7 +14,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.checkpoints import latest_checkpoint, restore, save_checkpoint
+from server.checkpoints import check_resumable, latest_checkpoint, restore, save_checkpoint
 from server.federation import Federation
 from server.global_model import GlobalModel
 from server.history import save_history, write_json
@@ -32,6 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     global_model = GlobalModel.load(run_config)
     start_round, history = 1, []
     if run_config["resume"] and (checkpoint := latest_checkpoint(out_dir)) is not None:
+        check_resumable(out_dir, run_config)
         restore(global_model.model, checkpoint)
         start_round, history = checkpoint.round + 1, checkpoint.history
         log(INFO, "resuming %s from round %s", out_dir, checkpoint.round)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,3 +69,18 @@ def latest_checkpoint(out_dir: Path) -> Checkpoint | None:
 
 def restore(model: PeftModel, checkpoint: Checkpoint) -> None:
     load_adapter_state(model, checkpoint.adapter())
+
+
+# Settings that shape the adapter: a resumed run must use the ones its checkpoints were made with.
+RESUME_KEYS = ("model", "task", "label-names", "lora-rank", "lora-target-modules", "strategy")
+
+
+def check_resumable(out_dir: Path, run_config: Mapping[str, Any]) -> None:
+    """Refuse to resume ``out_dir`` with settings that do not match its saved ``config.json``."""
+    saved_path = out_dir / "config.json"
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    changed = [f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != run_config.get(k)]
+    if changed:
+        raise ValueError(f"cannot resume {out_dir} with different settings ({'; '.join(changed)}); use a new output-dir")

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: coordinators and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -31,6 +32,7 @@ def plot_series(path: Path, title: str, ylabel: str, series: Mapping[str, list[t
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -36,3 +36,15 @@ def test_saved_adapter_loads_with_peft_from_pretrained(tiny_run_config, tiny_ber
     lora_a = next(k for k in saved if "lora_A" in k)
     match = next(v for k, v in reloaded.items() if k.replace(".default", "") == lora_a)
     assert torch.equal(match, torch.tensor(saved[lora_a].numpy()))
+
+
+def test_resume_with_other_adapter_settings_is_refused(tiny_run_config, tmp_path):
+    import pytest
+
+    from server.checkpoints import check_resumable
+    from server.history import write_json
+
+    write_json(tmp_path / "config.json", tiny_run_config)
+    check_resumable(tmp_path, tiny_run_config)  # same settings: fine
+    with pytest.raises(ValueError, match="lora-rank: 8 -> 16"):
+        check_resumable(tmp_path, {**tiny_run_config, "lora-rank": 16})
