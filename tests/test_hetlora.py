@@ -6,12 +6,12 @@ rank 4, 8 and 16."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from peft.utils import get_peft_model_state_dict
 
@@ -23,37 +23,13 @@ from server.global_model import GlobalModel
 from simulations.simulate import run_simulation
 from strategies.factory import build_strategy
 from strategies.hetero_rank import is_lora_a, lora_rank_of, pad_to_rank, rank_axis, truncate_to_rank
+from tests.fake_grid import FakeGrid, decode, record
 from tests.conftest import LABELS
 
 Arrays = dict[str, np.ndarray]
 GLOBAL_RANK = 8
 
 
-def record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
-
-
-def decode(arrays: ArrayRecord) -> Arrays:
-    return {name: array.numpy() for name, array in arrays.items()}
-
-
-class FakeGrid:
-    """Nodes as functions from the server's message to their reply, without Ray; keeps all sent."""
-
-    def __init__(self, sites: dict[int, Callable[[Message], Message]]) -> None:
-        self.sites = sites
-        self.sent: list[Message] = []
-        self.replies: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.sites)
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        self.sent += messages
-        replies = [self.sites[m.metadata.dst_node_id](m) for m in messages]
-        self.replies += replies
-        return replies
 
 
 def rank_site(rank: int, num_examples: int, seed: int, tamper: Callable[[Arrays], Arrays] = lambda a: a) -> Callable[[Message], Message]:

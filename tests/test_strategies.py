@@ -10,14 +10,14 @@ a real in-process ClientApp) without Ray.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from peft.utils import get_peft_model_state_dict
@@ -34,48 +34,11 @@ from simulations.sources import load_file
 from strategies.factory import STRATEGIES, build_strategy
 from strategies.ffa_lora import is_frozen_key, trainable_subset
 from strategies.freeze_a import ffa_upload
+from tests.fake_grid import FakeGrid, decode, record
 from tests.conftest import LABELS
 
 Arrays = dict[str, np.ndarray]
 Update = Callable[[Arrays, int], Arrays | None]  # (what the site received, round) -> what it sends
-
-
-# --- a Grid without Ray ---------------------------------------------------------------------
-
-
-def record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
-
-
-def decode(arrays: ArrayRecord) -> Arrays:
-    return {name: array.numpy() for name, array in arrays.items()}
-
-
-class FakeGrid:
-    """Nodes 1..n, each a function from the server's message to its reply; keeps everything."""
-
-    def __init__(self, sites: dict[int, Callable[[Message], Message]]) -> None:
-        self.sites = sites
-        self.sent: list[Message] = []
-        self.replies: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.sites)
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        replies = [self.sites[m.metadata.dst_node_id](m) for m in messages]
-        self.sent += messages
-        self.replies += replies
-        return replies
-
-    def train_replies(self, server_round: int) -> dict[int, Message]:
-        """The training replies of one round, by node id."""
-        out = {}
-        for sent, reply in zip(self.sent, self.replies, strict=True):
-            if sent.metadata.message_type == MessageType.TRAIN and sent.content["config"]["server-round"] == server_round:
-                out[sent.metadata.dst_node_id] = reply
-        return out
 
 
 @dataclass
