@@ -14,13 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: coordinators and CI have no display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from server.history import write_json  # noqa: E402
+from server.history import write_json
+from server.report import plot_series
 
 RUN_DP_KEYS = ("dp", "target-epsilon", "noise-multiplier", "max-grad-norm", "delta", "max-epsilon")
 CENTRAL_DP_KEYS = ("central-dp-noise-multiplier", "central-dp-clipping-norm", "central-dp-delta")
@@ -194,33 +189,13 @@ def _central(central: dict[str, Any] | None) -> list[str]:
 
 
 def _plot_epsilon(path: Path, report: dict[str, Any]) -> Path | None:
-    """epsilon per site per round, each site's budget as a dashed line in its colour (same
-    look as ``server.report.plot_series``); skipped when no site reported an epsilon."""
+    """epsilon per site per round with each site's budget dashed; skipped when no site
+    reported an epsilon."""
     series = {
         name: [(r["round"], r["epsilon"]) for r in site["rounds"] if r["epsilon"] is not None]
         for name, site in report["sites"].items()
     }
-    series = {name: points for name, points in series.items() if points}
-    if not series:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in series.items():
-        xs, ys = zip(*points)
-        (line,) = ax.plot(xs, ys, marker="o", label=name)
-        budget = report["sites"][name]["max_epsilon"]
-        if budget:
-            ax.axhline(budget, linestyle="--", color=line.get_color(), alpha=0.7, label=f"{name} budget")
+    budgets = {name: site["max_epsilon"] for name, site in report["sites"].items()}
     if report["central"] is not None:
-        xs, ys = zip(*((p["round"], p["epsilon"]) for p in report["central"]["epsilon_per_round"]))
-        ax.plot(xs, ys, marker="s", color="black", label="central (site-level)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds, not 1.2, 1.4, ...
-    ax.set_xlabel("round")
-    ax.set_ylabel("cumulative epsilon")
-    ax.set_title("Privacy spent per site")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        series["central (site-level)"] = [(p["round"], p["epsilon"]) for p in report["central"]["epsilon_per_round"]]
+    return plot_series(path, "Privacy spent per site", "cumulative epsilon", series, budgets)

@@ -21,8 +21,15 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def plot_series(path: Path, title: str, ylabel: str, series: Mapping[str, list[tuple[int, float]]]) -> Path | None:
-    """One line per named series of (round, value); skipped when there is nothing to plot."""
+def plot_series(
+    path: Path,
+    title: str,
+    ylabel: str,
+    series: Mapping[str, list[tuple[int, float]]],
+    limits: Mapping[str, float] | None = None,
+) -> Path | None:
+    """One line per named series of (round, value), plus a dashed line in the same colour for
+    each series with a limit (e.g. a site's epsilon budget); skipped when there is nothing to plot."""
     series = {name: pts for name, pts in series.items() if pts}
     if not series:
         return None
@@ -30,13 +37,15 @@ def plot_series(path: Path, title: str, ylabel: str, series: Mapping[str, list[t
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in series.items():
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", label=name)
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
+        if (limits or {}).get(name):
+            ax.axhline(limits[name], linestyle="--", color=line.get_color(), alpha=0.7, label=f"{name} budget")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
