@@ -1,0 +1,46 @@
+"""``fedlora`` command-line errors and the site-data paths they lead to (no simulation run)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from client.local_data import load_site_data
+from fedlora.cli import main, parse_assignments
+from fedlora.run_config import apply_overrides
+from tests.conftest import LABELS, make_classification_rows
+
+
+def test_assignments_parse_toml_values_and_bare_strings():
+    assert parse_assignments(["max-epsilon=4 delta=1e-5", "data=/x/y.csv", "dp=false"]) == {
+        "max-epsilon": 4, "delta": 1e-5, "data": "/x/y.csv", "dp": False,
+    }
+
+
+def test_unknown_run_config_key_is_a_readable_error(capsys, tmp_path):
+    assert main(["simulate", "--output", str(tmp_path / "o"), "--set", "lora-rnak=4"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown run-config key(s): lora-rnak" in err and "Traceback" not in err
+
+
+def test_a_fresh_run_never_writes_into_an_existing_run(capsys, tmp_path):
+    (tmp_path / "history.json").write_text("[]")
+    assert main(["simulate", "--output", str(tmp_path)]) == 2
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_refused(capsys, tmp_path):
+    assert main(["simulate", "--resume", str(tmp_path)]) == 2
+    assert "not the output directory of a fedlora simulation" in capsys.readouterr().err
+
+
+def test_column_partition_of_a_file_gives_one_site_per_value(tiny_run_config, tmp_path):
+    rows = make_classification_rows(60)
+    for i, row in enumerate(rows):
+        row["hospital"] = f"h{i % 3}"
+    path = tmp_path / "notes.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    config = apply_overrides(tiny_run_config, {"data": str(path), "partition": "column:hospital", "eval-fraction": 0.0})
+    sizes = [len(load_site_data({"partition-id": i, "num-partitions": 3}, config).train) for i in range(3)]
+    assert sizes == [20, 20, 20]
+    site = load_site_data({"partition-id": 1, "num-partitions": 3}, config)
+    assert set(site.train["hospital"]) == {"h1"} and set(site.train["label"]) <= set(range(len(LABELS)))
