@@ -102,3 +102,11 @@ def tiny_run_config(tiny_bert, classification_csv, tmp_path) -> dict:
             "target-epsilon": 8.0,
         },
     )
+
+
+def pytest_collection_modifyitems(items):
+    """Real-process deployment tests race against heartbeats and process start-up on a loaded
+    2-core machine; one rerun separates such timing flakes from real failures."""
+    for item in items:
+        if item.get_closest_marker("deployment"):
+            item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=5))
