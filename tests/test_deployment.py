@@ -648,8 +648,10 @@ class TestCoordinatorRestart:
         assert json.loads((out / "config.json").read_text())["resume"] is True
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
         assert "resuming" in restart.federation.runs[-1].output()
-        # The interrupted run stays in the SuperLink's database, marked failed.
-        assert restart.federation.run_status(restart.run_ids[0]) == "finished:failed"
+        # The interrupted run stays in the SuperLink's database and never completed; whether the
+        # restarted SuperLink has already marked it "finished:failed" or still shows "running"
+        # depends on when it notices the dead ServerApp.
+        assert restart.federation.run_status(restart.run_ids[0]) in ("finished:failed", "running")
 
     def test_every_training_is_exactly_one_ledger_spend(self, restart):
         first_run, second_run = restart.run_ids
