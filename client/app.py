@@ -2,9 +2,10 @@
 
 Each training round: check the server's DP request against the site's own policy, load the
 site's data, charge the privacy ledger *before* training, train the adapter with DP-SGD,
-confirm the charge, and send back only adapter tensors and whitelisted scalars. A site that
-cannot or will not train replies with a ``status`` record and no weights; the federation
-goes on without it.
+release the noised metrics, confirm the charges, and send back only adapter tensors, public
+scalars and the ledger's anchor. A site that cannot or will not train replies with a
+``status`` record (a code and a setting name, ``client.refusals``) and no weights; the full
+reason goes to the site's own log, and the federation goes on without it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.outgoing_guard import outgoing_guard
-from client.site import RefusedRound, Site
+from client.refusals import RefusedRound
+from client.site import Site
+from privacy.ledger import Anchor
 
 app = ClientApp(mods=[outgoing_guard])
 
@@ -21,17 +24,20 @@ app = ClientApp(mods=[outgoing_guard])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = Site(context)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
     try:
-        config = msg.content["config"]
         proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx only
-        outcome = site.train(msg.content["arrays"], int(config["server-round"]), proximal_mu)
+        outcome = site.train(msg.content["arrays"], server_round, proximal_mu)
     except RefusedRound as refusal:
+        refusal.log_locally(site.name, f"round {server_round} training")
         return _status_reply(msg, site, refusal)
     content = RecordDict(
         {
             "arrays": ArrayRecord(outcome.adapter),
             "metrics": MetricRecord(outcome.metrics),
             "site": _site_record(site),
+            **_ledger_record(outcome.anchor),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -40,11 +46,15 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = Site(context)
+    server_round = int(msg.content["config"]["server-round"])
     try:
-        metrics = site.evaluate(msg.content["arrays"])
+        outcome = site.evaluate(msg.content["arrays"], server_round)
     except RefusedRound as refusal:
+        refusal.log_locally(site.name, f"round {server_round} evaluation")
         return _status_reply(msg, site, refusal)
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(site)})
+    content = RecordDict(
+        {"metrics": MetricRecord(outcome.metrics), "site": _site_record(site), **_ledger_record(outcome.anchor)}
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -53,10 +63,13 @@ def _site_record(site: Site) -> ConfigRecord:
     return ConfigRecord({"name": site.name})
 
 
+def _ledger_record(anchor: Anchor | None) -> dict[str, ConfigRecord]:
+    """The ledger's row count and head hash: the server keeps them in ``history.json``, and an
+    audit with ``--history`` fails if the ledger later stops extending them."""
+    return {} if anchor is None else {"ledger": ConfigRecord({"rows": anchor.rows, "head": anchor.head})}
+
+
 def _status_reply(msg: Message, site: Site, refusal: RefusedRound) -> Message:
-    """No weights: only why this site sits the round out."""
-    status = ConfigRecord({"status": refusal.status, "reason": refusal.reason})
-    content = RecordDict(
-        {"status": status, "metrics": MetricRecord({"num-examples": 0}), "site": _site_record(site)}
-    )
+    """No weights and no metrics: only a code and a setting name."""
+    content = RecordDict({"status": refusal.record(), "site": _site_record(site)})
     return Message(content=content, reply_to=msg)

@@ -1,61 +1,127 @@
-"""The last check before anything leaves a site: a Flower client mod on every reply.
+"""The last check before anything leaves a site: a Flower client mod around every handler.
 
-A reply may carry only (1) adapter tensors — LoRA ``A``/``B`` matrices and the task head peft
-keeps in ``modules_to_save`` — under ``arrays``, (2) whitelisted scalar metrics under
-``metrics``, and (3) a ``status`` record saying why a site did not train and a ``site`` record with
-the site's chosen display name. Anything else (a
-base-model weight, a raw example, a free-form string in the metrics) is a bug that would leak
-data, so the reply is replaced by an error and nothing of it is sent.
+A reply may carry only
+
+- ``arrays``: the adapter, **exactly as received**: every key one the server sent, with the
+  same dtype and the same shape (a LoRA matrix may be cut to a lower rank: HetLoRA);
+- ``metrics``: whitelisted scalars (public DP parameters, the FedAvg weight, noised releases);
+- ``status``: a refusal's code and setting name, both from fixed lists (``client.refusals``);
+- ``site``: the site's display name; ``ledger``: its ledger's row count and head hash.
+
+Anything else (a base-model weight, a raw example, a free-form string) is a bug that would leak
+data, so the reply is replaced by a ``disclosure-blocked`` status. An exception raised at the
+site becomes an ``internal-error`` status, never Flower's error reply, whose reason would carry
+the exception's text (which can quote data) to the server. Full texts go to the site's log.
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
-from flwr.clientapp.typing import ClientAppCallable
+import re
+import traceback
+from logging import ERROR
 
-from fedlora.adapters import is_adapter_key
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.logger import log
+
+from client.refusals import SETTINGS, STATUS_CODES
 
 ALLOWED_METRICS = frozenset(
     {
         "num-examples", "train-loss", "eval-loss", "eval-accuracy", "steps", "sample-rate",
         "noise-multiplier", "max-grad-norm", "epsilon", "delta", "max-epsilon", "dp",
-        "seconds", "examples-per-second", "lora-rank",
+        "seconds", "examples-per-second", "lora-rank", "user-level",
     }
 )
-ALLOWED_RECORDS = {"arrays": ArrayRecord, "metrics": MetricRecord, "status": ConfigRecord, "site": ConfigRecord}
-ALLOWED_FIELDS = {"status": frozenset({"status", "reason"}), "site": frozenset({"name"})}
+ALLOWED_RECORDS = {
+    "arrays": ArrayRecord, "metrics": MetricRecord, "status": ConfigRecord, "site": ConfigRecord,
+    "ledger": ConfigRecord,
+}
+_HEX_HASH = re.compile(r"^[0-9a-f]{64}$")
 
 
 class DisclosureError(RuntimeError):
-    """A reply would have sent something other than adapters and whitelisted scalars."""
+    """A reply would have sent something other than the allowed records."""
 
 
-def check_outgoing(message: Message) -> None:
-    """Raise ``DisclosureError`` naming the first thing that must not leave the site."""
-    if message.has_error():
-        return
-    for name, record in message.content.items():
+def check_outgoing(reply: Message, received: ArrayRecord | None = None) -> None:
+    """Raise ``DisclosureError`` naming the first thing that must not leave the site.
+    ``received`` is the adapter the server sent (arrays in the reply must match it)."""
+    if reply.has_error():
+        raise DisclosureError("error replies carry free text; send a status code instead")
+    for name, record in reply.content.items():
         expected = ALLOWED_RECORDS.get(name)
         if expected is None or not isinstance(record, expected):
             raise DisclosureError(f"record {name!r} ({type(record).__name__}) may not leave the site")
-        if isinstance(record, ArrayRecord):
-            bad = [key for key in record if not is_adapter_key(key)]
-            if bad:
-                raise DisclosureError(f"non-adapter tensor(s) in reply: {', '.join(bad[:3])}")
-        elif isinstance(record, MetricRecord):
-            bad = [key for key in record if key not in ALLOWED_METRICS]
-            if bad:
-                raise DisclosureError(f"metric(s) not whitelisted: {', '.join(bad)}")
-            lists = [key for key, value in record.items() if isinstance(value, list)]
-            if lists:
-                raise DisclosureError(f"metric(s) must be scalars: {', '.join(lists)}")
-        elif set(record) - ALLOWED_FIELDS[name]:
-            extra = ", ".join(sorted(set(record) - ALLOWED_FIELDS[name]))
-            raise DisclosureError(f"{name} fields not allowed: {extra}")
+        if name == "arrays":
+            _check_arrays(record, received if received is not None else ArrayRecord())
+        elif name == "metrics":
+            _check_metrics(record)
+        else:
+            _check_fields(name, record)
 
 
 def outgoing_guard(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower mod: run the handler, then refuse to send a reply that fails ``check_outgoing``."""
-    reply = call_next(message, context)
-    check_outgoing(reply)
+    """Flower mod: run the handler; send its reply only if it passes ``check_outgoing``."""
+    received = message.content["arrays"] if "arrays" in message.content.array_records else None
+    try:
+        reply = call_next(message, context)
+    except Exception:  # noqa: BLE001 - whatever it was, its text stays here
+        log(ERROR, "site handler failed; the server gets only 'internal-error':\n%s", traceback.format_exc())
+        return _code_only(message, "internal-error")
+    try:
+        check_outgoing(reply, received)
+    except DisclosureError as err:
+        log(ERROR, "outgoing reply blocked, the server gets only 'disclosure-blocked': %s", err)
+        return _code_only(message, "disclosure-blocked")
     return reply
+
+
+def _code_only(message: Message, code: str) -> Message:
+    return Message(RecordDict({"status": ConfigRecord({"status": code, "setting": ""})}), reply_to=message)
+
+
+def _check_arrays(record: ArrayRecord, received: ArrayRecord) -> None:
+    for key, array in record.items():
+        if key not in received:
+            raise DisclosureError(f"tensor {key!r} was not in the adapter the server sent")
+        sent = received[key]
+        if array.dtype != sent.dtype:
+            raise DisclosureError(f"tensor {key!r}: dtype {array.dtype} differs from the received {sent.dtype}")
+        if tuple(array.shape) != tuple(sent.shape) and not _lower_rank(key, tuple(array.shape), tuple(sent.shape)):
+            raise DisclosureError(f"tensor {key!r}: shape {tuple(array.shape)} differs from the received {tuple(sent.shape)}")
+
+
+def _lower_rank(key: str, shape: tuple[int, ...], received: tuple[int, ...]) -> bool:
+    """A LoRA matrix at a lower rank: A is (r, in), B is (out, r)."""
+    if len(shape) != 2 or len(received) != 2:
+        return False
+    if ".lora_A." in key:
+        return shape[1] == received[1] and 0 < shape[0] <= received[0]
+    if ".lora_B." in key:
+        return shape[0] == received[0] and 0 < shape[1] <= received[1]
+    return False
+
+
+def _check_metrics(record: MetricRecord) -> None:
+    bad = [key for key in record if key not in ALLOWED_METRICS]
+    if bad:
+        raise DisclosureError(f"metric(s) not whitelisted: {', '.join(bad)}")
+    lists = [key for key, value in record.items() if isinstance(value, list)]
+    if lists:
+        raise DisclosureError(f"metric(s) must be scalars: {', '.join(lists)}")
+
+
+def _check_fields(name: str, record: ConfigRecord) -> None:
+    fields = {"status": {"status", "setting"}, "site": {"name"}, "ledger": {"rows", "head"}}[name]
+    if set(record) != fields:
+        extra = ", ".join(sorted(set(record) ^ fields))
+        raise DisclosureError(f"{name} fields not allowed or missing: {extra}")
+    if name == "status" and (record["status"] not in STATUS_CODES or record["setting"] not in SETTINGS):
+        raise DisclosureError(f"status {record['status']!r} / setting {record['setting']!r} is not a known code and setting")
+    if name == "ledger" and not (
+        isinstance(record["rows"], int) and record["rows"] >= 0 and _HEX_HASH.match(str(record["head"]))
+    ):
+        raise DisclosureError("ledger anchor must be a row count and a sha256 hex digest")
+    if name == "site" and not isinstance(record["name"], str):
+        raise DisclosureError("site name must be a string")

@@ -2,55 +2,77 @@
 privacy ledger.
 
 Everything privacy-relevant is read from the site's **node config**, which only the site
-controls: ``data-path``, ``ledger-path``, ``max-epsilon``, ``delta``, ``min-noise-multiplier``,
-``dp``, ``lora-rank``, ``device``. The server's run config may only tighten those
-(``privacy.budget.resolve``).
+controls (``privacy.budget.site_policy``); the server's run config may only tighten it
+(``privacy.budget.resolve``). Under DP, what a reply carries is public configuration or a DP
+release charged to the ledger *before* it is computed (see ``docs/privacy.md``):
+
+- the adapter (DP-SGD) and, with ``report-metrics = noised``, the noised train loss and
+  evaluation metrics (``privacy.release``);
+- the FedAvg weight ``num-examples``: the site's declared public size, or 1 (equal weights);
+- the DP parameters, the cumulative epsilon and the ledger's anchor (row count, head hash);
+- on a refusal, a status code and a setting name (``client.refusals``).
+
+Timings, the true row count and the training loss stay in the site's log.
 """
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
 
 from client.local_data import SiteData, load_site_data
-from client.training import DPSettings, TrainSettings, train
+from client.refusals import RefusedRound
+from client.training import MAX_ROWS_PER_UNIT, DPSettings, TrainSettings, train
 from fedlora.adapters import adapter_state, attach_adapter, load_adapter_state
 from fedlora.data import DataError
-from fedlora.evaluation import evaluate
+from fedlora.evaluation import per_example_scores
 from fedlora.model import ModelError, load_base_model, load_tokenizer, select_device
 from fedlora.run_config import LoraSettings, freezes_lora_a
 from fedlora.tasks import encode
-from privacy.accountant import calibrate_noise, epsilon_for
-from privacy.budget import BudgetExhausted, PolicyViolation, check_budget, dp_request, resolve, site_policy
-from privacy.dp_sgd import rng_mode
-from privacy.ledger import PrivacyLedger
-from simulations.sources import resolve_label_names
+from privacy.accountant import calibrate_noise
+from privacy.budget import (
+    BudgetExhausted, EffectiveDP, PolicyViolation, SitePolicy, check_delta, dp_request, resolve, site_policy,
+)
+from privacy.dp_sgd import poisson_batches, rng_mode
+from privacy.ledger import Anchor, Charge, LedgerError, PrivacyLedger
+from privacy.release import eval_charge, noised_evaluation, noised_train_loss, per_unit_means, train_loss_charge
+from simulations.sources import parse_label_names, resolve_label_names
 from strategies.hetero_rank import lora_rank_of, truncate_to_rank
 
 ACCOUNTANT = "rdp"
-
-
-class RefusedRound(Exception):
-    """The site does not take part in this round; ``status`` is one of ``budget-exhausted``,
-    ``policy-refused``, ``data-error``, ``model-error``."""
-
-    def __init__(self, status: str, reason: str) -> None:
-        super().__init__(f"{status}: {reason}")
-        self.status, self.reason = status, reason
 
 
 @dataclass(frozen=True)
 class TrainOutcome:
     adapter: dict[str, torch.Tensor]
     metrics: dict[str, float | int]
+    anchor: Anchor | None
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    metrics: dict[str, float | int]
+    anchor: Anchor | None
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A split's model inputs and each one's privacy unit (rows that failed to encode dropped)."""
+
+    examples: list[dict[str, list[int]]]
+    units: list[int]
+
+    @property
+    def num_units(self) -> int:
+        return len(set(self.units))
 
 
 class Site:
@@ -59,14 +81,6 @@ class Site:
         self.run: Mapping[str, Any] = context.run_config
         self.run_id = str(context.run_id)
         self.name = _site_name(self.node, context.node_id)
-
-    @property
-    def ledger_path(self) -> Path:
-        """``ledger-path`` from the node config; else a per-site file under ``~/.fedlora``.
-        Never from the run config: a server must not be able to hand a site a fresh ledger."""
-        if "ledger-path" in self.node:
-            return Path(str(self.node["ledger-path"])).expanduser()
-        return Path.home() / ".fedlora" / "privacy" / f"{self.name}.db"
 
     @property
     def lora_rank(self) -> int:
@@ -78,14 +92,16 @@ class Site:
 
     def train(self, global_adapter: ArrayRecord, server_round: int, proximal_mu: float = 0.0) -> TrainOutcome:
         """``proximal_mu`` > 0 (FedProx, sent by the server) adds (mu/2)||w - w_global||^2."""
-        try:
-            dp = resolve(site_policy(self.node), dp_request(self.run))
-        except PolicyViolation as err:
-            raise RefusedRound("policy-refused", str(err)) from err
-        data = self._data()
+        policy, dp = self._privacy()
+        data = self._data(policy)
         model, tokenizer = self._model(global_adapter)
         task = str(self.run["task"])
-        examples = encode(data.train, tokenizer, task, int(self.run["max-seq-length"]))
+        encoded = self._encode(data.train, data.units(data.train), tokenizer, "training")
+        if not encoded.examples:
+            if not dp.enabled:
+                raise RefusedRound("data-error", "data-path", f"{data.source}: no training rows after the held-out split")
+            log(WARNING, "%s: no usable training rows in %s; this round's steps add noise only", self.name, data.source)
+        population = self._population(policy, dp, encoded.num_units)
         settings = TrainSettings(
             learning_rate=float(self.run["learning-rate"]),
             batch_size=int(self.run["batch-size"]),
@@ -97,85 +113,234 @@ class Site:
             # the run config. Without DP, the run's seed makes local training reproducible.
             seed=secrets.randbits(63) if dp.enabled else int(self.run["seed"]) + server_round,
         )
-        q, steps = settings.sample_rate(len(examples)), settings.planned_steps(len(examples))
-        noise = self._noise_multiplier(dp, q, steps) if dp.enabled else 0.0
-        with PrivacyLedger(self.ledger_path) as ledger:
-            if dp.enabled:
-                projected = epsilon_for(ledger.history() + [(noise, q, steps)], dp.delta, ACCOUNTANT)
-                try:
-                    check_budget(projected, dp.max_epsilon)
-                except BudgetExhausted as err:
-                    raise RefusedRound("budget-exhausted", str(err)) from err
-            # Charged before training: a crash from here on can only over-count the spend.
-            spend = ledger.begin_spend(
-                run_id=self.run_id, round=server_round, noise_multiplier=noise, sample_rate=q,
-                steps=steps, max_grad_norm=dp.max_grad_norm, delta=dp.delta, accountant=ACCOUNTANT,
-                max_epsilon=dp.max_epsilon, rng_mode=rng_mode(settings.device),
-            )
-            if not dp.enabled:
-                torch.manual_seed(settings.seed)
+        q, steps = settings.sample_rate(population), settings.planned_steps(population)
+        unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
+        releases_loss = dp.enabled and policy.report_metrics == "noised"
+        noise = self._noise_multiplier(policy, dp, q, steps, unit) if dp.enabled else 0.0
+        charges = [Charge("dp-sgd", noise, q, steps, dp.max_grad_norm, unit)]
+        if releases_loss:
+            charges.append(train_loss_charge(policy.metric_noise_multiplier, q, unit))
+        if not dp.enabled:
+            torch.manual_seed(settings.seed)
+        with self._ledger(policy, dp) as ledger:
+            spends = self._charge(ledger, charges, server_round, dp, settings.device)
             result = train(
-                model, examples, task, tokenizer.pad_token_id, settings,
-                DPSettings(noise, dp.max_grad_norm) if dp.enabled else None,
-                proximal_mu=proximal_mu,
+                model, encoded.examples, task, tokenizer.pad_token_id, settings,
+                DPSettings(noise, dp.max_grad_norm, dp.secure_noise) if dp.enabled else None,
+                proximal_mu=proximal_mu, units=encoded.units, population=population,
             )
-            ledger.confirm(spend.id)
-        metrics = {
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "steps": result.steps,
-            "sample-rate": result.sample_rate,
+            released = {}
+            if releases_loss:
+                released["train-loss"] = self._released_train_loss(model, tokenizer, encoded, population, spends[1], dp)
+            if ledger is not None:
+                for spend in spends:
+                    ledger.confirm(spend.id)
+            anchor = ledger.anchor() if ledger is not None else None
+        log(INFO, "%s round %s: trained %s steps on %s rows (%s units), sigma %.4g, epsilon %.4f, "
+            "local train loss %.4f, %.1f s, %s non-finite gradients zeroed",
+            self.name, server_round, result.steps, result.num_examples, encoded.num_units, noise,
+            spends[-1].epsilon if spends else float("inf"), result.loss, result.seconds, result.zeroed_gradients)
+        metrics: dict[str, float | int] = {
+            "num-examples": _fedavg_weight(policy, dp, encoded.num_units, population),
+            "steps": steps,
+            "sample-rate": q,
             "noise-multiplier": noise,
             "max-grad-norm": dp.max_grad_norm,
-            "epsilon": spend.epsilon if math.isfinite(spend.epsilon) else -1.0,
             "delta": dp.delta,
             "max-epsilon": dp.max_epsilon,
             "dp": int(dp.enabled),
-            "seconds": result.seconds,
-            "examples-per-second": result.examples_per_second,
+            "user-level": int(policy.privacy_unit_column is not None),
             "lora-rank": self.lora_rank,
         }
+        if dp.enabled:
+            metrics |= {"epsilon": spends[-1].epsilon, **released}
+        else:  # nothing is private here, and every report says so
+            metrics |= {"train-loss": result.loss, "seconds": result.seconds,
+                        "examples-per-second": result.examples_per_second}
         adapter = adapter_state(model, trainable_only=freezes_lora_a(self.run))
-        return TrainOutcome(adapter=adapter, metrics=metrics)
+        return TrainOutcome(adapter=adapter, metrics=metrics, anchor=anchor)
 
-    def evaluate(self, global_adapter: ArrayRecord) -> dict[str, float | int]:
-        data = self._data()
+    def evaluate(self, global_adapter: ArrayRecord, server_round: int) -> EvalOutcome:
+        """Under DP: the noised evaluation release, charged first (or ``metrics-withheld``)."""
+        policy, dp = self._privacy()
+        if dp.enabled and policy.report_metrics == "none":
+            raise RefusedRound("metrics-withheld", "report-metrics", "node config report-metrics = none")
+        data = self._data(policy)
         model, tokenizer = self._model(global_adapter)
-        task = str(self.run["task"])
-        examples = encode(data.eval, tokenizer, task, int(self.run["max-seq-length"]))
-        result = evaluate(model, examples, task, tokenizer.pad_token_id, device=self.device)
-        metrics: dict[str, float | int] = {"num-examples": result["num-examples"]}
-        if result["num-examples"]:
-            metrics |= {"eval-loss": result["loss"], "eval-accuracy": result["accuracy"]}
-        return metrics
+        encoded = self._encode(data.eval, data.units(data.eval), tokenizer, "evaluation")
+        losses, correct, counted = per_example_scores(
+            model, encoded.examples, str(self.run["task"]), tokenizer.pad_token_id, device=self.device
+        )
+        accuracies = correct / counted.clamp(min=1)
+        if not dp.enabled:
+            if not encoded.examples:
+                return EvalOutcome({"num-examples": 0}, None)
+            return EvalOutcome({
+                "num-examples": len(encoded.examples), "eval-loss": float(losses.mean()),
+                "eval-accuracy": float(correct.sum() / counted.sum().clamp(min=1)),
+            }, None)
+        population = self._population(policy, dp, encoded.num_units, held_out=True)
+        unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
+        with self._ledger(policy, dp) as ledger:
+            (spend,) = self._charge(ledger, [eval_charge(policy.metric_noise_multiplier, unit)], server_round, dp, self.device)
+            metrics = noised_evaluation(
+                per_unit_means(losses, encoded.units), per_unit_means(accuracies, encoded.units),
+                population, spend.charge, dp.secure_noise,
+            )
+            ledger.confirm(spend.id)
+            anchor = ledger.anchor()
+        log(INFO, "%s round %s: evaluated (noised) on %s held-out rows, epsilon %.4f", self.name, server_round, len(encoded.examples), spend.epsilon)
+        weight = _fedavg_weight(policy, dp, encoded.num_units, population)
+        return EvalOutcome({"num-examples": weight, **metrics, "epsilon": spend.epsilon, "dp": 1}, anchor)
 
-    def _noise_multiplier(self, dp, sample_rate: float, steps: int) -> float:
-        """The run's fixed sigma: given, or calibrated so that the planned steps of *all* rounds
-        of this run (``num-server-rounds`` x local steps) stay within the target epsilon."""
-        if dp.noise_multiplier is not None:
-            return dp.noise_multiplier
-        planned = int(self.run["num-server-rounds"]) * steps
-        return calibrate_noise(dp.target_epsilon, dp.delta, sample_rate, planned, ACCOUNTANT)
+    # -- privacy ------------------------------------------------------------------------------
 
-    def _data(self) -> SiteData:
+    def _privacy(self) -> tuple[SitePolicy, EffectiveDP]:
         try:
-            data = load_site_data(self.node, self.run)
-        except (DataError, ValueError) as err:
-            raise RefusedRound("data-error", str(err)) from err
-        if len(data.train) == 0:
-            raise RefusedRound("data-error", f"{data.source}: no training rows after the held-out split")
-        return data
+            policy = site_policy(self.node)
+            return policy, resolve(policy, dp_request(self.run))
+        except PolicyViolation as err:
+            raise RefusedRound("policy-refused", err.setting, str(err)) from err
+
+    def _population(self, policy: SitePolicy, dp: EffectiveDP, present: int, held_out: bool = False) -> int:
+        """The public number of units that sampling rates and released means divide by: the
+        declared ``num-examples`` (all the site's units) times the training or held-out share
+        (``eval-fraction``); without a declaration, the units present, which then become
+        visible to the server through q and epsilon (a warning in the site's log)."""
+        if policy.declared_examples is None:
+            if dp.enabled:
+                log(WARNING, "%s: node config has no num-examples; this site's unit count (%s) sets its "
+                    "sampling rate, which the server sees. Declare num-examples to keep it private.", self.name, present)
+            population = present
+        else:
+            share = float(self.run["eval-fraction"])
+            population = round(policy.declared_examples * (share if held_out else 1 - share))
+        population = max(1, population)
+        if dp.enabled:
+            try:
+                check_delta(dp.delta, population)
+            except PolicyViolation as err:
+                raise RefusedRound("policy-refused", err.setting, str(err)) from err
+        return population
+
+    def _noise_multiplier(self, policy: SitePolicy, dp: EffectiveDP, sample_rate: float, steps: int, unit: str) -> float:
+        """The run's fixed sigma: given, or calibrated so that *all* rounds of this run stay
+        within the target epsilon, metric releases included (``num-server-rounds`` x (local
+        steps + releases)); never below the site's ``min-noise-multiplier``."""
+        if dp.noise_multiplier is not None:
+            return dp.at_least_the_floor(dp.noise_multiplier)
+        rounds = int(self.run["num-server-rounds"])
+        releases = []
+        if policy.report_metrics == "noised":
+            sigma = policy.metric_noise_multiplier
+            releases = [(sigma, sample_rate, rounds), (sigma, 1.0, rounds)]
+        try:
+            sigma = calibrate_noise(dp.target_epsilon, dp.delta, sample_rate, rounds * steps, ACCOUNTANT, prior=releases)
+        except BudgetExhausted as err:
+            raise RefusedRound("policy-refused", "target-epsilon", str(err)) from err
+        return dp.at_least_the_floor(sigma)
+
+    def _ledger(self, policy: SitePolicy, dp: EffectiveDP):
+        """The site's ledger (None for a non-private round at a site that keeps none)."""
+        if policy.ledger_path is None:
+            return _NoLedger()
+        try:
+            return PrivacyLedger(policy.ledger_path)
+        except LedgerError as err:
+            raise RefusedRound("ledger-error", "ledger-path", str(err)) from err
+
+    def _charge(self, ledger, charges: list[Charge], server_round: int, dp: EffectiveDP, device: torch.device):
+        """Charge every mechanism of this message before it runs: a crash from here on can only
+        over-count the spend. Budget check and append are one transaction."""
+        if ledger is None:
+            return []
+        try:
+            return ledger.charge(
+                charges, run_id=self.run_id, round=server_round, delta=dp.delta, accountant=ACCOUNTANT,
+                max_epsilon=dp.max_epsilon, rng_mode=rng_mode(device, dp.secure_noise), enforce_budget=dp.enabled,
+            )
+        except BudgetExhausted as err:
+            raise RefusedRound("budget-exhausted", "max-epsilon", str(err)) from err
+
+    def _released_train_loss(self, model, tokenizer, encoded: Encoded, population: int, spend, dp: EffectiveDP) -> float:
+        """The train-loss release: a fresh Poisson sample of units at the charged rate."""
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        members: dict[int, list[int]] = {}
+        for index, unit in enumerate(encoded.units):
+            members.setdefault(unit, []).append(index)
+        groups = list(members.values())
+        (sampled,) = poisson_batches(len(groups), spend.sample_rate, 1, generator) if groups else ([],)
+        rows = [i for u in sampled for i in groups[u][:MAX_ROWS_PER_UNIT]]
+        losses, _, _ = per_example_scores(
+            model, [encoded.examples[i] for i in rows], str(self.run["task"]), tokenizer.pad_token_id, device=self.device
+        )
+        unit_losses = per_unit_means(losses, [encoded.units[i] for i in rows]) if rows else torch.zeros(0)
+        return noised_train_loss(unit_losses, population, spend.charge, dp.secure_noise)
+
+    # -- data and model -----------------------------------------------------------------------
+
+    def _data(self, policy: SitePolicy) -> SiteData:
+        classification = self.run["task"] == "classification"
+        if classification and "data-path" in self.node and not parse_label_names(str(self.run["label-names"])):
+            # Else the labels would be read from the run's ``data``: a path on this machine
+            # that the server chose, and whether it can be read would be the answer to a probe.
+            raise RefusedRound("policy-refused", "label-names", "the run config gives no label-names; a site with "
+                               "its own data-path never reads the server's 'data' to find them")
+        try:
+            return load_site_data(self.node, self.run, policy.privacy_unit_column)
+        except DataError as err:
+            raise RefusedRound("data-error", err.setting, str(err)) from err
+        except ValueError as err:
+            raise RefusedRound("data-error", "", str(err)) from err
+
+    def _encode(self, split, units: list[int], tokenizer, what: str) -> Encoded:
+        """Tokenise a split once; a row that fails to encode is dropped with a local warning."""
+        task, max_length = str(self.run["task"]), int(self.run["max-seq-length"])
+        try:
+            examples = encode(split, tokenizer, task, max_length)
+            kept = list(range(len(examples)))
+        except Exception:  # a tokenizer failure on some row: find it, keep the others
+            examples, kept = [], []
+            for index in range(split.num_rows):
+                try:
+                    examples += encode(split.select([index]), tokenizer, task, max_length)
+                    kept.append(index)
+                except Exception as err:  # noqa: BLE001 - any failure drops the row, locally noted
+                    log(WARNING, "%s: %s row %s could not be encoded (%s); dropped", self.name, what, index, type(err).__name__)
+        nonempty = [(e, i) for e, i in zip(examples, kept) if e["input_ids"]]
+        return Encoded([e for e, _ in nonempty], [units[i] for _, i in nonempty])
 
     def _model(self, global_adapter: ArrayRecord):
         task = str(self.run["task"])
-        labels = tuple(resolve_label_names(self.run)) if task == "classification" else ()
+        try:
+            labels = tuple(resolve_label_names(self.run)) if task == "classification" else ()
+        except DataError as err:
+            raise RefusedRound("data-error", "label-names", str(err)) from err
         lora = LoraSettings.from_run_config(self.run, rank=self.lora_rank)
         try:
             model, tokenizer = _cached_model(str(self.run["model"]), task, labels, lora)
             load_adapter_state(model, _at_rank(global_adapter, self.lora_rank))
         except (ModelError, ValueError) as err:
-            raise RefusedRound("model-error", str(err)) from err
+            raise RefusedRound("model-error", "model", str(err)) from err
         return model, tokenizer
+
+
+def _fedavg_weight(policy: SitePolicy, dp: EffectiveDP, present: int, population: int) -> int:
+    """Under DP a public value (the declared size, or 1: equal weights), never a count the
+    server could probe; without DP the count itself."""
+    if not dp.enabled:
+        return present
+    return 1 if policy.declared_examples is None else population
+
+
+class _NoLedger:
+    """A non-private site without a ledger-path: nothing to charge or anchor."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 @lru_cache(maxsize=2)
@@ -192,7 +357,7 @@ def _at_rank(adapter: ArrayRecord, rank: int) -> dict[str, torch.Tensor]:
     arrays = {name: array.numpy() for name, array in adapter.items()}
     received = lora_rank_of(arrays)
     if received < rank:
-        raise ValueError(f"the server sent a rank-{received} adapter; this site trains rank {rank} (node config lora-rank)")
+        raise RefusedRound("model-error", "lora-rank", f"the server sent a rank-{received} adapter; this site trains rank {rank} (node config lora-rank)")
     if received > rank:
         arrays = truncate_to_rank(arrays, rank)
     return {name: torch.from_numpy(value) for name, value in arrays.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedlora.tasks import collate, forward_logits, per_example_loss
-from privacy.dp_sgd import make_private, noise_only_step, poisson_batches
+from privacy.dp_sgd import group_by_unit, make_private, noise_only_step, poisson_batches, zero_non_finite
 
 
 @dataclass(frozen=True)
@@ -25,32 +25,44 @@ class TrainSettings:
     device: torch.device = torch.device("cpu")
     seed: int = 0
 
-    def sample_rate(self, num_examples: int) -> float:
-        return min(1.0, self.batch_size / num_examples)
+    def sample_rate(self, population: int) -> float:
+        """q = b / N for a population of N privacy units (rows, or users)."""
+        return min(1.0, self.batch_size / population)
 
-    def planned_steps(self, num_examples: int) -> int:
+    def planned_steps(self, population: int) -> int:
         if self.steps > 0:
             return self.steps
-        return self.epochs * math.ceil(num_examples / self.batch_size)
+        return self.epochs * math.ceil(population / self.batch_size)
 
 
 @dataclass(frozen=True)
 class DPSettings:
     noise_multiplier: float
     max_grad_norm: float
+    secure_noise: bool = False
 
 
 @dataclass(frozen=True)
 class TrainResult:
+    """For the site's own log: none of it leaves a DP site (the ledger and the noised releases
+    say what the server may know)."""
+
     loss: float
     num_examples: int
     steps: int
     sample_rate: float
     seconds: float
+    zeroed_gradients: int = 0  # non-finite per-unit gradients replaced by 0 (DP only)
 
     @property
     def examples_per_second(self) -> float:
         return self.steps * self.sample_rate * self.num_examples / max(self.seconds, 1e-9)
+
+
+MAX_ROWS_PER_UNIT = 16
+"""User-level DP: a sampled user contributes the mean gradient of at most this many of its rows
+(drawn at random). The clip bounds the user's influence whatever the count; the cap bounds the
+batch a prolific user would otherwise bring."""
 
 
 def train(
@@ -61,12 +73,16 @@ def train(
     settings: TrainSettings,
     dp: DPSettings | None,
     proximal_mu: float = 0.0,
+    units: Sequence[int] | None = None,
+    population: int | None = None,
 ) -> TrainResult:
     """Run ``settings.planned_steps`` optimizer steps on ``examples``; returns the mean loss.
 
-    With DP, batches are Poisson-sampled (rate q = batch_size / N) as the accounting assumes;
-    without DP, batches are shuffled mini-batches. Either way the number of steps is the planned
-    one, so the ledger records exactly what ran.
+    With DP, batches are Poisson-sampled (rate q = batch_size / population) as the accounting
+    assumes, over privacy units: ``units[i]`` is example i's unit (default: each example its
+    own), and ``population`` the public number of units the rate is computed from (default:
+    the number of units present). Without DP, batches are shuffled mini-batches of examples.
+    Either way the number of steps is the planned one, so the ledger records exactly what ran.
 
     ``proximal_mu`` = mu > 0 is FedProx: the local objective becomes
     loss(w) + (mu/2) ||w - w_global||^2 over the trainable (adapter) parameters, w_global being
@@ -74,9 +90,13 @@ def train(
     :func:`_add_proximal_gradient`).
     """
     n = len(examples)
-    if n == 0:
+    if n == 0 and dp is None:
         raise ValueError("no training examples at this site")
-    q, steps = settings.sample_rate(n), settings.planned_steps(n)
+    # With DP and no usable row, every step is a noise-only step: the site answers like any
+    # other, since whether it holds usable rows is itself private.
+    members = _members(units if units is not None else range(n))
+    population = population or len(members)
+    q, steps = settings.sample_rate(population), settings.planned_steps(population)
     device = settings.device
     generator = torch.Generator().manual_seed(settings.seed)
     model.to(device).train()
@@ -86,35 +106,47 @@ def train(
         _add_proximal_gradient(optimizer, params, proximal_mu)
     runner = model
     if dp is not None:
-        runner, optimizer = make_private(model, optimizer, dp.noise_multiplier, dp.max_grad_norm, settings.batch_size)
-        batches = poisson_batches(n, q, steps, generator)
+        runner, optimizer = make_private(
+            model, optimizer, dp.noise_multiplier, dp.max_grad_norm, settings.batch_size, dp.secure_noise
+        )
+        batches = (
+            [_rows_of(members[u], generator) for u in sampled]
+            for sampled in (poisson_batches(len(members), q, steps, generator) if members else ([] for _ in range(steps)))
+        )
     else:
-        batches = _shuffled_batches(n, settings.batch_size, steps, generator)
+        batches = ([[i] for i in batch] for batch in _shuffled_batches(n, settings.batch_size, steps, generator))
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
     chunk = settings.physical_batch_size or settings.batch_size
 
-    start, loss_sum, loss_count = time.perf_counter(), 0.0, 0
+    start, loss_sum, loss_count, zeroed = time.perf_counter(), 0.0, 0, 0
     try:
-        for indices in tqdm(batches, total=steps, desc="local training", leave=False, disable=None):
-            if not indices:  # only possible with Poisson sampling
+        for groups in tqdm(batches, total=steps, desc="local training", leave=False, disable=None):
+            if not groups:  # only possible with Poisson sampling
                 noise_only_step(optimizer)
                 continue
-            chunks = [indices[lo : lo + chunk] for lo in range(0, len(indices), chunk)]
-            for number, part_indices in enumerate(chunks, start=1):
-                part = [examples[i] for i in part_indices]
+            passes = _whole_units_per_pass(groups, chunk)
+            rows_in_batch = sum(len(g) for g in groups)
+            for number, pass_groups in enumerate(passes, start=1):
+                indices = [i for group in pass_groups for i in group]
+                part = [examples[i] for i in indices]
                 batch = {k: v.to(device) for k, v in collate(part, pad_token_id, task).items()}
                 with autocast:
                     losses = per_example_loss(forward_logits(runner, batch), batch["labels"], task)
-                loss_sum, loss_count = loss_sum + float(losses.detach().sum()), loss_count + len(part)
+                finite = torch.isfinite(losses.detach())
+                loss_sum += float(losses.detach()[finite].sum())
+                loss_count += int(finite.sum())
                 if dp is None:  # weight each pass so that the gradients add up to the batch mean
-                    (losses.mean() * len(part) / len(indices)).backward()
+                    (losses.mean() * len(part) / rows_in_batch).backward()
                     continue
                 losses.mean().backward()  # Opacus wants each pass's mean (it rescales per example)
-                if number < len(chunks):
+                if any(len(group) > 1 for group in pass_groups):
+                    group_by_unit(optimizer, [u for u, group in enumerate(pass_groups) for _ in group])
+                zeroed += zero_non_finite(optimizer)
+                if number < len(passes):
                     # Opacus' own gradient accumulation (as in its BatchMemoryManager): clip and
-                    # add this pass's examples, no noise and no update until the last pass.
+                    # add this pass's units, no noise and no update until the last pass.
                     optimizer.signal_skip_step(do_skip=True)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -129,7 +161,37 @@ def train(
         steps=steps,
         sample_rate=q,
         seconds=time.perf_counter() - start,
+        zeroed_gradients=zeroed,
     )
+
+
+def _members(units: Iterable[int]) -> list[list[int]]:
+    """Example indices of each unit, units numbered in first-seen order."""
+    members: dict[int, list[int]] = {}
+    for index, unit in enumerate(units):
+        members.setdefault(unit, []).append(index)
+    return list(members.values())
+
+
+def _rows_of(rows: list[int], generator: torch.Generator) -> list[int]:
+    if len(rows) <= MAX_ROWS_PER_UNIT:
+        return rows
+    chosen = torch.randperm(len(rows), generator=generator)[:MAX_ROWS_PER_UNIT].tolist()
+    return [rows[i] for i in sorted(chosen)]
+
+
+def _whole_units_per_pass(groups: list[list[int]], chunk: int) -> list[list[list[int]]]:
+    """Physical passes of at most ``chunk`` rows that never split a unit (a unit's gradient is
+    the mean over its rows, which must be in one pass)."""
+    passes: list[list[list[int]]] = [[]]
+    rows = 0
+    for group in groups:
+        if passes[-1] and rows + len(group) > chunk:
+            passes.append([])
+            rows = 0
+        passes[-1].append(group)
+        rows += len(group)
+    return passes
 
 
 def _add_proximal_gradient(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], mu: float) -> None:

@@ -108,14 +108,3 @@ def read_metadata(adapter_dir: str | Path) -> dict:
     if not path.is_file():
         raise ModelError(f"{adapter_dir} is not a fedlora adapter directory (no {METADATA_FILE})")
     return json.loads(path.read_text())
-
-
-_LORA_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
-# peft's modules_to_save for sequence classification: the task head (BERT "classifier", Llama "score").
-HEAD_MODULES = frozenset({"classifier", "score"})
-
-
-def is_adapter_key(key: str) -> bool:
-    """True for a LoRA matrix or task-head tensor; False for anything of the base model."""
-    parts = set(key.split("."))
-    return bool(parts & _LORA_PARTS) or bool(parts & HEAD_MODULES)

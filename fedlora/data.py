@@ -15,8 +15,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from logging import WARNING
+
 import datasets
 import pyarrow.parquet as pq
+from flwr.common.logger import log
 
 SUPPORTED_EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
 
@@ -26,7 +29,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 class DataError(ValueError):
-    """A site's data cannot be used; the message names the source and the problem."""
+    """A site's data cannot be used; the message names the source and the problem (for the
+    site's own log: it may quote a cell), ``setting`` the config key involved (public)."""
+
+    def __init__(self, message: str, setting: str = "data-path") -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 def load_table(source: str) -> datasets.Dataset:
@@ -55,6 +63,8 @@ def load_classification(
     text_column: str = "text",
     label_column: str = "label",
     label_names: Sequence[str] | None = None,
+    drop_bad_rows: bool = False,
+    extra_columns: Sequence[str] = (),
 ) -> tuple[datasets.Dataset, list[str]]:
     """Load a text-classification set as columns ``text`` (str) and ``label`` (int).
 
@@ -62,9 +72,21 @@ def load_classification(
     file match names ``"0"``, ``"1"``, ...); when ``label_names`` is None they are
     the sorted unique label strings. Returns the dataset and the label names,
     where each ``label`` is an index into those names.
+
+    A row with a missing or blank text or label, or a label not in ``label_names``, is an
+    error naming it; with ``drop_bad_rows`` it is dropped instead (a site's choice: whether
+    *some* row is bad must not decide if the site answers, see ``docs/privacy.md``).
+    ``extra_columns`` are carried along as strings (e.g. the privacy unit).
     """
-    table = load_table(source)
-    texts = _required_strings(table, source, text_column)
+    table = _with_columns(load_table(source), source, extra_columns)
+    if drop_bad_rows:
+        names = None if label_names is None else [str(n) for n in label_names]
+        table = _drop(table, source, [
+            not _is_blank(text) and not _is_blank(label) and (names is None or _label_text(table, label_column, label) in names)
+            for text, label in zip(_column(table, source, text_column, "text-column"),
+                                   _column(table, source, label_column, "label-column"))
+        ])
+    texts = _required_strings(table, source, text_column, "text-column")
     labels = _label_strings(table, source, label_column)
     names = sorted(set(labels)) if label_names is None else [str(n) for n in label_names]
     index = {name: i for i, name in enumerate(names)}
@@ -72,31 +94,75 @@ def load_classification(
         if label not in index:
             raise DataError(
                 f"{source}: row {row} has unknown label {label!r} in column "
-                f"{label_column!r}; allowed labels: {', '.join(names)}"
+                f"{label_column!r}; allowed labels: {', '.join(names)}",
+                setting="label-names",
             )
     features = datasets.Features(
-        {"text": datasets.Value("string"), "label": datasets.Value("int64")}
+        {"text": datasets.Value("string"), "label": datasets.Value("int64"),
+         **{column: datasets.Value("string") for column in extra_columns}}
     )
     dataset = datasets.Dataset.from_dict(
-        {"text": texts, "label": [index[label] for label in labels]}, features=features
+        {"text": texts, "label": [index[label] for label in labels],
+         **{column: [str(v) for v in table[column]] for column in extra_columns}},
+        features=features,
     )
     return dataset, names
 
 
 def load_causal_lm(
-    source: str, prompt_column: str = "prompt", response_column: str = "response"
+    source: str,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    drop_bad_rows: bool = False,
+    extra_columns: Sequence[str] = (),
 ) -> datasets.Dataset:
-    """Load a prompt/response set as string columns ``prompt`` and ``response``."""
-    table = load_table(source)
+    """Load a prompt/response set as string columns ``prompt`` and ``response`` (rows with a
+    missing or blank one dropped with ``drop_bad_rows``, else an error)."""
+    table = _with_columns(load_table(source), source, extra_columns)
+    if drop_bad_rows:
+        table = _drop(table, source, [
+            not _is_blank(p) and not _is_blank(r)
+            for p, r in zip(_column(table, source, prompt_column, "prompt-column"),
+                            _column(table, source, response_column, "response-column"))
+        ])
     return datasets.Dataset.from_dict(
         {
-            "prompt": _required_strings(table, source, prompt_column),
-            "response": _required_strings(table, source, response_column),
+            "prompt": _required_strings(table, source, prompt_column, "prompt-column"),
+            "response": _required_strings(table, source, response_column, "response-column"),
+            **{column: [str(v) for v in table[column]] for column in extra_columns},
         },
         features=datasets.Features(
-            {"prompt": datasets.Value("string"), "response": datasets.Value("string")}
+            {"prompt": datasets.Value("string"), "response": datasets.Value("string"),
+             **{column: datasets.Value("string") for column in extra_columns}}
         ),
     )
+
+
+def _with_columns(table: datasets.Dataset, source: str, columns: Sequence[str]) -> datasets.Dataset:
+    """``table``, checked to have ``columns`` (extra ones a caller carries along), each with a
+    value in every row."""
+    for column in columns:
+        values = _column(table, source, column, "privacy-unit-column")
+        if any(_is_blank(v) for v in values):
+            raise DataError(f"{source}: column {column!r} has empty values; every row needs one", setting="privacy-unit-column")
+    return table
+
+
+def _drop(table: datasets.Dataset, source: str, keep: list[bool]) -> datasets.Dataset:
+    dropped = keep.count(False)
+    if dropped:
+        log(WARNING, "%s: %s of %s rows dropped (missing text or label, or a label not in label-names)",
+            source, dropped, len(keep))
+    return table.select([i for i, k in enumerate(keep) if k], keep_in_memory=True)
+
+
+def _is_blank(value: object) -> bool:
+    return _is_missing(value) or not str(value).strip()
+
+
+def _label_text(table: datasets.Dataset, column: str, value: object) -> str:
+    feature = table.features[column]
+    return feature.int2str(int(value)) if isinstance(feature, datasets.ClassLabel) else str(value)
 
 
 def label_names_of(source: str, label_column: str = "label") -> list[str]:
@@ -243,12 +309,13 @@ def _load_hub(source: str) -> datasets.Dataset:
         ) from error
 
 
-def _column(table: datasets.Dataset, source: str, column: str) -> list:
+def _column(table: datasets.Dataset, source: str, column: str, setting: str) -> list:
     """Values of ``column``, or a DataError listing the columns that do exist."""
     if column not in table.column_names:
         raise DataError(
             f"{source}: missing column {column!r}; available columns: "
-            f"{', '.join(table.column_names)}"
+            f"{', '.join(table.column_names)}",
+            setting=setting,
         )
     return table[column]
 
@@ -257,22 +324,22 @@ def _is_missing(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _required_strings(table: datasets.Dataset, source: str, column: str) -> list[str]:
+def _required_strings(table: datasets.Dataset, source: str, column: str, setting: str) -> list[str]:
     """Column values as strings, rejecting null and blank values by row number."""
     values = []
-    for row, value in enumerate(_column(table, source, column), start=1):
+    for row, value in enumerate(_column(table, source, column, setting), start=1):
         if _is_missing(value):
-            raise DataError(f"{source}: row {row} has no value in column {column!r}")
+            raise DataError(f"{source}: row {row} has no value in column {column!r}", setting=setting)
         text = value if isinstance(value, str) else str(value)
         if not text.strip():
-            raise DataError(f"{source}: row {row} has an empty value in column {column!r}")
+            raise DataError(f"{source}: row {row} has an empty value in column {column!r}", setting=setting)
         values.append(text)
     return values
 
 
 def _label_strings(table: datasets.Dataset, source: str, column: str) -> list[str]:
     """Labels as strings; ClassLabel integers are mapped back to their names."""
-    labels = _required_strings(table, source, column)
+    labels = _required_strings(table, source, column, "label-column")
     feature = table.features[column]
     if isinstance(feature, datasets.ClassLabel):
         return [feature.int2str(int(label)) for label in labels]

@@ -87,11 +87,12 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> t
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
-def correct_and_count(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[int, int]:
-    """Classification: correct examples; causal-lm: correctly predicted response tokens."""
+def correct_and_count(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, shape ``[batch]``: correct predictions and predictions made (classification:
+    0/1 of 1; causal-lm: correctly predicted response tokens of all response tokens)."""
     if task == "classification":
-        return int((logits.argmax(-1) == labels).sum()), int(labels.numel())
+        return (logits.argmax(-1) == labels).long(), torch.ones_like(labels)
     predicted = logits[:, :-1].argmax(-1)
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX
-    return int(((predicted == target) & mask).sum()), int(mask.sum())
+    return ((predicted == target) & mask).sum(dim=1), mask.sum(dim=1)

@@ -5,9 +5,16 @@ three ways: Opacus with the row's own accountant (must equal the recorded value)
 dp-accounting RDP (independent implementation; compared for ``rdp`` rows, within
 :data:`privacy.accountant.DP_ACCOUNTING_RTOL`) and Opacus PRV (for information: a tighter
 numerical bound). It also verifies the hash chain and flags any row whose recomputed epsilon
-exceeds the budget recorded with it.
+exceeds the budget recorded with it. Each row shows its mechanism (``dp-sgd`` or a noised
+``release:...``) and its privacy unit (``row`` or ``user:<column>``).
 
-    fedlora privacy audit LEDGER [LEDGER ...] [--json]
+With ``--history OUT/history.json`` it also checks every ledger against the anchors (row count,
+head hash) its site reported to the server each round: a ledger whose tail was truncated or
+rewritten, which a hash chain alone cannot show, no longer extends them. A ledger belongs to the
+site whose ``site-name`` is its file name (``site-0.db``), or else to the site whose anchors it
+holds; a ledger that matches no site fails.
+
+    fedlora privacy audit LEDGER [LEDGER ...] [--history HISTORY] [--json]
 
 Exit code 0: every ledger is intact, consistent and within budget; 1: at least one is not;
 2: a file is missing or not a privacy ledger.
@@ -20,7 +27,7 @@ import json
 import math
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +37,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from privacy.accountant import DP_ACCOUNTING_RTOL, History, epsilon_dp_accounting, epsilon_for
-from privacy.ledger import LedgerError, PrivacyLedger
+from privacy.ledger import Anchor, LedgerError, PrivacyLedger
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class AuditRow:
     max_grad_norm: float
     delta: float
     accountant: str
+    mechanism: str
+    privacy_unit: str
     recorded_epsilon: float
     opacus_epsilon: float
     dp_accounting_epsilon: float
@@ -65,10 +74,11 @@ class LedgerAudit:
     chain_problems: list[str]
     epsilon_mismatches: list[str]
     budget_exceeded: list[str]
+    anchor_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.chain_problems or self.epsilon_mismatches or self.budget_exceeded)
+        return not (self.chain_problems or self.epsilon_mismatches or self.budget_exceeded or self.anchor_problems)
 
 
 _NUMERIC = {
@@ -132,7 +142,8 @@ def audit_ledger(path: str | Path, tolerance: float = 1e-6) -> LedgerAudit:
                 recorded_at=spend.recorded_at, noise_multiplier=spend.noise_multiplier,
                 sample_rate=spend.sample_rate, steps=spend.steps,
                 max_grad_norm=spend.max_grad_norm, delta=spend.delta,
-                accountant=spend.accountant, recorded_epsilon=recorded, opacus_epsilon=opacus,
+                accountant=spend.accountant, mechanism=spend.mechanism or "dp-sgd",
+                privacy_unit=spend.privacy_unit or "row", recorded_epsilon=recorded, opacus_epsilon=opacus,
                 dp_accounting_epsilon=independent, prv_epsilon=prv,
                 confirmed=spend.id in confirmed, max_epsilon=spend.max_epsilon,
                 budget_left=spend.max_epsilon - opacus,
@@ -144,6 +155,29 @@ def audit_ledger(path: str | Path, tolerance: float = 1e-6) -> LedgerAudit:
     )
 
 
+def check_anchors(path: str | Path, history: list[dict[str, Any]]) -> list[str]:
+    """Problems of the ledger at ``path`` against the anchors in a run's ``history.json``."""
+    reported: dict[str, list[tuple[int, Anchor]]] = {}
+    for record in history:
+        for entry in record.get("clients", []) + record.get("evaluations", []):
+            if entry.get("ledger"):
+                anchor = Anchor(int(entry["ledger"]["rows"]), str(entry["ledger"]["head"]))
+                reported.setdefault(entry["client"], []).append((record["round"], anchor))
+    with PrivacyLedger(path, read_only=True) as ledger:
+        site = Path(path).stem
+        if site not in reported:
+            held = [name for name, anchors in reported.items() if any(ledger.extends(a) for _, a in anchors)]
+            if len(held) != 1:
+                return [f"no site in the history matches this ledger (sites: {', '.join(sorted(reported)) or 'none'}); "
+                        "name the file after its site-name"]
+            site = held[0]
+        return [
+            f"round {round_}: site {site} reported {anchor.rows} ledger rows ending in hash "
+            f"{anchor.head[:12]}...; this ledger no longer holds that row (its tail was removed or rewritten)"
+            for round_, anchor in reported[site] if not ledger.extends(anchor)
+        ]
+
+
 def audit_main(argv: list[str] | None = None) -> int:
     """``fedlora privacy audit``: print one table (or a JSON document) for all ledgers."""
     parser = argparse.ArgumentParser(
@@ -153,7 +187,15 @@ def audit_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("ledgers", nargs="+", metavar="LEDGER", help="a site's ledger file (.db)")
     parser.add_argument("--json", action="store_true", help="print a JSON document instead of tables")
+    parser.add_argument("--history", metavar="HISTORY", help="a run's history.json: check each ledger still extends what its site reported")
     args = parser.parse_args(argv)
+    history = None
+    if args.history:
+        try:
+            history = json.loads(Path(args.history).read_text())
+        except (OSError, ValueError) as err:
+            print(f"fedlora privacy audit: error: cannot read --history {args.history}: {err}", file=sys.stderr)
+            return 2
 
     audits: list[LedgerAudit] = []
     unreadable = False
@@ -163,7 +205,10 @@ def audit_main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message="Optimal order is the")
         for path in args.ledgers:
             try:
-                audits.append(audit_ledger(path))
+                audit = audit_ledger(path)
+                if history is not None:
+                    audit = replace(audit, anchor_problems=check_anchors(path, history))
+                audits.append(audit)
             except (FileNotFoundError, LedgerError) as err:
                 print(f"fedlora privacy audit: error: {err}", file=sys.stderr)
                 unreadable = True
@@ -202,6 +247,7 @@ def _ledger_json(audit: LedgerAudit) -> dict[str, Any]:
             "chain": audit.chain_problems,
             "epsilon_mismatch": audit.epsilon_mismatches,
             "budget_exceeded": audit.budget_exceeded,
+            "history_anchor": audit.anchor_problems,
         },
     }
 
@@ -210,14 +256,15 @@ def _print_audit(console: Console, audit: LedgerAudit) -> None:
     table = Table(
         title=escape(f"site {audit.site}  ({audit.path})"), title_justify="left", box=box.SIMPLE_HEAD
     )
-    left_aligned = ("run", "recorded at (UTC)", "acct", "status")
-    for header in ("id", "run", "round", "recorded at (UTC)", "sigma", "q", "steps", "C",
+    left_aligned = ("run", "recorded at (UTC)", "mechanism", "unit", "acct", "status")
+    for header in ("id", "run", "round", "recorded at (UTC)", "mechanism", "unit", "sigma", "q", "steps", "C (sens.)",
                    "delta", "acct", "eps recorded", "eps opacus", "eps dp-acc", "eps prv",
                    "status", "budget left"):
         table.add_column(header, justify="left" if header in left_aligned else "right")
     for row in audit.rows:
         table.add_row(
             str(row.id), escape(row.run_id), str(row.round), row.recorded_at[:19],
+            escape(row.mechanism), escape(row.privacy_unit),
             f"{row.noise_multiplier:.4g}", f"{row.sample_rate:.4g}", str(row.steps),
             f"{row.max_grad_norm:.3g}", f"{row.delta:.1e}", row.accountant,
             f"{row.recorded_epsilon:.4f}", f"{row.opacus_epsilon:.4f}",
@@ -231,6 +278,7 @@ def _print_audit(console: Console, audit: LedgerAudit) -> None:
         ("hash chain", audit.chain_problems),
         ("epsilon mismatch", audit.epsilon_mismatches),
         ("budget exceeded", audit.budget_exceeded),
+        ("history anchor", audit.anchor_problems),
     ):
         for problem in problems:
             console.print(f"[red]{heading}:[/] {escape(problem)}", highlight=False)

@@ -2,14 +2,23 @@
 
 A site states its policy in its Flower **node config**, which only the site controls:
 
-    max-epsilon           lifetime budget of the site's ledger              (default 10.0)
-    delta                 the delta every epsilon is stated at              (default 1e-5)
-    min-noise-multiplier  smallest sigma the site accepts                   (default 0.3)
-    dp                    false only to *allow* non-private training        (default true)
+    max-epsilon              lifetime budget of the site's ledger           (default 10.0)
+    delta                    the delta every epsilon is stated at           (default 1e-5)
+    min-noise-multiplier     smallest sigma the site accepts, on every path (default 0.3)
+    dp                       false only to *allow* non-private training     (default true)
+    ledger-path              the site's ledger; required to train with DP   (no default)
+    num-examples             the site's public size (rows, or users under user-level DP, in
+                             its data): sampling rate, steps, release denominators and the
+                             FedAvg weight come from it, never from the private count
+    report-metrics           ``noised`` (DP releases, charged) or ``none``  (default noised)
+    metric-noise-multiplier  sigma of those releases, >= min-noise-multiplier (default 10.0)
+    privacy-unit-column      user-level DP: one unit = all rows sharing this column's value
+    secure-noise             true: DP noise from the OS CSPRNG              (default false)
 
 The server's **run config** (``dp``, ``noise-multiplier``, ``target-epsilon``, ``delta``,
-``max-grad-norm``, ``max-epsilon``) is a request. :func:`resolve` applies it when it is at
-least as strict as the policy and refuses it otherwise; it never silently loosens anything.
+``max-grad-norm``, ``max-epsilon``, ``secure-noise``) is a request. :func:`resolve` applies it
+when it is at least as strict as the policy and refuses it otherwise; it never silently loosens
+anything.
 """
 
 from __future__ import annotations
@@ -17,7 +26,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+REPORT_METRICS = ("noised", "none")
+SITE_POLICY_KEYS = (
+    "max-epsilon", "delta", "min-noise-multiplier", "dp", "ledger-path", "num-examples",
+    "report-metrics", "metric-noise-multiplier", "privacy-unit-column", "secure-noise",
+)
 
 
 class BudgetExhausted(Exception):
@@ -25,7 +41,12 @@ class BudgetExhausted(Exception):
 
 
 class PolicyViolation(Exception):
-    """A setting breaks the site's privacy policy, or cannot be read as one."""
+    """A setting breaks the site's privacy policy, or cannot be read as one. ``setting`` is the
+    config key at fault: the only part of the refusal that leaves the site."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -34,6 +55,12 @@ class SitePolicy:
     delta: float
     min_noise_multiplier: float
     require_dp: bool
+    ledger_path: Path | None = None
+    declared_examples: int | None = None
+    report_metrics: str = "noised"
+    metric_noise_multiplier: float = 10.0
+    privacy_unit_column: str | None = None
+    secure_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +73,7 @@ class DPRequest:
     delta: float
     max_grad_norm: float
     max_epsilon: float
+    secure_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +87,12 @@ class EffectiveDP:
     max_grad_norm: float
     noise_multiplier: float | None
     target_epsilon: float | None
+    min_noise_multiplier: float = 0.0
+    secure_noise: bool = False
+
+    def at_least_the_floor(self, sigma: float) -> float:
+        """The site's noise floor applies to every sigma, calibrated ones included."""
+        return max(sigma, self.min_noise_multiplier)
 
 
 def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
@@ -68,13 +102,33 @@ def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
     delta = _number(node_config, "delta", 1e-5, "node config")
     min_noise = _number(node_config, "min-noise-multiplier", 0.3, "node config")
     require_dp = _flag(node_config, "dp", True, "node config")
+    metric_noise = _number(node_config, "metric-noise-multiplier", 10.0, "node config")
+    report_metrics = str(node_config.get("report-metrics", "noised"))
+    declared = node_config.get("num-examples")
     if not max_epsilon > 0:
-        raise PolicyViolation(f"node config max-epsilon must be > 0, got {max_epsilon!r}")
+        raise PolicyViolation("max-epsilon", f"node config max-epsilon must be > 0, got {max_epsilon!r}")
     if not 0 < delta < 1:
-        raise PolicyViolation(f"node config delta must be in (0, 1), got {delta!r}")
+        raise PolicyViolation("delta", f"node config delta must be in (0, 1), got {delta!r}")
     if not min_noise >= 0:
-        raise PolicyViolation(f"node config min-noise-multiplier must be >= 0, got {min_noise!r}")
-    return SitePolicy(max_epsilon, delta, min_noise, require_dp)
+        raise PolicyViolation("min-noise-multiplier", f"node config min-noise-multiplier must be >= 0, got {min_noise!r}")
+    if report_metrics not in REPORT_METRICS:
+        raise PolicyViolation("report-metrics", f"node config report-metrics must be one of {', '.join(REPORT_METRICS)}, got {report_metrics!r}")
+    if not metric_noise >= min_noise or metric_noise <= 0:
+        raise PolicyViolation(
+            "metric-noise-multiplier",
+            f"node config metric-noise-multiplier must be > 0 and >= min-noise-multiplier {min_noise:g}, got {metric_noise!r}",
+        )
+    if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
+        raise PolicyViolation("num-examples", f"node config num-examples must be a positive integer, got {declared!r}")
+    return SitePolicy(
+        max_epsilon, delta, min_noise, require_dp,
+        ledger_path=Path(str(node_config["ledger-path"])).expanduser() if "ledger-path" in node_config else None,
+        declared_examples=declared,
+        report_metrics=report_metrics,
+        metric_noise_multiplier=metric_noise,
+        privacy_unit_column=str(node_config["privacy-unit-column"]) if node_config.get("privacy-unit-column") else None,
+        secure_noise=_flag(node_config, "secure-noise", False, "node config"),
+    )
 
 
 def dp_request(run_config: Mapping[str, Any]) -> DPRequest:
@@ -86,6 +140,7 @@ def dp_request(run_config: Mapping[str, Any]) -> DPRequest:
         delta=_number(run_config, "delta", 0.0, "run config"),
         max_grad_norm=_number(run_config, "max-grad-norm", 1.0, "run config"),
         max_epsilon=_number(run_config, "max-epsilon", 0.0, "run config"),
+        secure_noise=_flag(run_config, "secure-noise", False, "run config"),
     )
     for key, value in (
         ("noise-multiplier", request.noise_multiplier),
@@ -93,13 +148,11 @@ def dp_request(run_config: Mapping[str, Any]) -> DPRequest:
         ("max-epsilon", request.max_epsilon),
     ):
         if value < 0:
-            raise PolicyViolation(f"run config {key} must be >= 0 (0 = not given), got {value!r}")
+            raise PolicyViolation(key, f"run config {key} must be >= 0 (0 = not given), got {value!r}")
     if not 0 <= request.delta < 1:
-        raise PolicyViolation(
-            f"run config delta must be in [0, 1) (0 = not given), got {request.delta!r}"
-        )
+        raise PolicyViolation("delta", f"run config delta must be in [0, 1) (0 = not given), got {request.delta!r}")
     if not request.max_grad_norm > 0:
-        raise PolicyViolation(f"run config max-grad-norm must be > 0, got {request.max_grad_norm!r}")
+        raise PolicyViolation("max-grad-norm", f"run config max-grad-norm must be > 0, got {request.max_grad_norm!r}")
     return request
 
 
@@ -108,15 +161,17 @@ def resolve(policy: SitePolicy, request: DPRequest) -> EffectiveDP:
 
     Refused (PolicyViolation naming the setting, the server's value and the site's limit):
     ``dp=false`` at a site that requires DP; ``delta`` above the site's; ``max-epsilon``
-    above the site's; an explicit ``noise-multiplier`` below the site's minimum. A smaller
-    delta or max-epsilon is applied. An explicit noise multiplier wins over ``target-epsilon``;
-    with neither, the target is the site's max-epsilon, and a target above the effective
-    max-epsilon is capped to it (the site never plans past its own budget).
+    above the site's; an explicit ``noise-multiplier`` below the site's minimum; DP without a
+    ``ledger-path`` in the node config (a default path keyed by a node id the server sees
+    would let a new node id start a fresh budget). A smaller delta or max-epsilon is applied.
+    An explicit noise multiplier wins over ``target-epsilon``; with neither, the target is the
+    site's max-epsilon, and a target above the effective max-epsilon is capped to it (the site
+    never plans past its own budget). Secure noise is on when either side asks for it.
     """
     if not request.dp:
         if policy.require_dp:
             raise PolicyViolation(
-                "dp: the server requests dp=false (non-private training), but this site "
+                "dp", "the server requests dp=false (non-private training), but this site "
                 "requires differential privacy (node config dp=true)"
             )
         return EffectiveDP(
@@ -127,20 +182,24 @@ def resolve(policy: SitePolicy, request: DPRequest) -> EffectiveDP:
             noise_multiplier=None,
             target_epsilon=None,
         )
+    if policy.ledger_path is None:
+        raise PolicyViolation(
+            "ledger-path", "this site trains with DP but its node config names no ledger-path: "
+            "set ledger-path to a file the site keeps for good (its lifetime privacy record)"
+        )
     if request.delta > policy.delta:
         raise PolicyViolation(
-            f"delta: the server requests {request.delta:g}, above this site's delta "
-            f"{policy.delta:g}"
+            "delta", f"the server requests delta {request.delta:g}, above this site's delta {policy.delta:g}"
         )
     if request.max_epsilon > policy.max_epsilon:
         raise PolicyViolation(
-            f"max-epsilon: the server requests {request.max_epsilon:g}, above this site's "
-            f"max-epsilon {policy.max_epsilon:g}"
+            "max-epsilon", f"the server requests max-epsilon {request.max_epsilon:g}, above this "
+            f"site's max-epsilon {policy.max_epsilon:g}"
         )
     if 0 < request.noise_multiplier < policy.min_noise_multiplier:
         raise PolicyViolation(
-            f"noise-multiplier: the server requests {request.noise_multiplier:g}, below this "
-            f"site's min-noise-multiplier {policy.min_noise_multiplier:g}"
+            "noise-multiplier", f"the server requests noise-multiplier {request.noise_multiplier:g}, "
+            f"below this site's min-noise-multiplier {policy.min_noise_multiplier:g}"
         )
     max_epsilon = request.max_epsilon or policy.max_epsilon
     if request.noise_multiplier:
@@ -155,7 +214,19 @@ def resolve(policy: SitePolicy, request: DPRequest) -> EffectiveDP:
         max_grad_norm=request.max_grad_norm,
         noise_multiplier=noise_multiplier,
         target_epsilon=target_epsilon,
+        min_noise_multiplier=policy.min_noise_multiplier,
+        secure_noise=policy.secure_noise or request.secure_noise,
     )
+
+
+def check_delta(delta: float, num_units: int) -> None:
+    """Refuse delta >= 1/n: at that delta a mechanism that publishes one random record
+    outright is (0, delta)-DP, so the guarantee would mean nothing."""
+    if delta * num_units >= 1:
+        raise PolicyViolation(
+            "delta", f"delta {delta:g} is not below 1/n = 1/{num_units} for this site's "
+            f"{num_units} privacy units; use a smaller delta"
+        )
 
 
 def check_budget(projected_epsilon: float, max_epsilon: float) -> None:
@@ -172,14 +243,14 @@ def _number(config: Mapping[str, Any], key: str, default: float, source: str) ->
     value = config.get(key, default)
     # bool is an int subclass, but dp=true where a number belongs is a mistake.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PolicyViolation(f"{source} {key} must be a number, got {value!r}")
+        raise PolicyViolation(key, f"{source} {key} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise PolicyViolation(f"{source} {key} must be finite, got {value!r}")
+        raise PolicyViolation(key, f"{source} {key} must be finite, got {value!r}")
     return float(value)
 
 
 def _flag(config: Mapping[str, Any], key: str, default: bool, source: str) -> bool:
     value = config.get(key, default)
     if not isinstance(value, bool):
-        raise PolicyViolation(f"{source} {key} must be true or false, got {value!r}")
+        raise PolicyViolation(key, f"{source} {key} must be true or false, got {value!r}")
     return value

@@ -13,17 +13,31 @@ steps, and noise added on *every* step, including steps whose batch happens to b
 
 Only parameters with ``requires_grad`` (the LoRA matrices and the task head) get per-example
 gradients; the frozen base model is never touched.
+
+**User-level DP** (a privacy unit = all rows of one user): Poisson sampling picks *units* at
+rate q, and each sampled unit u contributes one gradient, the mean of its rows' gradients
+``g_u = mean_{i in u} grad_i`` (:func:`group_by_unit`), which is clipped to C like an example's.
+Adding or removing a user then moves the noised sum by at most C, exactly the row-level
+argument with "row" read as "user", so the same accountant applies with q = b / (number of
+users).
+
+**Non-finite gradients** (an fp16 overflow, a pathological row): one NaN per-example gradient
+makes the clipped sum, and so the whole noised update, NaN, an output that depends on a single
+record. :func:`zero_non_finite` replaces such a unit's gradient by 0 before clipping; 0 has norm
+0 <= C, so the sensitivity argument is unchanged (the unit just contributes nothing).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+from privacy.secure_noise import attach_secure_noise
 
 # Opacus' hooks fire on every frozen block whose inputs need no gradient; harmless, but torch
 # warns on each backward pass.
@@ -36,13 +50,15 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     expected_batch_size: int,
+    secure_noise: bool = False,
 ) -> tuple[GradSampleModule, DPOptimizer]:
     """Wrap ``model`` for per-example gradients and ``optimizer`` for clipping + noise.
 
     The loss given to ``backward`` must be the *mean* over the examples of that forward pass
     (Opacus rescales per-example gradients by the pass's size); the optimizer divides the
     noisy sum by ``expected_batch_size`` = q * N, which keeps the update unbiased under
-    Poisson sampling.
+    Poisson sampling. ``secure_noise`` draws the same noise from the OS CSPRNG instead of
+    torch's generator (:mod:`privacy.secure_noise`).
     """
     if noise_multiplier <= 0:
         raise ValueError(f"DP-SGD needs a positive noise multiplier, got {noise_multiplier}")
@@ -51,12 +67,50 @@ def make_private(
     private_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     private_optimizer = DPOptimizer(
         optimizer,
-        noise_multiplier=noise_multiplier,
+        noise_multiplier=0.0 if secure_noise else noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
     )
+    if secure_noise:
+        attach_secure_noise(private_optimizer, noise_multiplier, max_grad_norm, expected_batch_size)
     return private_model, private_optimizer
+
+
+def group_by_unit(optimizer: DPOptimizer, units: Sequence[int]) -> None:
+    """Replace every parameter's per-example gradients (one per row of the pass) by per-unit
+    means, one per distinct id in ``units`` (``units[i]`` is row i's unit), in first-seen order.
+    Opacus then clips and sums per unit."""
+    ids = torch.as_tensor(list(units), dtype=torch.long)
+    _, inverse = torch.unique(ids, sorted=False, return_inverse=True)
+    count = int(inverse.max()) + 1
+    for param in optimizer.params:
+        grad_sample = param.grad_sample
+        index = inverse.to(grad_sample.device)
+        sums = torch.zeros((count, *grad_sample.shape[1:]), dtype=grad_sample.dtype, device=grad_sample.device)
+        sums.index_add_(0, index, grad_sample)
+        sizes = torch.zeros(count, dtype=grad_sample.dtype, device=grad_sample.device).index_add_(
+            0, index, torch.ones_like(index, dtype=grad_sample.dtype)
+        )
+        param.grad_sample = sums / sizes.view(-1, *([1] * (grad_sample.dim() - 1)))
+
+
+def zero_non_finite(optimizer: DPOptimizer) -> int:
+    """Set to 0 every per-example (per-unit) gradient with a NaN or infinite entry in any
+    parameter, before Opacus clips them; returns how many (for the site's own log only)."""
+    params = [p for p in optimizer.params if getattr(p, "grad_sample", None) is not None]
+    if not params:
+        return 0
+    finite = torch.ones(params[0].grad_sample.shape[0], dtype=torch.bool, device=params[0].grad_sample.device)
+    for param in params:
+        finite &= torch.isfinite(param.grad_sample).flatten(1).all(dim=1)
+    bad = int((~finite).sum())
+    if bad:
+        for param in params:
+            param.grad_sample = torch.where(
+                finite.view(-1, *([1] * (param.grad_sample.dim() - 1))), param.grad_sample, torch.zeros_like(param.grad_sample)
+            )
+    return bad
 
 
 def noise_only_step(optimizer: DPOptimizer) -> None:
@@ -83,7 +137,10 @@ def poisson_batches(
         yield [int(i) for i in indices]
 
 
-def rng_mode(device: torch.device) -> str:
-    """The noise source, recorded in the ledger: Opacus draws from torch's default generator
-    (Mersenne Twister on CPU, Philox on CUDA), not a cryptographically secure one."""
+def rng_mode(device: torch.device, secure_noise: bool = False) -> str:
+    """The noise source, recorded in the ledger: the OS CSPRNG with ``secure_noise``, else
+    Opacus' draw from torch's default generator (Mersenne Twister on CPU, Philox on CUDA),
+    which is not cryptographically secure."""
+    if secure_noise:
+        return "os-urandom"
     return "torch-philox" if device.type == "cuda" else "torch-mt19937"

@@ -6,13 +6,25 @@ over-count a site's spend, never under-count it. A spend row records the cumulat
 the site after that round, over all spend rows so far, so epsilon continues across runs and
 restarts instead of starting from zero with each fresh Opacus PrivacyEngine.
 
+Each row names its **mechanism**: ``dp-sgd`` (a round's noisy steps) or ``release:<what>`` (a
+noised metric, :mod:`privacy.release`), and its **privacy unit**: ``row`` or
+``user:<column>`` (user-level DP, one user = all rows sharing that column's value). Every
+mechanism is a (subsampled) Gaussian, so all rows compose in one accountant.
+
 Tamper evidence: row n stores ``hash_n = sha256(hash_{n-1} + canonical_json(row_n))`` with
 ``hash_0 = "0" * 64``, where the canonical JSON covers every other column (``id`` included, so
 rows cannot be reordered) with sorted keys. Editing, deleting or inserting a row breaks the
 chain from there on. Triggers also abort UPDATE and DELETE, against accidents; a determined
-editor can drop them, which is what the chain is for. The hash has no key, so a forger who
-rewrites every later row's hash, or truncates the tail, leaves a consistent chain: compare
-:meth:`PrivacyLedger.head_hash` with a copy kept elsewhere to catch that too.
+editor can drop them, which is what the chain is for. The chain is verified whenever a ledger
+is opened for writing: a site never trains on top of a broken record. The hash has no key, so
+a forger who rewrites every later row's hash, or truncates the tail, leaves a consistent chain:
+that is why each site reports its ledger's :meth:`PrivacyLedger.anchor` (row count and head
+hash) to the server every round, and ``fedlora privacy audit --history`` checks the ledger
+still extends every anchor the server recorded.
+
+Ledgers written before the mechanism and unit columns existed are upgraded in place (two
+``ALTER TABLE ... ADD COLUMN``); their old rows keep NULL there, and a NULL extension column
+is left out of the hash, so their chain still verifies.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from types import TracebackType
 from typing import Any
 
 from privacy.accountant import History, epsilon_for
+from privacy.budget import check_budget
 
 GENESIS_HASH = "0" * 64
 VERSIONED_PACKAGES = ("torch", "opacus", "peft", "transformers", "flwr")
@@ -38,8 +51,11 @@ VERSIONED_PACKAGES = ("torch", "opacus", "peft", "transformers", "flwr")
 COLUMNS = (
     "id", "kind", "run_id", "round", "recorded_at", "noise_multiplier", "sample_rate", "steps",
     "max_grad_norm", "delta", "accountant", "epsilon", "max_epsilon", "versions", "rng_mode",
-    "refers_to", "prev_hash", "hash",
+    "refers_to", "prev_hash", "hash", "mechanism", "privacy_unit",
 )
+# Added after the first release; NULL in older rows, and then not hashed (see the module doc).
+EXTENSION_COLUMNS = ("mechanism", "privacy_unit")
+LEGACY_COLUMNS = COLUMNS[: -len(EXTENSION_COLUMNS)]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -60,7 +76,9 @@ CREATE TABLE IF NOT EXISTS ledger (
     rng_mode         TEXT    NOT NULL,
     refers_to        INTEGER,
     prev_hash        TEXT    NOT NULL,
-    hash             TEXT    NOT NULL
+    hash             TEXT    NOT NULL,
+    mechanism        TEXT,
+    privacy_unit     TEXT
 );
 CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
 BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: UPDATE refused'); END;
@@ -96,12 +114,48 @@ class LedgerEntry:
     refers_to: int | None
     prev_hash: str
     hash: str
+    mechanism: str | None = None
+    privacy_unit: str | None = None
+
+    @property
+    def charge(self) -> Charge:
+        """What this row paid for (a release is computed from exactly that)."""
+        return Charge(
+            self.mechanism or "dp-sgd", self.noise_multiplier, self.sample_rate, self.steps,
+            self.max_grad_norm, self.privacy_unit or "row",
+        )
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One mechanism of a round, as the accountant sees it: ``steps`` applications of the
+    Gaussian mechanism with ``noise_multiplier`` on a Poisson sample at ``sample_rate``,
+    whose L2 sensitivity (stored in the ``max_grad_norm`` column) is ``sensitivity``."""
+
+    mechanism: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    sensitivity: float
+    privacy_unit: str = "row"
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """What a site tells the server about its ledger each round: the number of rows and the
+    hash of the last one. A later ledger must still have that row with that hash."""
+
+    rows: int
+    head: str
 
 
 def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
     """sha256 hex of ``prev_hash`` + the canonical JSON of ``row``'s columns other than
     ``hash`` and ``prev_hash``; ``versions`` enters as its stored JSON text."""
-    body = {k: v for k, v in row.items() if k not in ("hash", "prev_hash")}
+    body = {
+        k: v for k, v in row.items()
+        if k not in ("hash", "prev_hash") and not (k in EXTENSION_COLUMNS and v is None)
+    }
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
 
@@ -126,13 +180,24 @@ class PrivacyLedger:
             if not read_only:
                 self._db.executescript(_SCHEMA)
             columns = tuple(r[1] for r in self._db.execute("PRAGMA table_info(ledger)"))
+            if columns == LEGACY_COLUMNS and not read_only:
+                for column in EXTENSION_COLUMNS:
+                    self._db.execute(f"ALTER TABLE ledger ADD COLUMN {column} TEXT")
+                columns = COLUMNS
         except sqlite3.DatabaseError as err:
             self._db.close()
             raise LedgerError(f"{self.path} is not a privacy ledger: {err}") from err
-        if columns != COLUMNS:
+        if columns not in (COLUMNS, LEGACY_COLUMNS):
             self._db.close()
             raise LedgerError(
                 f"{self.path} is not a privacy ledger (no table 'ledger' with the expected columns)"
+            )
+        self._columns = columns
+        if not read_only and (problems := self.verify_chain()):
+            self._db.close()
+            raise LedgerError(
+                f"{self.path}: the hash chain is broken ({problems[0]}); this site will not "
+                "train on top of a tampered record. Run 'fedlora privacy audit' on it."
             )
 
     def close(self) -> None:
@@ -164,25 +229,60 @@ class PrivacyLedger:
         accountant: str,
         max_epsilon: float,
         rng_mode: str,
+        mechanism: str = "dp-sgd",
+        privacy_unit: str = "row",
     ) -> LedgerEntry:
-        """Append the spend row of a round about to train, with the site's cumulative epsilon
-        after it (all earlier spend rows, pending ones included, plus this one, at this row's
-        delta and accountant). Call before training; checking the budget is the caller's job
-        (:func:`privacy.budget.check_budget`): the ledger records what happened."""
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
+        """Record one spend row without a budget check (what happened, e.g. a non-private
+        round, whose epsilon is infinite); a site charges with :meth:`charge` instead."""
+        charge = Charge(mechanism, noise_multiplier, sample_rate, steps, max_grad_norm, privacy_unit)
+        return self.charge(
+            [charge], run_id=run_id, round=round, delta=delta, accountant=accountant,
+            max_epsilon=max_epsilon, rng_mode=rng_mode, enforce_budget=False,
+        )[0]
+
+    def charge(
+        self,
+        charges: list[Charge],
+        *,
+        run_id: str,
+        round: int,
+        delta: float,
+        accountant: str,
+        max_epsilon: float,
+        rng_mode: str,
+        enforce_budget: bool = True,
+    ) -> list[LedgerEntry]:
+        """Append one spend row per charge, each with the site's cumulative epsilon after it
+        (all earlier spend rows, pending ones included, at this delta and accountant).
+
+        With ``enforce_budget`` the budget check and the append are one ``BEGIN IMMEDIATE``
+        transaction: two processes charging one ledger at once serialise, and the second sees
+        the first's rows, so together they can never pass ``max_epsilon``. Raises
+        :class:`~privacy.budget.BudgetExhausted` having written nothing.
+        """
+        for charge in charges:
+            if not charge.sensitivity > 0:
+                raise ValueError(f"{charge.mechanism}: max_grad_norm must be > 0 (the sensitivity), got {charge.sensitivity!r}")
         if not max_epsilon > 0:
             raise ValueError(f"max_epsilon must be > 0, got {max_epsilon!r}")
         with self._transaction():
-            history = self.history() + [(noise_multiplier, sample_rate, steps)]
-            epsilon = epsilon_for(history, delta, accountant)
-            return self._append(
-                kind="spend", run_id=str(run_id), round=int(round),
-                noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate),
-                steps=int(steps), max_grad_norm=float(max_grad_norm), delta=float(delta),
-                accountant=accountant, epsilon=epsilon, max_epsilon=float(max_epsilon),
-                rng_mode=str(rng_mode), refers_to=None,
-            )
+            history = self.history()
+            if enforce_budget:
+                planned = history + [(c.noise_multiplier, c.sample_rate, c.steps) for c in charges]
+                check_budget(epsilon_for(planned, delta, accountant), max_epsilon)
+            entries = []
+            for charge in charges:
+                history.append((charge.noise_multiplier, charge.sample_rate, charge.steps))
+                entries.append(self._append(
+                    kind="spend", run_id=str(run_id), round=int(round),
+                    noise_multiplier=float(charge.noise_multiplier),
+                    sample_rate=float(charge.sample_rate), steps=int(charge.steps),
+                    max_grad_norm=float(charge.sensitivity), delta=float(delta),
+                    accountant=accountant, epsilon=epsilon_for(history, delta, accountant),
+                    max_epsilon=float(max_epsilon), rng_mode=str(rng_mode), refers_to=None,
+                    mechanism=charge.mechanism, privacy_unit=charge.privacy_unit,
+                ))
+            return entries
 
     def confirm(self, spend_id: int) -> LedgerEntry:
         """Append the confirm row of spend row ``spend_id``: its training finished."""
@@ -199,7 +299,8 @@ class PrivacyLedger:
                 noise_multiplier=spend.noise_multiplier, sample_rate=spend.sample_rate,
                 steps=spend.steps, max_grad_norm=spend.max_grad_norm, delta=spend.delta,
                 accountant=spend.accountant, epsilon=spend.epsilon, max_epsilon=spend.max_epsilon,
-                rng_mode=spend.rng_mode, refers_to=spend.id,
+                rng_mode=spend.rng_mode, refers_to=spend.id, mechanism=spend.mechanism,
+                privacy_unit=spend.privacy_unit,
             )
 
     # -- reading ------------------------------------------------------------------------------
@@ -229,10 +330,21 @@ class PrivacyLedger:
         )
 
     def head_hash(self) -> str:
-        """Hash of the last row (the genesis hash when empty): anchor it elsewhere to detect a
-        truncated tail."""
-        row = self._db.execute("SELECT hash FROM ledger ORDER BY id DESC LIMIT 1").fetchone()
-        return GENESIS_HASH if row is None else row[0]
+        """Hash of the last row (the genesis hash when empty)."""
+        return self.anchor().head
+
+    def anchor(self) -> Anchor:
+        """Row count and head hash: sent to the server, which keeps it in ``history.json``."""
+        row = self._db.execute("SELECT id, hash FROM ledger ORDER BY id DESC LIMIT 1").fetchone()
+        return Anchor(0, GENESIS_HASH) if row is None else Anchor(int(row[0]), str(row[1]))
+
+    def extends(self, anchor: Anchor) -> bool:
+        """Whether this ledger still holds ``anchor``'s row with ``anchor``'s hash (it may have
+        grown since); False once that row was removed or rewritten."""
+        if anchor.rows == 0:
+            return anchor.head == GENESIS_HASH
+        row = self._db.execute("SELECT hash FROM ledger WHERE id = ?", (anchor.rows,)).fetchone()
+        return row is not None and row[0] == anchor.head
 
     def verify_chain(self) -> list[str]:
         """Problems with the chain, each naming the row id; empty when intact."""
@@ -263,7 +375,10 @@ class PrivacyLedger:
     # -- internals ----------------------------------------------------------------------------
 
     def _raw_rows(self) -> list[dict[str, Any]]:
-        cursor = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM ledger ORDER BY id")
+        """Every row with every column of :data:`COLUMNS`; a legacy ledger opened read-only
+        (not upgraded) reads NULL for the extension columns."""
+        selected = [c if c in self._columns else f"NULL AS {c}" for c in COLUMNS]
+        cursor = self._db.execute(f"SELECT {', '.join(selected)} FROM ledger ORDER BY id")
         return [dict(zip(COLUMNS, values)) for values in cursor]
 
     @contextmanager

@@ -82,10 +82,12 @@ class Federation:
             "seconds": time.perf_counter() - start,
             "failure": failure,
             "central_epsilon": self.strategy.central_epsilon,
+            "central_dp": self.strategy.central_release(),
             "clients": clients,
             "evaluations": [
                 {"client": o.site, "node_id": o.node_id, "outcome": o.outcome, "reason": o.reason,
-                 "num_examples": o.metrics.get("num-examples"), "eval_accuracy": o.metrics.get("eval-accuracy")}
+                 "num_examples": o.metrics.get("num-examples"), "eval_accuracy": o.metrics.get("eval-accuracy"),
+                 "epsilon": o.metrics.get("epsilon"), "ledger": o.ledger}
                 for o in self.strategy.evaluate_outcomes
             ],
         }
@@ -126,15 +128,17 @@ def _client_entries(outcomes: list[ReplyOutcome], bytes_down: dict[int, int]) ->
             "num_examples": o.metrics.get("num-examples"),
             "train_loss": o.metrics.get("train-loss"),
             "epsilon": o.metrics.get("epsilon") if o.metrics.get("dp") else None,
-            "privacy": {k: o.metrics[k] for k in ("noise-multiplier", "sample-rate", "steps", "delta", "max-epsilon", "dp") if k in o.metrics},
+            "privacy": {k: o.metrics[k] for k in ("noise-multiplier", "sample-rate", "steps", "delta", "max-epsilon", "dp", "user-level") if k in o.metrics},
             "bytes_up": o.bytes_up,
             "bytes_down": bytes_down.get(o.node_id, 0),
+            "ledger": o.ledger,
         }
         for o in outcomes
     ]
     entries += [
         {"client": f"node-{node}", "node_id": node, "outcome": "no-reply", "reason": "no reply before the round timeout",
-         "num_examples": None, "train_loss": None, "epsilon": None, "privacy": {}, "bytes_up": 0, "bytes_down": sent}
+         "num_examples": None, "train_loss": None, "epsilon": None, "privacy": {}, "bytes_up": 0, "bytes_down": sent,
+         "ledger": None}
         for node, sent in bytes_down.items() if node not in answered
     ]
     return entries

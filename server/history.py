@@ -3,9 +3,15 @@
 Each entry: ``round``, ``train_loss``, ``eval_loss``, ``eval_accuracy`` (weighted over the
 sites' held-out splits), ``central_loss``/``central_accuracy`` (server-side test set, when
 configured), ``bytes_up``/``bytes_down`` (adapter payloads), ``seconds``, ``failure`` (why a
-round could not be aggregated, else null) and ``clients``: one item per site sent work, with
+round could not be aggregated, else null), ``central_epsilon`` and ``central_dp`` (the central-DP
+noise multiplier, clipping norm, sample size and delta this round released with; null when it
+released nothing) and ``clients``: one item per site sent work, with
 ``client``, ``node_id``, ``outcome`` (aggregated / rejected / refused / failed / no-reply),
-``reason``, ``num_examples``, ``train_loss``, ``epsilon``, ``bytes_up``, ``bytes_down``.
+``reason``, ``num_examples``, ``train_loss``, ``epsilon``, ``bytes_up``, ``bytes_down`` and
+``ledger`` (the site's privacy-ledger anchor ``{"rows", "head"}`` after that message, or null);
+``evaluations`` likewise per site evaluated. Under DP, ``num_examples`` is the site's public
+FedAvg weight and ``train_loss``/``eval_accuracy`` are noised releases (``privacy.release``);
+``reason`` is a status code and a setting name, never the site's own text.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Everything comes from ``history.json``'s client entries, i.e. from what the sites reported.
 A site's epsilon is its **cumulative** spend read from its own privacy ledger after the round:
-every round it ever trained in, in this run and earlier ones, composed at its delta
-(``privacy.accountant``). It is a lifetime figure, not the cost of one round, and it only grows;
+every round it ever trained in, and every noised metric it released (the evaluation included), in
+this run and earlier ones, composed at its delta (``privacy.accountant``). It is a lifetime figure, not the cost of one round, and it only grows;
 the site's budget is its ``max-epsilon``. The server cannot verify it: the site's ledger and
 ``fedlora privacy audit`` are the record of truth.
 """
@@ -21,7 +21,7 @@ RUN_DP_KEYS = ("dp", "target-epsilon", "noise-multiplier", "max-grad-norm", "del
 CENTRAL_DP_KEYS = ("central-dp-noise-multiplier", "central-dp-clipping-norm", "central-dp-delta")
 # history.json client entry "privacy" key -> report key
 _ROUND_PRIVACY = {"noise-multiplier": "noise_multiplier", "sample-rate": "sample_rate", "steps": "steps",
-                  "delta": "delta", "max-epsilon": "max_epsilon"}
+                  "delta": "delta", "max-epsilon": "max_epsilon", "user-level": "user_level"}
 
 
 def write_privacy_report(out_dir: Path, run_config: Mapping[str, Any], history: list[dict]) -> dict:
@@ -39,14 +39,16 @@ def privacy_summary(run_config: Mapping[str, Any], history: list[dict]) -> dict[
     ``central`` (server-side DP, null unless the history records carry ``central_epsilon``)."""
     rounds_by_site: dict[str, list[dict[str, Any]]] = {}
     for record in history:
+        evaluated = {e["client"]: e.get("epsilon") for e in record.get("evaluations", [])}
         for client in record["clients"]:
             privacy = client.get("privacy") or {}
+            spent = [e for e in (client.get("epsilon"), evaluated.get(client["client"])) if e is not None]
             rounds_by_site.setdefault(client["client"], []).append(
                 {
                     "round": record["round"],
                     "outcome": client["outcome"],
                     "reason": client.get("reason") or "",
-                    "epsilon": client.get("epsilon"),
+                    "epsilon": max(spent) if spent else None,
                     "dp": bool(privacy["dp"]) if "dp" in privacy else None,
                     **{new: privacy.get(old) for old, new in _ROUND_PRIVACY.items()},
                 }
@@ -74,6 +76,7 @@ def _site_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "budget_used": latest / max_epsilon if latest is not None and max_epsilon else None,
         "dp": last.get("dp"),
         **{key: last.get(key) for key in ("delta", "noise_multiplier", "sample_rate", "steps")},
+        "privacy_unit": None if not last else ("user" if last.get("user_level") else "row"),
         "rounds": [
             {key: r[key] for key in ("round", "outcome", "epsilon", "noise_multiplier", "sample_rate", "steps")}
             for r in rounds
@@ -142,17 +145,18 @@ def _site_table(sites: dict[str, dict[str, Any]]) -> list[str]:
         "## Sites",
         "",
         "epsilon is each site's cumulative spend from its own privacy ledger after the round (every",
-        "round it ever trained in, this run and earlier ones), at its delta.",
+        "round it ever trained in and every noised metric it released, this run and earlier ones),",
+        "at its delta. The unit is what one epsilon protects: a row, or a user (all of a person's rows).",
         "",
-        "| site | latest epsilon | budget (max-epsilon) | used | delta | noise multiplier "
+        "| site | latest epsilon | budget (max-epsilon) | used | delta | unit | noise multiplier "
         "| sample rate | steps/round | refusals |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, site in sites.items():
         used = f"{site['budget_used']:.0%}" if site["budget_used"] is not None else "–"
         lines.append(
             f"| {name} | {_fmt(site['latest_epsilon'])} | {_fmt(site['max_epsilon'])} | {used} "
-            f"| {_fmt(site['delta'])} | {_fmt(site['noise_multiplier'])} | {_fmt(site['sample_rate'])} "
+            f"| {_fmt(site['delta'])} | {_fmt(site['privacy_unit'])} | {_fmt(site['noise_multiplier'])} | {_fmt(site['sample_rate'])} "
             f"| {_fmt(site['steps'])} | {len(site['refusals'])} |"
         )
     return lines

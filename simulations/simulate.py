@@ -2,8 +2,10 @@
 
 The same ServerApp and site handlers as a real deployment run here; only the transport is
 in-process. Each virtual site ``i`` gets node config ``{"site-name": "site-i",
-"ledger-path": OUT/privacy/site-i.db}`` plus ``--node-config`` (every site) plus its table in
-``--site-config`` (one site).
+"ledger-path": OUT/privacy/site-i.db, "num-examples": <its partition's rows>}`` plus
+``--node-config`` (every site) plus its table in ``--site-config`` (one site). Declaring the
+size, as a deployed site would in its node config, keeps sampling rates and FedAvg weights on
+public values (``docs/privacy.md``, A3).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flwr.app import Context, RecordDict
 # name below comes from that one module, so a Flower upgrade that moves them fails here, once.
 engine = importlib.import_module("flwr.simulation.run_simulation")
 
+from client.local_data import load_site_data
 from fedlora.run_config import PYPROJECT
 from server.app import app as server_app
 from simulations.site_app import build_site_app
@@ -30,8 +33,9 @@ def site_node_configs(
     num_sites: int,
     node_config: Mapping[str, Any],
     per_site: Mapping[int, Mapping[str, Any]],
+    run_config: Mapping[str, Any] | None = None,
 ) -> dict[int, dict[str, Any]]:
-    return {
+    sites = {
         i: {
             "site-name": f"site-{i}",
             "ledger-path": str(out_dir / "privacy" / f"site-{i}.db"),
@@ -40,6 +44,23 @@ def site_node_configs(
         }
         for i in range(num_sites)
     }
+    if run_config is not None:
+        for i, site in sites.items():
+            if not {"num-examples", "data-path", "privacy-unit-column"} & set(site):
+                size = _partition_rows(run_config, i, num_sites)
+                if size:
+                    site["num-examples"] = size
+    return sites
+
+
+def _partition_rows(run_config: Mapping[str, Any], site: int, num_sites: int) -> int | None:
+    """Rows of simulated site ``site``, split exactly as the site will split them (None when
+    the data cannot be read: the site then reports the problem itself)."""
+    try:
+        data = load_site_data({"partition-id": site, "num-partitions": num_sites}, run_config)
+    except ValueError:  # DataError included
+        return None
+    return data.train.num_rows + data.eval.num_rows
 
 
 def run_simulation(
@@ -52,7 +73,7 @@ def run_simulation(
     """Run the federation to completion; returns the output directory."""
     out_dir = Path(str(run_config["output-dir"])).expanduser().resolve()
     config = {**run_config, "output-dir": str(out_dir)}
-    sites = site_node_configs(out_dir, num_sites, node_config or {}, per_site or {})
+    sites = site_node_configs(out_dir, num_sites, node_config or {}, per_site or {}, config)
     unknown = sorted(set(per_site or {}) - set(sites))
     if unknown:
         raise ValueError(f"--site-config names site(s) {unknown}, but sites are 0..{num_sites - 1}")

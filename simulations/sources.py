@@ -33,9 +33,10 @@ def resolve_label_names(run_config: Mapping[str, Any]) -> list[str]:
     return label_names_of(source, str(run_config["label-column"]))
 
 
-def load_source(run_config: Mapping[str, Any]) -> datasets.Dataset:
+def load_source(run_config: Mapping[str, Any], unit_column: str | None = None) -> datasets.Dataset:
     """The whole labelled dataset (``text``/``label`` or ``prompt``/``response``), plus the
-    column that ``partition = "column:NAME"`` splits sites by."""
+    column that ``partition = "column:NAME"`` splits sites by and the privacy-unit column of
+    user-level DP, when given."""
     return _load_cached(
         str(run_config["data"]),
         str(run_config["task"]),
@@ -46,36 +47,52 @@ def load_source(run_config: Mapping[str, Any]) -> datasets.Dataset:
         tuple(resolve_label_names(run_config)) if run_config["task"] == "classification" else (),
         int(run_config["seed"]),
         str(run_config["partition"]).removeprefix("column:") if str(run_config["partition"]).startswith("column:") else "",
+        unit_column or "",
     )
 
 
-def load_file(path: str, run_config: Mapping[str, Any], label_names: list[str] | None) -> datasets.Dataset:
-    """One site's (or the server's test) file, read with the run's column settings."""
+def load_file(
+    path: str,
+    run_config: Mapping[str, Any],
+    label_names: list[str] | None,
+    drop_bad_rows: bool = False,
+    extra_columns: tuple[str, ...] = (),
+) -> datasets.Dataset:
+    """One site's (or the server's test) file, read with the run's column settings; a site
+    drops bad rows rather than refusing (``fedlora.data.load_classification``)."""
     if run_config["task"] == "classification":
         dataset, _ = load_classification(
-            path, str(run_config["text-column"]), str(run_config["label-column"]), label_names
+            path, str(run_config["text-column"]), str(run_config["label-column"]), label_names,
+            drop_bad_rows, extra_columns,
         )
         return dataset
-    return load_causal_lm(path, str(run_config["prompt-column"]), str(run_config["response-column"]))
+    return load_causal_lm(
+        path, str(run_config["prompt-column"]), str(run_config["response-column"]), drop_bad_rows, extra_columns
+    )
 
 
 @lru_cache(maxsize=4)
-def _load_cached(source, task, text_col, label_col, prompt_col, response_col, labels, seed, site_col):
+def _load_cached(source, task, text_col, label_col, prompt_col, response_col, labels, seed, site_col, unit_col):
     if source == EMBEDDED_DATA:
         if task != "classification":
             raise ValueError(f"{EMBEDDED_DATA} is a classification corpus; give --data for causal-lm")
         from simulations.corpus import generate_clinical_corpus
 
         corpus = generate_clinical_corpus(seed=seed)
+        missing = [c for c in (site_col, unit_col) if c and c not in corpus.column_names]
+        if missing:
+            raise DataError(f"{EMBEDDED_DATA} has no column {missing[0]!r}; columns: {', '.join(corpus.column_names)}",
+                            setting="partition" if missing[0] == site_col else "privacy-unit-column")
         return corpus.map(lambda row: {"label": labels.index(row["label"])})
     config = {
         "task": task, "text-column": text_col, "label-column": label_col,
         "prompt-column": prompt_col, "response-column": response_col,
     }
     dataset = load_file(source, config, list(labels) or None)
-    if site_col:
-        raw = load_table(source)
-        if site_col not in raw.column_names:
-            raise DataError(f"{source}: no column {site_col!r} to partition by; columns: {', '.join(raw.column_names)}")
-        dataset = dataset.add_column(site_col, [str(v) for v in raw[site_col]])
+    for column, setting in ((site_col, "partition"), (unit_col, "privacy-unit-column")):
+        if column and column not in dataset.column_names:
+            raw = load_table(source)
+            if column not in raw.column_names:
+                raise DataError(f"{source}: no column {column!r} ({setting}); columns: {', '.join(raw.column_names)}", setting=setting)
+            dataset = dataset.add_column(column, [str(v) for v in raw[column]])
     return dataset

@@ -23,7 +23,9 @@ farther than ``max-update-norm`` from the global adapter are left out before agg
 ``DifferentialPrivacyServerSideFixedClipping`` (``central-dp-noise-multiplier``,
 ``central-dp-clipping-norm``) around the plain-mean strategies only (``fedavg``, ``fedprox``,
 ``ffa-lora``, ``ffa-lora+fedprox``), with exactly ``num-sampled-clients`` sites per round; the
-cumulative ε at ``central-dp-delta`` goes into every history record (``central_epsilon``).
+cumulative ε at ``central-dp-delta`` goes into every history record (``central_epsilon``), with
+what the round's release used (``central_dp``: noise multiplier, clipping norm, number of sites,
+δ; null when nothing was released), from which a resumed run replays the earlier spend.
 
 Layers, outermost first: screening, then FFA-LoRA's A handling, then central DP, then the
 aggregator, so that validation sees the whole reply and DP clips and noises exactly the tensors

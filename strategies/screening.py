@@ -46,6 +46,11 @@ class ReplyOutcome:
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
+    ledger: dict[str, Any] | None = None  # the site's ledger anchor: {"rows": n, "head": hash}
+
+
+# Status codes (client.refusals) for which a site did not choose to sit out but broke down.
+FAILURE_CODES = frozenset({"internal-error", "disclosure-blocked"})
 
 
 def describe_reply(msg: Message) -> ReplyOutcome:
@@ -56,11 +61,14 @@ def describe_reply(msg: Message) -> ReplyOutcome:
     content = msg.content
     site = str(content["site"]["name"]) if "site" in content.config_records else f"node-{node_id}"
     metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+    ledger = dict(content["ledger"]) if "ledger" in content.config_records else None
     if "status" in content.config_records:
-        status = content["status"]
-        return ReplyOutcome(node_id, site, "refused", f"{status['status']}: {status['reason']}", metrics)
+        code, setting = str(content["status"]["status"]), str(content["status"].get("setting", ""))
+        outcome = "failed" if code in FAILURE_CODES else "refused"
+        reason = f"{code} (setting {setting})" if setting else code
+        return ReplyOutcome(node_id, site, outcome, reason, metrics, ledger=ledger)
     bytes_up = content["arrays"].count_bytes() if "arrays" in content.array_records else 0
-    return ReplyOutcome(node_id, site, "aggregated", "", metrics, bytes_up)
+    return ReplyOutcome(node_id, site, "aggregated", "", metrics, bytes_up, ledger)
 
 
 class ScreenedStrategy(Strategy):
@@ -98,11 +106,18 @@ class ScreenedStrategy(Strategy):
         """Cumulative site-level ε of central DP so far; None without central DP."""
         return None if self.central_dp is None else self.central_dp.epsilon
 
+    def central_release(self) -> dict[str, float | int] | None:
+        """What central DP released in the round just aggregated, for its history record
+        (``central_dp``): ``noise_multiplier``, ``clipping_norm``, ``num_sampled_clients`` and
+        ``delta``; None when nothing was released (no central DP, or the round failed)."""
+        return None if self.central_dp is None else self.central_dp.round_release
+
     def restore(self, history: Sequence[dict[str, Any]]) -> None:
-        """Resume after ``history``: the central-DP accountant must count the earlier releases
-        (every round aggregated under central DP is one)."""
+        """Resume after ``history``: the central-DP accountant composes every earlier release
+        at the noise multiplier recorded with it, never at this run's, so that changing
+        ``central-dp-noise-multiplier`` on resume cannot shrink the reported ε."""
         if self.central_dp is not None:
-            self.central_dp.replay(sum(1 for r in history if r.get("central_epsilon") is not None and not r.get("failure")))
+            self.central_dp.replay(_central_releases(history))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._reference = arrays
@@ -147,6 +162,33 @@ class ScreenedStrategy(Strategy):
                 usable.append(msg)
             self.evaluate_outcomes.append(outcome)
         return self.inner.aggregate_evaluate(server_round, usable) if usable else None
+
+
+def _central_releases(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The central-DP releases of ``history``, each as its record's ``central_dp``.
+
+    A round released an aggregate unless its ``failure`` is set. A released round must record
+    how central DP noised it; otherwise its cost is unknown (a record written before
+    ``central_dp`` was recorded) or unbounded (aggregated without central DP), and any ε
+    reported after a resume could be an under-count, so the resume is refused.
+    """
+    releases = []
+    for record in history:
+        release = record.get("central_dp")
+        if release is not None:
+            releases.append(release)
+        elif not record.get("failure"):
+            why = (
+                "was aggregated without central DP, so its site-level privacy is not bounded"
+                if "central_dp" in record
+                else "lacks central_dp: the central-dp-noise-multiplier (and clipping norm, number of "
+                "sites) its release used, so its cost cannot be replayed exactly"
+            )
+            raise ValueError(
+                f"cannot resume central DP: round {record['round']}'s history record {why}; "
+                "resuming would under-count epsilon. Start a new run instead."
+            )
+    return releases
 
 
 def _with_dtypes_of(reference: ArrayRecord, arrays: ArrayRecord) -> ArrayRecord:

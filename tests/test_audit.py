@@ -68,11 +68,11 @@ def test_json_output_structure(ledger_path, capsys):
     (ledger,) = document["ledgers"]
     assert ledger["site"] == "site-a" and ledger["ok"] is True
     assert len(ledger["head_hash"]) == 64
-    assert ledger["problems"] == {"chain": [], "epsilon_mismatch": [], "budget_exceeded": []}
+    assert ledger["problems"] == {"chain": [], "epsilon_mismatch": [], "budget_exceeded": [], "history_anchor": []}
     assert [row["round"] for row in ledger["rows"]] == [1, 2, 3]
     assert set(ledger["rows"][0]) == {
         "id", "run_id", "round", "recorded_at", "noise_multiplier", "sample_rate", "steps",
-        "max_grad_norm", "delta", "accountant", "recorded_epsilon", "opacus_epsilon",
+        "max_grad_norm", "delta", "accountant", "mechanism", "privacy_unit", "recorded_epsilon", "opacus_epsilon",
         "dp_accounting_epsilon", "prv_epsilon", "confirmed", "max_epsilon", "budget_left",
     }
     assert ledger["rows"][2]["recorded_epsilon"] == epsilon_for(ROWS, DELTA)
@@ -183,3 +183,37 @@ def test_text_written_into_numeric_column_is_reported(ledger_path):
     assert "row 3 (run run-1, round 2): epsilon holds 'tiny', not a number" in audit.epsilon_mismatches
     assert audit.chain_problems == ["row 3: bad hash: the row's contents were changed after it was written"]
     assert [row.id for row in audit.rows] == [1, 5]
+
+
+def _history_with_anchors(path, site: str) -> list[dict]:
+    """What a server records: the site's anchor after each of its messages."""
+    with PrivacyLedger(path, read_only=True) as ledger:
+        rows = ledger.entries()
+    anchors = [{"rows": r.id, "head": r.hash} for r in rows if r.kind == "confirm"]
+    return [{"round": i, "clients": [{"client": site, "ledger": a}], "evaluations": []} for i, a in enumerate(anchors, 1)]
+
+
+def test_history_anchors_catch_a_truncated_tail_the_chain_cannot(ledger_path, tmp_path, capsys):
+    """The attack: delete the newest rows. The rest of the chain is intact, so the plain audit
+    passes; only the anchors the site sent to the server each round show the loss."""
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps(_history_with_anchors(ledger_path, "site-a")))
+    assert audit_main([str(ledger_path), "--history", str(history)]) == 0
+    with sqlite3.connect(ledger_path) as db:
+        db.execute("DROP TRIGGER ledger_no_delete")
+        db.execute("DELETE FROM ledger WHERE id >= (SELECT MAX(id) - 1 FROM ledger)")
+    assert audit_main([str(ledger_path)]) == 0  # the chain alone cannot tell
+    capsys.readouterr()
+    assert audit_main([str(ledger_path), "--history", str(history), "--json"]) == 1
+    problems = json.loads(capsys.readouterr().out)["ledgers"][0]["problems"]["history_anchor"]
+    assert len(problems) == 1 and problems[0].startswith("round 2: site site-a reported 4 ledger rows")
+
+
+def test_history_check_matches_a_ledger_by_its_anchors_or_fails(ledger_path, tmp_path, capsys):
+    renamed = shutil.copy(ledger_path, tmp_path / "privacy-ledger.db")
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps(_history_with_anchors(ledger_path, "hospital-a")))
+    assert audit_main([str(renamed), "--history", str(history)]) == 0  # found by its anchors
+    history.write_text(json.dumps([{"round": 1, "clients": [{"client": "other", "ledger": {"rows": 1, "head": "0" * 64}}]}]))
+    assert audit_main([str(renamed), "--history", str(history)]) == 1
+    assert "no site in the history matches this ledger" in capsys.readouterr().out

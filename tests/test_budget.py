@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 
@@ -9,12 +10,15 @@ from privacy.budget import (
     PolicyViolation,
     SitePolicy,
     check_budget,
+    check_delta,
     dp_request,
     resolve,
     site_policy,
 )
 
-POLICY = SitePolicy(max_epsilon=10.0, delta=1e-5, min_noise_multiplier=0.3, require_dp=True)
+DEFAULTS = SitePolicy(max_epsilon=10.0, delta=1e-5, min_noise_multiplier=0.3, require_dp=True)
+LEDGER = Path("/var/lib/site/ledger.db")
+POLICY = SitePolicy(max_epsilon=10.0, delta=1e-5, min_noise_multiplier=0.3, require_dp=True, ledger_path=LEDGER)
 
 
 def request(**overrides) -> DPRequest:
@@ -23,12 +27,33 @@ def request(**overrides) -> DPRequest:
 
 
 def test_site_policy_defaults():
-    assert site_policy({}) == POLICY
+    assert site_policy({}) == DEFAULTS
 
 
 def test_site_policy_reads_node_config_and_ignores_other_keys():
-    node = {"max-epsilon": 4, "delta": 1e-6, "min-noise-multiplier": 0.8, "dp": False, "data-path": "/x"}
-    assert site_policy(node) == SitePolicy(4.0, 1e-6, 0.8, False)
+    node = {"max-epsilon": 4, "delta": 1e-6, "min-noise-multiplier": 0.8, "dp": False, "data-path": "/x",
+            "ledger-path": str(LEDGER), "num-examples": 500, "report-metrics": "none",
+            "metric-noise-multiplier": 20.0, "privacy-unit-column": "patient", "secure-noise": True}
+    assert site_policy(node) == SitePolicy(
+        4.0, 1e-6, 0.8, False, ledger_path=LEDGER, declared_examples=500, report_metrics="none",
+        metric_noise_multiplier=20.0, privacy_unit_column="patient", secure_noise=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "node, setting",
+    [
+        ({"report-metrics": "exact"}, "report-metrics"),
+        ({"metric-noise-multiplier": 0.2}, "metric-noise-multiplier"),  # below the noise floor
+        ({"num-examples": 0}, "num-examples"),
+        ({"num-examples": "many"}, "num-examples"),
+        ({"secure-noise": "yes"}, "secure-noise"),
+    ],
+)
+def test_bad_new_node_config_names_its_setting(node, setting):
+    with pytest.raises(PolicyViolation) as caught:
+        site_policy(node)
+    assert caught.value.setting == setting
 
 
 @pytest.mark.parametrize(
@@ -50,6 +75,7 @@ def test_bad_node_config_rejected(key, value, message):
     with pytest.raises(PolicyViolation) as caught:
         site_policy({key: value})
     text = str(caught.value)
+    assert caught.value.setting == key
     assert text.startswith(f"node config {key} ")
     assert message in text and repr(value) in text
 
@@ -75,33 +101,60 @@ def test_bad_run_config_rejected(key, value, message):
     with pytest.raises(PolicyViolation) as caught:
         dp_request({key: value})
     assert str(caught.value).startswith(f"run config {key} ")
-    assert message in str(caught.value)
+    assert message in str(caught.value) and caught.value.setting == key
 
 
 @pytest.mark.parametrize(
-    "looser, expected",
+    "looser, setting, expected",
     [
-        (dict(dp=False), "dp: the server requests dp=false (non-private training), but this site requires differential privacy (node config dp=true)"),
-        (dict(delta=1e-4), "delta: the server requests 0.0001, above this site's delta 1e-05"),
-        (dict(max_epsilon=20.0), "max-epsilon: the server requests 20, above this site's max-epsilon 10"),
-        (dict(noise_multiplier=0.1), "noise-multiplier: the server requests 0.1, below this site's min-noise-multiplier 0.3"),
+        (dict(dp=False), "dp", "the server requests dp=false (non-private training), but this site requires differential privacy (node config dp=true)"),
+        (dict(delta=1e-4), "delta", "the server requests delta 0.0001, above this site's delta 1e-05"),
+        (dict(max_epsilon=20.0), "max-epsilon", "the server requests max-epsilon 20, above this site's max-epsilon 10"),
+        (dict(noise_multiplier=0.1), "noise-multiplier", "the server requests noise-multiplier 0.1, below this site's min-noise-multiplier 0.3"),
     ],
 )
-def test_looser_requests_refused(looser, expected):
-    with pytest.raises(PolicyViolation, match=re.escape(expected)):
+def test_looser_requests_refused(looser, setting, expected):
+    with pytest.raises(PolicyViolation, match=re.escape(expected)) as caught:
         resolve(POLICY, request(**looser))
+    assert caught.value.setting == setting
+
+
+def test_dp_needs_a_ledger_path_from_the_node_config():
+    with pytest.raises(PolicyViolation) as caught:
+        resolve(DEFAULTS, request())
+    assert caught.value.setting == "ledger-path"
 
 
 def test_default_request_takes_site_settings():
     assert resolve(POLICY, request()) == EffectiveDP(
-        enabled=True, delta=1e-5, max_epsilon=10.0, max_grad_norm=1.0, noise_multiplier=None, target_epsilon=10.0
+        enabled=True, delta=1e-5, max_epsilon=10.0, max_grad_norm=1.0, noise_multiplier=None, target_epsilon=10.0,
+        min_noise_multiplier=0.3,
     )
+
+
+def test_noise_floor_applies_to_every_sigma():
+    effective = resolve(POLICY, request(target_epsilon=1000.0, max_epsilon=10.0))
+    assert effective.at_least_the_floor(0.05) == 0.3 and effective.at_least_the_floor(2.0) == 2.0
+
+
+def test_secure_noise_is_on_when_either_side_asks():
+    assert resolve(POLICY, request(secure_noise=True)).secure_noise
+    assert resolve(SitePolicy(10.0, 1e-5, 0.3, True, ledger_path=LEDGER, secure_noise=True), request()).secure_noise
+    assert not resolve(POLICY, request()).secure_noise
+
+
+def test_delta_must_be_below_one_over_n():
+    check_delta(1e-5, 99_999)
+    with pytest.raises(PolicyViolation) as caught:
+        check_delta(1e-5, 100_000)
+    assert caught.value.setting == "delta"
 
 
 def test_stricter_requests_applied():
     effective = resolve(POLICY, request(delta=1e-7, max_epsilon=4.0, target_epsilon=3.0, max_grad_norm=0.5))
     assert effective == EffectiveDP(
-        enabled=True, delta=1e-7, max_epsilon=4.0, max_grad_norm=0.5, noise_multiplier=None, target_epsilon=3.0
+        enabled=True, delta=1e-7, max_epsilon=4.0, max_grad_norm=0.5, noise_multiplier=None, target_epsilon=3.0,
+        min_noise_multiplier=0.3,
     )
 
 
@@ -118,11 +171,11 @@ def test_explicit_noise_multiplier_wins_over_target():
 def test_target_defaults_to_and_is_capped_by_max_epsilon():
     assert resolve(POLICY, request(max_epsilon=4.0)).target_epsilon == 4.0
     assert resolve(POLICY, request(target_epsilon=8.0, max_epsilon=4.0)).target_epsilon == 4.0
-    assert resolve(SitePolicy(5.0, 1e-5, 0.3, True), request(target_epsilon=8.0)).target_epsilon == 5.0
+    assert resolve(SitePolicy(5.0, 1e-5, 0.3, True, ledger_path=LEDGER), request(target_epsilon=8.0)).target_epsilon == 5.0
 
 
 def test_non_private_training_only_where_site_allows_it():
-    allowing = SitePolicy(10.0, 1e-5, 0.3, require_dp=False)
+    allowing = SitePolicy(10.0, 1e-5, 0.3, require_dp=False, ledger_path=LEDGER)
     assert resolve(allowing, request(dp=False)) == EffectiveDP(
         enabled=False, delta=1e-5, max_epsilon=10.0, max_grad_norm=1.0, noise_multiplier=None, target_epsilon=None
     )

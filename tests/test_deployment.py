@@ -375,15 +375,19 @@ def fast_config(model: str, out_dir: Path, **overrides: object) -> dict[str, obj
     }
 
 
-def ledger_spends(path: Path) -> list[dict]:
-    """The ledger's spend rows (read-only), each with ``confirmed``."""
+def ledger_spends(path: Path, mechanism: str | None = "dp-sgd") -> list[dict]:
+    """The ledger's spend rows (read-only), each with ``confirmed``: by default the trainings
+    (``dp-sgd``), with ``mechanism=None`` the noised metric releases too."""
     if not path.exists():
         return []
     with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
         db.row_factory = sqlite3.Row
         rows = [dict(r) for r in db.execute("SELECT * FROM ledger ORDER BY id")]
     confirmed = {r["refers_to"] for r in rows if r["kind"] == "confirm"}
-    return [r | {"confirmed": r["id"] in confirmed} for r in rows if r["kind"] == "spend"]
+    return [
+        r | {"confirmed": r["id"] in confirmed} for r in rows
+        if r["kind"] == "spend" and mechanism in (None, r["mechanism"])
+    ]
 
 
 def history(out_dir: Path) -> list[dict]:
@@ -518,7 +522,7 @@ class TestFederation:
             sites = json.loads(report.read_text())["sites"]
             assert set(sites) == set(fed.sites) - {"intruder"}, set(sites)
             for name in HEALTHY:
-                assert sites[name]["latest_epsilon"] == pytest.approx(ledger_spends(fed.sites[name].ledger)[-1]["epsilon"])
+                assert sites[name]["latest_epsilon"] == pytest.approx(ledger_spends(fed.sites[name].ledger, None)[-1]["epsilon"])
             assert len(sites["site-d"]["refusals"]) == 2
 
     def test_ledgers_record_every_training_and_pass_the_audit(self, federation):
@@ -552,8 +556,12 @@ class TestFederation:
         for record in rounds:
             entry = by_site(record)["site-d"]
             assert entry["outcome"] == "refused", entry
-            assert entry["reason"] == f"data-error: {site.data}: missing column 'label'; available columns: text, diagnosis"
+            # The server learns the code and the setting; the text, with the site's path and
+            # columns, stays in the site's own log.
+            assert entry["reason"] == "data-error (setting label-column)"
             assert f"round {record['round']}: site-d refused: {entry['reason']}" in report
+            assert str(site.data) not in json.dumps(record) and str(site.data) not in report
+        assert "missing column 'label'" in site.service.output()
         # It answered round 2 too (still connected after its failed round 1), and it is still up.
         assert site.trainings_received() == 2 and site.service.alive()
         assert ledger_spends(site.ledger) == []

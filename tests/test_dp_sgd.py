@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fedlora.adapters import adapter_state, attach_adapter, lora_config
 from fedlora.model import load_base_model, load_tokenizer
 from fedlora.tasks import IGNORE_INDEX, collate, encode, forward_logits, per_example_loss
-from privacy.dp_sgd import make_private, noise_only_step
+from privacy.dp_sgd import group_by_unit, make_private, noise_only_step, zero_non_finite
 from tests.conftest import LABELS, make_classification_rows, make_instruction_rows
 
 BATCH = 5
@@ -227,3 +227,76 @@ def test_each_example_contributes_at_most_max_grad_norm():
     assert clipped.norm(dim=1).tolist() == pytest.approx([0.5 * clip, clip, clip], rel=1e-9)
     expected = clipped.sum(0) / expected_batch
     torch.testing.assert_close(_update(layer).double(), expected, rtol=1e-4, atol=1e-7)
+
+
+# --- user-level units and non-finite gradients ------------------------------------------------
+
+
+def test_per_unit_gradients_are_the_autograd_gradient_of_each_units_mean_loss(tiny_bert):
+    """User-level DP: rows 0-1 are user a, 2 is user b, 3-4 user c. After ``group_by_unit``
+    each user's per-sample gradient is the gradient of the mean loss over that user's rows."""
+    task = "classification"
+    model, examples = _lora_model(tiny_bert, task), _examples(tiny_bert, task)
+    units = [0, 0, 1, 2, 2]
+    params = list(_trainable(model).values())
+    runner, optimizer = make_private(model, torch.optim.SGD(params, lr=0.1), 1.0, 1.0, BATCH)
+    batch = collate(examples, PAD_ID, task)
+    per_example_loss(forward_logits(runner, batch), batch["labels"], task).mean().backward()
+    group_by_unit(optimizer, units)
+    grouped = {name: p.grad_sample.detach().clone() for name, p in _trainable(model).items()}
+    optimizer.zero_grad(set_to_none=True)
+    runner.to_standard_module()
+    for unit, rows in enumerate(([0, 1], [2], [3, 4])):
+        expected = _gradients(model, [examples[i] for i in rows], task)
+        for name, grad_sample in grouped.items():
+            assert grad_sample.shape[0] == 3
+            _assert_same(grad_sample[unit], expected[name] / len(rows), f"{name}[unit {unit}]")
+
+
+def test_a_non_finite_per_example_gradient_is_zeroed_not_spread():
+    """The attack: one record whose gradient overflows (an fp16 overflow, a crafted row) made
+    the clipped sum, and with it the whole noised update, NaN."""
+    clip, expected_batch = 1.5, 3
+    grads = torch.randn(3, 256 * 256 + 256, dtype=torch.float64)
+    grads[1, 7] = float("nan")
+
+    def step(sanitise: bool) -> torch.Tensor:
+        layer, optimizer = _linear_private(1e-9, clip, expected_batch)
+        layer.weight.grad_sample = grads[:, : 256 * 256].reshape(3, 256, 256).float()
+        layer.bias.grad_sample = grads[:, 256 * 256 :].float()
+        zeroed = zero_non_finite(optimizer) if sanitise else 0
+        optimizer.step()
+        return _update(layer), zeroed
+
+    unsafe, _ = step(sanitise=False)
+    assert torch.isnan(unsafe).all()  # before: one record poisoned every coordinate
+    safe, zeroed = step(sanitise=True)
+    assert zeroed == 1 and torch.isfinite(safe).all()
+    others = grads[[0, 2]]
+    clipped = others * (clip / others.norm(dim=1)).clamp(max=1.0)[:, None]
+    torch.testing.assert_close(safe.double(), clipped.sum(0) / expected_batch, rtol=1e-4, atol=1e-7)
+
+
+def test_training_survives_a_record_with_a_non_finite_loss(tiny_bert):
+    """End to end through the site's training loop: a row whose logits overflow to inf."""
+    from client.training import DPSettings, TrainSettings, train
+
+    task = "classification"
+    model, examples = _lora_model(tiny_bert, task), _examples(tiny_bert, task)
+    poisoned = examples[2]["input_ids"]
+    head = model.base_model.model.classifier.modules_to_save["default"]
+
+    def overflow(module, inputs, output):
+        ids = current["input_ids"]
+        rows = [i for i in range(ids.shape[0]) if ids[i, : len(poisoned)].tolist() == poisoned]
+        output = output.clone()
+        output[rows] = float("inf")
+        return output
+
+    current: dict = {}
+    model.register_forward_pre_hook(lambda module, args, kwargs: current.update(input_ids=kwargs["input_ids"]), with_kwargs=True)
+    head.register_forward_hook(overflow)
+    settings = TrainSettings(learning_rate=0.05, batch_size=BATCH, steps=3, seed=0)
+    result = train(model, examples, task, PAD_ID, settings, DPSettings(1.0, 1.0))
+    assert result.zeroed_gradients >= 1
+    assert all(torch.isfinite(t).all() for t in adapter_state(model).values())

@@ -180,10 +180,13 @@ def test_edited_row_breaks_chain(path, statement):
         for round in (1, 2):
             ledger.confirm(spend(ledger, round=round).id)
     _tamper(path, statement)
-    with PrivacyLedger(path) as ledger:
+    with PrivacyLedger(path, read_only=True) as ledger:
         assert ledger.verify_chain() == [
             "row 3: bad hash: the row's contents were changed after it was written"
         ]
+    # A site never appends to (trains on top of) a tampered ledger.
+    with pytest.raises(LedgerError, match="hash chain is broken .row 3: bad hash"):
+        PrivacyLedger(path)
 
 
 def test_deleted_row_breaks_link(path):
@@ -191,7 +194,7 @@ def test_deleted_row_breaks_link(path):
         for round in (1, 2):
             ledger.confirm(spend(ledger, round=round).id)
     _tamper(path, "DELETE FROM ledger WHERE id = 2")
-    with PrivacyLedger(path) as ledger:
+    with PrivacyLedger(path, read_only=True) as ledger:
         problems = ledger.verify_chain()
     assert len(problems) == 1 and problems[0].startswith("row 3: broken link")
 
@@ -208,7 +211,7 @@ def test_confirm_of_missing_spend_is_reported(path):
     db.execute(f"INSERT INTO ledger VALUES ({', '.join('?' * len(columns))})", [row[c] for c in columns])
     db.commit()
     db.close()
-    with PrivacyLedger(path) as ledger:
+    with PrivacyLedger(path, read_only=True) as ledger:
         assert ledger.verify_chain() == [
             "row 2: confirm row refers to row 7, which is not an earlier spend row"
         ]
@@ -236,3 +239,106 @@ def test_read_only_cannot_write(path):
         assert len(ledger.entries()) == 1
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             spend(ledger, round=2)
+
+
+def test_concurrent_charges_cannot_overspend(path, monkeypatch):
+    """The attack: two rounds on one ledger at once (two SuperNodes sharing a ledger file, or a
+    retried message). Each alone fits the budget of 10, both do not. With the budget check
+    outside the write transaction both passed it and the spend reached epsilon 11. The check
+    is slowed down here to make the race certain."""
+    import threading
+    import time
+
+    from privacy import ledger as ledger_module
+    from privacy.budget import BudgetExhausted
+    from privacy.ledger import Charge
+
+    sigma = 1.0
+    one_round = epsilon_for([(sigma, 0.05, 300)], DELTA)
+    budget = one_round * 1.2  # room for one round, not two
+    real_epsilon_for = ledger_module.epsilon_for
+
+    def slow_epsilon_for(*args, **kwargs):
+        time.sleep(0.3)
+        return real_epsilon_for(*args, **kwargs)
+
+    monkeypatch.setattr(ledger_module, "epsilon_for", slow_epsilon_for)
+    PrivacyLedger(path).close()
+    outcomes: list[str] = []
+
+    def charge_one_round() -> None:
+        with PrivacyLedger(path) as ledger:
+            try:
+                ledger.charge(
+                    [Charge("dp-sgd", sigma, 0.05, 300, 1.0)], run_id="r", round=1, delta=DELTA,
+                    accountant="rdp", max_epsilon=budget, rng_mode="mt19937",
+                )
+                outcomes.append("charged")
+            except BudgetExhausted:
+                outcomes.append("refused")
+
+    threads = [threading.Thread(target=charge_one_round) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["charged", "refused"]
+    with PrivacyLedger(path, read_only=True) as ledger:
+        assert len(ledger.spends()) == 1
+        assert ledger.cumulative_epsilon() <= budget
+
+
+def test_charge_checks_the_whole_round_and_writes_nothing_when_over(path):
+    from privacy.budget import BudgetExhausted
+    from privacy.ledger import Charge
+
+    charges = [Charge("dp-sgd", 1.0, 0.01, 100, 1.0), Charge("release:train-loss", 5.0, 0.01, 1, 4.0)]
+    with PrivacyLedger(path) as ledger:
+        rows = ledger.charge(charges, run_id="r", round=1, delta=DELTA, accountant="rdp", max_epsilon=10.0, rng_mode="mt19937")
+        assert [r.mechanism for r in rows] == ["dp-sgd", "release:train-loss"]
+        assert rows[1].max_grad_norm == 4.0 and rows[1].privacy_unit == "row"
+        assert rows[1].epsilon == pytest.approx(epsilon_for([(1.0, 0.01, 100), (5.0, 0.01, 1)], DELTA))
+        head = ledger.anchor()
+        with pytest.raises(BudgetExhausted):
+            ledger.charge(charges, run_id="r", round=2, delta=DELTA, accountant="rdp", max_epsilon=rows[1].epsilon * 1.01, rng_mode="mt19937")
+        assert ledger.anchor() == head
+
+
+def test_anchor_detects_a_truncated_or_rewritten_tail(path):
+    with PrivacyLedger(path) as ledger:
+        for round in (1, 2):
+            ledger.confirm(spend(ledger, round=round).id)
+        anchor = ledger.anchor()
+        assert anchor.rows == 4 and ledger.extends(anchor)
+        ledger.confirm(spend(ledger, round=3).id)
+        assert ledger.extends(anchor)  # grown since: still extends what was seen
+    _tamper(path, "DELETE FROM ledger WHERE id >= 4")
+    with PrivacyLedger(path, read_only=True) as ledger:
+        assert ledger.verify_chain() == []  # a clean truncation leaves a consistent chain...
+        assert not ledger.extends(anchor)  # ...but not the anchor the server kept
+
+
+def test_a_ledger_from_before_the_mechanism_column_is_upgraded_and_still_verifies(path):
+    """Old rows keep NULL mechanism/unit, which stays out of their hash: the chain holds."""
+    from privacy.ledger import LEGACY_COLUMNS
+
+    with PrivacyLedger(path) as ledger:
+        ledger.confirm(spend(ledger).id)
+    db = sqlite3.connect(path)  # rebuild the table and its chain as the first release wrote them
+    rows = [dict(zip(LEGACY_COLUMNS, values)) for values in
+            db.execute(f"SELECT {', '.join(LEGACY_COLUMNS)} FROM ledger ORDER BY id")]
+    prev_hash = GENESIS_HASH
+    for row in rows:
+        row["prev_hash"] = prev_hash
+        row["hash"] = prev_hash = row_hash(prev_hash, row)
+    db.executescript("DROP TABLE ledger;")
+    db.execute(f"CREATE TABLE ledger ({', '.join(LEGACY_COLUMNS)})")
+    db.executemany(f"INSERT INTO ledger VALUES ({', '.join('?' * len(LEGACY_COLUMNS))})",
+                   [[row[c] for c in LEGACY_COLUMNS] for row in rows])
+    db.commit()
+    db.close()
+    with PrivacyLedger(path, read_only=True) as ledger:
+        assert ledger.verify_chain() == [] and ledger.entries()[0].mechanism is None
+    with PrivacyLedger(path) as ledger:
+        third = spend(ledger, round=2)
+        assert third.mechanism == "dp-sgd" and ledger.verify_chain() == []

@@ -48,6 +48,7 @@ def test_json_has_each_sites_epsilon_budget_parameters_and_refusals(tmp_path):
     assert [(r["round"], r["epsilon"]) for r in a["rounds"]] == [(1, 1.0), (2, 1.5)]
     assert a["latest_epsilon"] == 1.5 and a["max_epsilon"] == 10.0 and a["budget_used"] == pytest.approx(0.15)
     assert (a["delta"], a["noise_multiplier"], a["sample_rate"], a["steps"], a["dp"]) == (1e-5, 1.1, 0.25, 4, True)
+    assert a["privacy_unit"] == "row"
     assert a["refusals"] == []
     # The refused round reports no epsilon; the latest spend and budget stay those of round 1.
     assert [(r["round"], r["outcome"], r["epsilon"]) for r in b["rounds"]] == [(1, "aggregated", 2.0), (2, "refused", None)]

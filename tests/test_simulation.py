@@ -89,12 +89,16 @@ def test_resume_continues_and_an_exhausted_site_is_refused_while_others_train(fi
     assert outcomes["site-2"]["outcome"] == "refused"
     assert outcomes["site-2"]["reason"].startswith("budget-exhausted")
     assert outcomes["site-0"]["outcome"] == outcomes["site-1"]["outcome"] == "aggregated"
-    # The ledgers continue across the restart: one spend per training actually run.
+    # The ledgers continue across the restart: one DP-SGD spend per training actually run, each
+    # with its train-loss release, every spend confirmed.
     for site, trainings in ((0, 3), (1, 3), (2, 2)):
         with PrivacyLedger(out / "privacy" / f"site-{site}.db", read_only=True) as ledger:
-            kinds = [entry.kind for entry in ledger.entries()]
-        assert kinds.count("spend") == trainings and kinds.count("confirm") == trainings
+            spends, entries = ledger.spends(), ledger.entries()
+        mechanisms = [spend.mechanism for spend in spends]
+        assert mechanisms.count("dp-sgd") == mechanisms.count("release:train-loss") == trainings
+        assert len(entries) == 2 * len(spends)
     report = json.loads((out / "privacy_report.json").read_text())
     assert "site-2" in json.dumps(report) and "budget-exhausted" in json.dumps(report)
     assert (out / "plots" / "epsilon.png").is_file()
-    assert main(["privacy", "audit", *(str(p) for p in sorted((out / "privacy").glob("*.db")))]) == 0
+    ledgers = [str(p) for p in sorted((out / "privacy").glob("*.db"))]
+    assert main(["privacy", "audit", "--history", str(out / "history.json"), *ledgers]) == 0

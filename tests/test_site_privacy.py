@@ -56,6 +56,19 @@ def train_round(run_config: dict, node_config: dict, server_round: int, arrays: 
     return client_app.app(message, context)
 
 
+def evaluate_round(run_config: dict, node_config: dict, server_round: int, arrays: ArrayRecord) -> Message:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1234, 1
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    message = Message(content=content, dst_node_id=7, message_type="evaluate")
+    context = Context(run_id=1234, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+    return client_app.app(message, context)
+
+
+def reply_text(reply: Message) -> str:
+    """Everything a reply carries, as text (what a curious server could read)."""
+    return repr({name: dict(record) for name, record in reply.content.items() if name != "arrays"})
+
+
 _SUBPROCESS_ROUND = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -99,19 +112,26 @@ def two_rounds(run_config, global_arrays, site_files) -> dict:
     first = json.loads(done.stdout.strip().splitlines()[-1])
     second = train_round(run_config, node, 2, global_arrays)
     assert not second.has_error(), second.error
-    return {"ledger": Path(node["ledger-path"]), "first": first, "second": dict(second.content["metrics"])}
+    with PrivacyLedger(node["ledger-path"], read_only=True) as ledger:
+        train_rows = round(8 / ledger.spends()[0].sample_rate)
+    return {"ledger": Path(node["ledger-path"]), "first": first, "second": dict(second.content["metrics"]),
+            "anchor": dict(second.content["ledger"]), "train_rows": train_rows}
 
 
 def test_cumulative_epsilon_continues_across_a_process_restart(two_rounds):
     eps1, eps2 = two_rounds["first"]["epsilon"], two_rounds["second"]["epsilon"]
     with PrivacyLedger(two_rounds["ledger"], read_only=True) as ledger:
         entries, history, problems = ledger.entries(), ledger.history(), ledger.verify_chain()
-    assert [e.kind for e in entries] == ["spend", "confirm", "spend", "confirm"]
-    assert [e.round for e in entries] == [1, 1, 2, 2]
+    # Each round: the DP-SGD steps and the noised train-loss release, charged, then confirmed.
+    assert [e.kind for e in entries] == ["spend", "spend", "confirm", "confirm"] * 2
+    assert [e.mechanism for e in entries if e.kind == "spend"] == ["dp-sgd", "release:train-loss"] * 2
+    assert [e.round for e in entries] == [1, 1, 1, 1, 2, 2, 2, 2]
     assert problems == []
-    assert history[0] == history[1] == (SIGMA, 1 / 3, 2)
+    q = 8 / two_rounds["train_rows"]
+    assert history[0] == history[2] == (SIGMA, q, 2)
+    assert history[1] == history[3] == (10.0, q, 1)  # metric-noise-multiplier's default
     assert 0 < eps1 < eps2
-    assert eps1 == pytest.approx(epsilon_for(history[:1], 1e-5), rel=1e-12)
+    assert eps1 == pytest.approx(epsilon_for(history[:2], 1e-5), rel=1e-12)
     # Round 2 reports the spend of both rounds, not a fresh accountant's single round.
     assert eps2 == pytest.approx(epsilon_for(history, 1e-5), rel=1e-12)
 
@@ -134,8 +154,7 @@ def test_site_refuses_a_round_past_its_budget(run_config, global_arrays, site_fi
 
     assert not reply.has_error(), reply.error
     assert "arrays" not in reply.content
-    assert reply.content["status"]["status"] == "budget-exhausted"
-    assert "max-epsilon 1.0000" in reply.content["status"]["reason"]
+    assert dict(reply.content["status"]) == {"status": "budget-exhausted", "setting": "max-epsilon"}
     with PrivacyLedger(path, read_only=True) as ledger:
         assert len(ledger.spends()) == 1
         assert ledger.head_hash() == head
@@ -160,28 +179,53 @@ def test_server_cannot_loosen_the_site_policy(run_config, site_files, setting, r
     reply = train_round(apply_overrides(run_config, request_), node, 1, ArrayRecord())
     assert not reply.has_error(), reply.error
     assert "arrays" not in reply.content
-    assert reply.content["status"]["status"] == "policy-refused"
-    assert reply.content["status"]["reason"].startswith(f"{setting}:")
+    assert dict(reply.content["status"]) == {"status": "policy-refused", "setting": setting}
     assert not ledger.exists(), "a refused request must not touch the ledger"
 
 
 @pytest.mark.parametrize(
-    ("content", "problem"),
+    ("content", "setting", "problem"),
     [
-        (b"text,diagnosis\nchest pain,cardio\ncough,pulmo\n", "missing column 'label'"),
-        (b"text,label\nchest pain,cardio\ncough \xff\xfe wheeze,pulmo\n", "not valid UTF-8"),
+        (b"text,diagnosis\nchest pain,cardio\ncough,pulmo\n", "label-column", "missing column 'label'"),
+        (b"text,label\nchest pain,cardio\ncough \xff\xfe wheeze,pulmo\n", "data-path", "not valid UTF-8"),
+        (b"text,Jane Doe\nchest pain,cardio\ncough,pulmo\n", "label-column", "available columns: text, Jane Doe"),
     ],
-    ids=["missing-label-column", "undecodable-bytes"],
+    ids=["missing-label-column", "undecodable-bytes", "a-column-named-after-a-patient"],
 )
-def test_malformed_site_data_is_a_data_error_reply(run_config, tmp_path, content, problem):
+def test_malformed_site_data_is_a_code_and_a_setting_and_its_text_stays_local(run_config, tmp_path, caplog, content, setting, problem):
+    """Errors about the whole file (its format, its columns) are a code and the setting at
+    fault; the text, which names paths and columns, stays in the site's log."""
     bad = tmp_path / "site.csv"
     bad.write_bytes(content)
     node = {"data-path": str(bad), "ledger-path": str(tmp_path / "l.db")}
     reply = train_round(run_config, node, 1, ArrayRecord())
     assert not reply.has_error(), reply.error
-    status = reply.content["status"]
-    assert status["status"] == "data-error"
-    assert str(bad) in status["reason"] and problem in status["reason"]
+    assert dict(reply.content["status"]) == {"status": "data-error", "setting": setting}
+    assert "Jane" not in reply_text(reply) and str(tmp_path) not in reply_text(reply)
+    assert problem in caplog.text and str(bad) in caplog.text  # the operator still sees why
+
+
+def test_a_label_that_is_a_name_is_dropped_locally_not_quoted(run_config, global_arrays, tmp_path, caplog):
+    """The attack: the server picks ``label-names``; a file whose label cell holds a patient's
+    name came back quoted in the refusal (``unknown label 'Jane Doe'``)."""
+    data = _write_notes(tmp_path / "site.csv")
+    with data.open("a") as f:
+        f.write("patient chest pain follow up,Jane Doe\n")
+    node = {"data-path": str(data), "ledger-path": str(tmp_path / "l.db")}
+    reply = train_round(run_config, node, 1, global_arrays)
+    assert "arrays" in reply.content and "status" not in reply.content
+    assert "Jane" not in reply_text(reply)
+    assert "1 of 31 rows dropped" in caplog.text
+
+
+def test_a_site_with_no_usable_rows_answers_like_any_other_under_dp(run_config, global_arrays, tmp_path):
+    """The probe: ``label-names`` set to one label only. If the site refused when no row had
+    it, the refusal would tell the server whether any record carries that label."""
+    probe = apply_overrides(run_config, {"label-names": "hiv-positive"})
+    node = {"data-path": run_config["data"], "ledger-path": str(tmp_path / "l.db"), "num-examples": 30}
+    reply = train_round(probe, node, 1, GlobalModel.load(probe).arrays())
+    assert set(reply.content) == {"arrays", "metrics", "site", "ledger"}
+    assert reply.content["metrics"]["num-examples"] == 24  # the declared share, not the 0 usable rows
 
 
 def _reply(**records) -> Message:
@@ -192,46 +236,78 @@ ADAPTER_KEY = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A
 BASE_KEY = "base_model.model.bert.embeddings.word_embeddings.weight"
 
 
+RECEIVED = ArrayRecord({ADAPTER_KEY: torch.zeros(4, 6)})
+
+
 @pytest.mark.parametrize(
     ("records", "named"),
     [
-        ({"arrays": ArrayRecord({ADAPTER_KEY: torch.zeros(2, 2), BASE_KEY: torch.zeros(4, 2)})}, BASE_KEY),
+        ({"arrays": ArrayRecord({ADAPTER_KEY: torch.zeros(4, 6), BASE_KEY: torch.zeros(4, 2)})}, BASE_KEY),
+        ({"arrays": ArrayRecord({ADAPTER_KEY: torch.zeros(4, 7)})}, "shape (4, 7) differs"),
+        ({"arrays": ArrayRecord({ADAPTER_KEY: torch.zeros(4, 6, dtype=torch.float64)})}, "dtype float64 differs"),
         ({"metrics": MetricRecord({"num-examples": 3, "mean-age": 54.2})}, "mean-age"),
         ({"metrics": ConfigRecord({"num-examples": 3, "note": "patient 12: chest pain"})}, "'metrics' (ConfigRecord)"),
-        ({"status": ConfigRecord({"status": "data-error", "reason": "x", "row": "chest pain"})}, "row"),
+        ({"status": ConfigRecord({"status": "data-error", "setting": "label-names", "row": "chest pain"})}, "row"),
+        ({"status": ConfigRecord({"status": "data-error", "setting": "Jane Doe"})}, "is not a known code and setting"),
+        ({"status": ConfigRecord({"status": "unknown label Jane Doe", "setting": ""})}, "is not a known code and setting"),
+        ({"ledger": ConfigRecord({"rows": 3, "head": "Jane Doe"})}, "sha256 hex digest"),
         ({"examples": ConfigRecord({"text": "chest pain"})}, "'examples'"),
     ],
-    ids=["base-model-tensor", "metric-not-whitelisted", "string-in-metrics", "extra-status-field", "extra-record"],
+    ids=["base-model-tensor", "other-shape", "other-dtype", "metric-not-whitelisted", "string-in-metrics",
+         "extra-status-field", "free-text-setting", "free-text-status", "free-text-ledger-head", "extra-record"],
 )
-def test_outgoing_guard_blocks_anything_but_adapters_and_whitelisted_scalars(records, named):
+def test_outgoing_guard_blocks_anything_but_the_received_adapter_and_public_records(records, named):
     with pytest.raises(DisclosureError, match=re.escape(named)):
-        check_outgoing(_reply(**records))
+        check_outgoing(_reply(**records), RECEIVED)
 
 
-def test_outgoing_guard_passes_a_legitimate_reply():
+def test_outgoing_guard_passes_a_legitimate_reply_and_a_lower_rank():
     check_outgoing(_reply(
-        arrays=ArrayRecord({ADAPTER_KEY: torch.zeros(2, 2)}),
+        arrays=ArrayRecord({ADAPTER_KEY: torch.zeros(2, 6)}),  # lora_A at rank 2 of 4 (HetLoRA)
         metrics=MetricRecord({"num-examples": 3, "epsilon": 1.5, "dp": 1}),
         site=ConfigRecord({"name": "site-a"}),
-    ))
+        ledger=ConfigRecord({"rows": 4, "head": "ab" * 32}),
+    ), RECEIVED)
 
 
-def test_client_app_turns_a_leaking_handler_into_an_error(run_config):
-    """The guard runs on the handler's reply inside the ClientApp; the leaking reply is never
-    returned. Flower's runtime turns the raised error into an error reply without content
-    (``flwr.supernode.runtime.run_clientapp``), so the tensor never reaches the server."""
-    leaky = ClientApp(mods=[outgoing_guard])
+def _guarded_app(handler) -> ClientApp:
+    app = ClientApp(mods=[outgoing_guard])
+    app.train()(handler)
+    return app
 
-    @leaky.train()
+
+def _call(app: ClientApp, run_config: dict) -> Message:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1234, 1
+    message = Message(content=RecordDict({"arrays": RECEIVED, "config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="train")
+    context = Context(run_id=1234, node_id=7, node_config={}, state=RecordDict(), run_config=run_config)
+    return app(message, context)
+
+
+def test_a_leaking_handler_sends_only_a_code(run_config, caplog):
+    """The guard runs on the handler's reply inside the ClientApp: the leaking reply becomes a
+    ``disclosure-blocked`` status, with nothing of it in the reply."""
     def leak(msg: Message, context: Context) -> Message:
         content = RecordDict({"arrays": ArrayRecord({BASE_KEY: torch.ones(4, 2)}), "metrics": MetricRecord({"num-examples": 3})})
         return Message(content=content, reply_to=msg)
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1234, 1
-    message = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="train")
-    context = Context(run_id=1234, node_id=7, node_config={}, state=RecordDict(), run_config=run_config)
-    with pytest.raises(DisclosureError, match="non-adapter tensor"):
-        leaky(message, context)
+    reply = _call(_guarded_app(leak), run_config)
+    assert not reply.has_error()
+    assert set(reply.content) == {"status"}
+    assert dict(reply.content["status"]) == {"status": "disclosure-blocked", "setting": ""}
+    assert BASE_KEY in caplog.text
+
+
+def test_an_exception_at_the_site_never_sends_its_text(run_config, caplog):
+    """The attack: Flower turns an exception in a ClientApp into an error reply whose reason is
+    the exception's text, so any error message that quotes data reached the server."""
+    def crash(msg: Message, context: Context) -> Message:
+        raise RuntimeError("row 17: patient Jane Doe, 54, chest pain")
+
+    reply = _call(_guarded_app(crash), run_config)
+    assert not reply.has_error()
+    assert dict(reply.content["status"]) == {"status": "internal-error", "setting": ""}
+    assert "Jane" not in reply_text(reply)
+    assert "Jane Doe" in caplog.text
 
 
 def test_privacy_audit_passes_on_the_rounds_ledger_and_fails_after_tampering(two_rounds, tmp_path, capsys):
@@ -246,3 +322,154 @@ def test_privacy_audit_passes_on_the_rounds_ledger_and_fails_after_tampering(two
     assert cli.main(["privacy", "audit", str(ledger)]) == 1
     out = capsys.readouterr().out
     assert "row 1: bad hash" in out and "FAILED" in out
+
+
+# --- the side-channel attacks (issue: nothing un-noised leaves a site) ---------------------------
+
+
+def _full_batch_config(run_config: dict) -> dict:
+    """The attack's run config: one step on a batch holding every record (q = 1), so the
+    loss a site used to report was the exact mean loss of all its records at a chosen model."""
+    return apply_overrides(run_config, {"batch-size": 1000, "local-steps": 1, "seed": 7})
+
+
+def test_reported_train_loss_is_a_noised_release_not_the_exact_mean(run_config, global_arrays, site_files):
+    """Two identical rounds (same data, seed, received adapter). The exact mean loss would be
+    the same both times, and a record's loss is the difference of two such rounds with and
+    without it. The released loss differs, by the mechanism's noise."""
+    config = _full_batch_config(run_config)
+    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "attack.db")}
+    first, second = (train_round(config, node, r, global_arrays) for r in (1, 2))
+    loss1, loss2 = first.content["metrics"]["train-loss"], second.content["metrics"]["train-loss"]
+    assert loss1 != loss2
+    with PrivacyLedger(node["ledger-path"], read_only=True) as ledger:
+        releases = [e for e in ledger.spends() if e.mechanism == "release:train-loss"]
+    assert [(e.noise_multiplier, e.sample_rate, e.steps) for e in releases] == [(10.0, 1.0, 1)] * 2
+    for metrics in (first.content["metrics"], second.content["metrics"]):
+        # No exact count, no timing: only public settings, the public weight and releases.
+        assert metrics["num-examples"] == 1
+        assert "seconds" not in metrics and "examples-per-second" not in metrics
+
+
+def test_evaluation_is_a_charged_noised_release(run_config, global_arrays, site_files):
+    # 600 rows (about 120 held out, declared): accuracy noise sigma sqrt(2) / 120 ~ 0.12.
+    data = _write_notes(site_files / "eval.csv", rows=600)
+    node = {"data-path": str(data), "ledger-path": str(site_files / "eval.db"), "num-examples": 600}
+    replies = [evaluate_round(run_config, node, 1, global_arrays) for _ in range(2)]
+    accuracies = [r.content["metrics"]["eval-accuracy"] for r in replies]
+    assert accuracies[0] != accuracies[1] and all(-1 < a < 2 for a in accuracies)
+    assert all(r.content["metrics"]["num-examples"] == 120 for r in replies)  # public: 0.2 x 600
+    with PrivacyLedger(node["ledger-path"], read_only=True) as ledger:
+        spends = ledger.spends()
+        anchor = ledger.anchor()
+    assert [(e.mechanism, e.sample_rate, e.max_grad_norm) for e in spends] == [("release:eval", 1.0, 2 ** 0.5)] * 2
+    assert replies[1].content["metrics"]["epsilon"] == pytest.approx(epsilon_for(ledger_history(spends), 1e-5))
+    assert dict(replies[1].content["ledger"]) == {"rows": anchor.rows, "head": anchor.head}
+
+
+def ledger_history(spends) -> list:
+    return [(e.noise_multiplier, e.sample_rate, e.steps) for e in spends]
+
+
+def test_report_metrics_none_releases_nothing(run_config, global_arrays, site_files):
+    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "silent.db"), "report-metrics": "none"}
+    trained = train_round(run_config, node, 1, global_arrays)
+    assert "train-loss" not in trained.content["metrics"]
+    evaluated = evaluate_round(run_config, node, 1, global_arrays)
+    assert dict(evaluated.content["status"]) == {"status": "metrics-withheld", "setting": "report-metrics"}
+    with PrivacyLedger(node["ledger-path"], read_only=True) as ledger:
+        assert [e.mechanism for e in ledger.spends()] == ["dp-sgd"]
+
+
+def test_declared_size_sets_the_weight_and_the_sampling_rate(run_config, global_arrays, site_files):
+    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "declared.db"), "num-examples": 400}
+    metrics = train_round(run_config, node, 1, global_arrays).content["metrics"]
+    # 400 declared rows, eval-fraction 0.2: 320 public training rows.
+    assert metrics["num-examples"] == 320 and metrics["sample-rate"] == pytest.approx(8 / 320)
+
+
+def test_noise_floor_holds_when_sigma_is_calibrated(run_config, global_arrays, site_files):
+    """The attack: a server asks for target-epsilon 1000, and calibration gave sigma 0.43 at a
+    site whose node config says min-noise-multiplier 0.8."""
+    config = apply_overrides(run_config, {"noise-multiplier": 0.0, "target-epsilon": 1000.0})
+    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "floor.db"),
+            "min-noise-multiplier": 0.8, "max-epsilon": 1000.0}
+    reply = train_round(config, node, 1, global_arrays)
+    assert reply.content["metrics"]["noise-multiplier"] >= 0.8
+    with PrivacyLedger(node["ledger-path"], read_only=True) as ledger:
+        assert all(e.noise_multiplier >= 0.8 for e in ledger.spends())
+
+
+def test_a_dp_site_without_a_ledger_path_refuses(run_config, global_arrays):
+    """A default ledger keyed by node id gave every new node id a fresh budget."""
+    reply = train_round(run_config, {"data-path": run_config["data"]}, 1, global_arrays)
+    assert dict(reply.content["status"]) == {"status": "policy-refused", "setting": "ledger-path"}
+
+
+def test_delta_not_below_one_over_n_is_refused(run_config, global_arrays, site_files):
+    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "delta.db"), "delta": 0.05}
+    config = apply_overrides(run_config, {"delta": 0.0})  # the server asks for no delta: the site's
+    reply = train_round(config, node, 1, global_arrays)  # about 25 training rows: 1/n ~ 0.04
+    assert dict(reply.content["status"]) == {"status": "policy-refused", "setting": "delta"}
+    assert not (site_files / "delta.db").exists()
+
+
+def test_a_tampered_ledger_is_refused_before_training(run_config, global_arrays, two_rounds, tmp_path):
+    ledger = shutil.copy(two_rounds["ledger"], tmp_path / "site.db")
+    with sqlite3.connect(ledger) as db:
+        db.execute("DROP TRIGGER ledger_no_update")
+        db.execute("UPDATE ledger SET epsilon = 0.1 WHERE id = 1")
+    reply = train_round(run_config, {"data-path": run_config["data"], "ledger-path": str(ledger)}, 3, global_arrays)
+    assert dict(reply.content["status"]) == {"status": "ledger-error", "setting": "ledger-path"}
+
+
+def test_user_level_dp_samples_users_and_the_ledger_says_so(run_config, global_arrays, site_files):
+    """privacy-unit-column: 60 rows of 12 patients (5 each). The sampling rate is over patients,
+    a patient's rows stay on one side of the held-out split, and every ledger row and the audit
+    name the unit."""
+    rows = [{"text": f"patient {i // 5} {['heart', 'cough', 'liver'][i % 3]} note {i}",
+             "label": LABELS[i % 3], "patient": f"p{i // 5}"} for i in range(60)]
+    data = site_files / "patients.csv"
+    pd.DataFrame(rows).to_csv(data, index=False)
+    config = apply_overrides(run_config, {"batch-size": 4})
+    node = {"data-path": str(data), "ledger-path": str(site_files / "users.db"),
+            "privacy-unit-column": "patient", "num-examples": 12, "delta": 1e-3}
+    reply = train_round(apply_overrides(config, {"delta": 0.0}), node, 1, global_arrays)
+    assert reply.content["metrics"]["sample-rate"] == pytest.approx(4 / 10)  # 0.8 x 12 patients
+    assert reply.content["metrics"]["user-level"] == 1  # so the server's privacy report says "user"
+    with PrivacyLedger(node["ledger-path"], read_only=True) as ledger:
+        assert {e.privacy_unit for e in ledger.entries()} == {"user:patient"}
+    assert cli.main(["privacy", "audit", "--json", node["ledger-path"]]) == 0
+
+
+def test_user_level_dp_without_the_column_is_a_data_error_naming_the_setting(run_config, global_arrays, site_files):
+    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "nouser.db"), "privacy-unit-column": "patient"}
+    reply = train_round(run_config, node, 1, global_arrays)
+    assert dict(reply.content["status"]) == {"status": "data-error", "setting": "privacy-unit-column"}
+
+
+def test_a_row_that_fails_to_encode_is_dropped_locally(run_config, global_arrays, site_files, monkeypatch, caplog):
+    """A tokenizer failure on one row must not fail the round or travel in a reply."""
+    from client import site as site_module
+
+    real_encode = site_module.encode
+
+    def fragile_encode(split, tokenizer, task, max_length):
+        if any(text.endswith("note 4") for text in split["text"]):
+            raise ValueError("tokenizer choked on 'patient heart note 4'")
+        return real_encode(split, tokenizer, task, max_length)
+
+    monkeypatch.setattr(site_module, "encode", fragile_encode)
+    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "encode.db")}
+    reply = train_round(run_config, node, 1, global_arrays)
+    assert "arrays" in reply.content and "choked" not in reply_text(reply)
+    assert "could not be encoded (ValueError); dropped" in caplog.text
+
+
+def test_a_deployed_site_never_reads_a_path_the_server_chose(run_config, global_arrays, tmp_path):
+    """Without ``label-names`` the labels came from the run's ``data``: a server-chosen path on
+    the site's machine, whose readability the refusal code then revealed."""
+    probe = apply_overrides(run_config, {"label-names": "", "data": "/etc/hospital/secret-register.csv"})
+    node = {"data-path": run_config["data"], "ledger-path": str(tmp_path / "l.db")}
+    reply = train_round(probe, node, 1, global_arrays)
+    assert dict(reply.content["status"]) == {"status": "policy-refused", "setting": "label-names"}

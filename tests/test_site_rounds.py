@@ -9,7 +9,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from client.outgoing_guard import ALLOWED_METRICS
-from fedlora.adapters import is_adapter_key
 from fedlora.run_config import apply_overrides
 from server.global_model import GlobalModel
 
@@ -35,10 +34,10 @@ def test_classification_round_sends_only_adapter_and_whitelisted_metrics(tiny_ru
     ctx = site_context(tiny_run_config, {"data-path": str(classification_csv), "ledger-path": str(tmp_path / "l.db")})
     reply = client_app.app(train_message(sent), ctx)
     assert not reply.has_error(), reply.error
-    assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
+    assert set(reply.content.keys()) == {"arrays", "metrics", "site", "ledger"}
     arrays = reply.content["arrays"]
     assert set(arrays.keys()) == set(sent.keys())
-    assert all(is_adapter_key(k) for k in arrays)
+    assert all(".lora_A." in k or ".lora_B." in k or ".classifier." in k for k in arrays)
     assert not any(k.startswith("base_model.model.bert.embeddings") for k in arrays)
     assert arrays.count_bytes() == sent.count_bytes()
     # LoRA tensors only: 2 layers x (query, value) x (A, B) + classifier weight and bias.
@@ -60,5 +59,6 @@ def test_causal_lm_round_on_tiny_llama(tiny_llama, instruction_jsonl, tiny_run_c
     assert not reply.has_error(), reply.error
     assert set(reply.content["arrays"].keys()) == set(sent.keys())
     evaluation = client_app.app(Message(content=RecordDict({"arrays": reply.content["arrays"], "config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="evaluate"), ctx)
-    assert 0.0 <= evaluation.content["metrics"]["eval-accuracy"] <= 1.0
-    assert evaluation.content["metrics"]["eval-loss"] > 0
+    # Noised releases: unbiased, so not clamped to [0, 1] or to >= 0 (privacy.release).
+    assert isinstance(evaluation.content["metrics"]["eval-accuracy"], float)
+    assert isinstance(evaluation.content["metrics"]["eval-loss"], float)

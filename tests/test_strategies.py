@@ -57,8 +57,8 @@ class FakeSite:
             return Message(RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": self.name})}), reply_to=msg)
         sent = self.update(decode(msg.content["arrays"]), int(msg.content["config"]["server-round"]))
         if sent is None:
-            status = ConfigRecord({"status": "budget-exhausted", "reason": "test"})
-            content = {"status": status, "metrics": MetricRecord({"num-examples": 0}), "site": ConfigRecord({"name": self.name})}
+            status = ConfigRecord({"status": "budget-exhausted", "setting": "max-epsilon"})
+            content = {"status": status, "site": ConfigRecord({"name": self.name})}
             return Message(RecordDict(content), reply_to=msg)
         metrics |= {"train-loss": 1.0}
         content = {"arrays": record(sent), "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": self.name})}
@@ -204,7 +204,7 @@ def test_every_rejection_is_recorded_and_only_valid_updates_are_aggregated(confi
         assert seen["good-1"][0] == seen["good-2"][0] == "aggregated"
         for name, (_, reason) in BAD_SITES.items():
             assert seen[name][0] == "rejected" and reason in seen[name][1], (name, seen[name])
-        assert seen["refuses"] == ("refused", "budget-exhausted: test")
+        assert seen["refuses"] == ("refused", "budget-exhausted (setting max-epsilon)")
         assert seen["node-21"] == ("failed", "ClientApp raised")
         assert len(seen) == len(sites)
     # The last global adapter is the weighted mean of the two valid updates of round 2 only.
@@ -359,6 +359,8 @@ def test_central_dp_reports_epsilon_and_adds_calibrated_noise(config, initial):
     assert 0 < epsilons[0] < epsilons[1]
     # Round 3: one site refused, so exactly-m cannot hold: nothing released, nothing spent.
     assert "central DP needs exactly 3" in history[2]["failure"] and epsilons[2] == epsilons[1]
+    released = {"noise_multiplier": z, "clipping_norm": clip, "num_sampled_clients": m, "delta": 1e-5}
+    assert [entry["central_dp"] for entry in history] == [released, released, None]
 
     # The round-2 aggregate is the *equally weighted* mean plus N(0, (zC/m)^2) noise.
     replies = grid.train_replies(2)
@@ -367,7 +369,8 @@ def test_central_dp_reports_epsilon_and_adds_calibrated_noise(config, initial):
     assert noise.std() == pytest.approx(z * clip / m, rel=0.1)
     assert abs(noise.mean()) < 0.05
 
-    resumed = build_strategy(run_config)
+    # A resume replays the recorded releases, at their z even where the resumed run's differs.
+    resumed = build_strategy({**run_config, "central-dp-noise-multiplier": 10 * z})
     resumed.restore(history)
     assert resumed.central_epsilon == pytest.approx(epsilons[1])
 
