@@ -203,6 +203,8 @@ def audit_main(argv: list[str] | None = None) -> int:
     # still a valid bound, and the advice would only clutter the auditor's report.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
+        # PRV at q = 1 (an evaluation release) takes log(1 - q) = -inf on purpose; the value is right.
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus.accountants.analysis.prv")
         for path in args.ledgers:
             try:
                 audit = audit_ledger(path)
