@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from client.outgoing_guard import outgoing_guard
 from client.refusals import RefusedRound
 from client.site import Site
-from privacy.ledger import Anchor
+from privacy.ledger import Anchor, ledger_anchor
 
 app = ClientApp(mods=[outgoing_guard])
 
@@ -70,6 +70,7 @@ def _ledger_record(anchor: Anchor | None) -> dict[str, ConfigRecord]:
 
 
 def _status_reply(msg: Message, site: Site, refusal: RefusedRound) -> Message:
-    """No weights and no metrics: only a code and a setting name."""
-    content = RecordDict({"status": refusal.record(), "site": _site_record(site)})
+    """No weights and no metrics: only a code and a setting name (and the ledger's anchor)."""
+    anchor = ledger_anchor(site.node.get("ledger-path"))
+    content = RecordDict({"status": refusal.record(), "site": _site_record(site), **_ledger_record(anchor)})
     return Message(content=content, reply_to=msg)

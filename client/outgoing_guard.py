@@ -16,6 +16,7 @@ the exception's text (which can quote data) to the server. Full texts go to the 
 
 from __future__ import annotations
 
+import math
 import re
 import traceback
 from logging import ERROR
@@ -25,6 +26,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 
 from client.refusals import SETTINGS, STATUS_CODES
+from privacy.ledger import ledger_anchor
 
 ALLOWED_METRICS = frozenset(
     {
@@ -68,17 +70,23 @@ def outgoing_guard(message: Message, context: Context, call_next: ClientAppCalla
         reply = call_next(message, context)
     except Exception:  # noqa: BLE001 - whatever it was, its text stays here
         log(ERROR, "site handler failed; the server gets only 'internal-error':\n%s", traceback.format_exc())
-        return _code_only(message, "internal-error")
+        return _code_only(message, context, "internal-error")
     try:
         check_outgoing(reply, received)
     except DisclosureError as err:
         log(ERROR, "outgoing reply blocked, the server gets only 'disclosure-blocked': %s", err)
-        return _code_only(message, "disclosure-blocked")
+        return _code_only(message, context, "disclosure-blocked")
     return reply
 
 
-def _code_only(message: Message, code: str) -> Message:
-    return Message(RecordDict({"status": ConfigRecord({"status": code, "setting": ""})}), reply_to=message)
+def _code_only(message: Message, context: Context, code: str) -> Message:
+    """A code, and the ledger's anchor: a round that crashed after its charge still shows the
+    server the rows it added, so they cannot vanish unnoticed."""
+    content = RecordDict({"status": ConfigRecord({"status": code, "setting": ""})})
+    anchor = ledger_anchor(context.node_config.get("ledger-path"))
+    if anchor is not None:
+        content["ledger"] = ConfigRecord({"rows": anchor.rows, "head": anchor.head})
+    return Message(content, reply_to=message)
 
 
 def _check_arrays(record: ArrayRecord, received: ArrayRecord) -> None:
@@ -110,6 +118,10 @@ def _check_metrics(record: MetricRecord) -> None:
     lists = [key for key, value in record.items() if isinstance(value, list)]
     if lists:
         raise DisclosureError(f"metric(s) must be scalars: {', '.join(lists)}")
+    # A NaN or infinity is no DP release: it would tell that some record broke the computation.
+    odd = [key for key, value in record.items() if not math.isfinite(value)]
+    if odd:
+        raise DisclosureError(f"metric(s) not finite: {', '.join(odd)}")
 
 
 def _check_fields(name: str, record: ConfigRecord) -> None:

@@ -21,9 +21,10 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
+import datasets
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
@@ -93,7 +94,7 @@ class Site:
     def train(self, global_adapter: ArrayRecord, server_round: int, proximal_mu: float = 0.0) -> TrainOutcome:
         """``proximal_mu`` > 0 (FedProx, sent by the server) adds (mu/2)||w - w_global||^2."""
         policy, dp = self._privacy()
-        data = self._data(policy)
+        data = self._data(policy, dp)
         model, tokenizer = self._model(global_adapter)
         task = str(self.run["task"])
         encoded = self._encode(data.train, data.units(data.train), tokenizer, "training")
@@ -116,13 +117,13 @@ class Site:
         q, steps = settings.sample_rate(population), settings.planned_steps(population)
         unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
         releases_loss = dp.enabled and policy.report_metrics == "noised"
-        noise = self._noise_multiplier(policy, dp, q, steps, unit) if dp.enabled else 0.0
+        noise = self._noise_multiplier(policy, dp, q, steps) if dp.enabled else 0.0
         charges = [Charge("dp-sgd", noise, q, steps, dp.max_grad_norm, unit)]
         if releases_loss:
             charges.append(train_loss_charge(policy.metric_noise_multiplier, q, unit))
         if not dp.enabled:
             torch.manual_seed(settings.seed)
-        with self._ledger(policy, dp) as ledger:
+        with self._ledger(policy) as ledger:
             spends = self._charge(ledger, charges, server_round, dp, settings.device)
             result = train(
                 model, encoded.examples, task, tokenizer.pad_token_id, settings,
@@ -141,7 +142,7 @@ class Site:
             self.name, server_round, result.steps, result.num_examples, encoded.num_units, noise,
             spends[-1].epsilon if spends else float("inf"), result.loss, result.seconds, result.zeroed_gradients)
         metrics: dict[str, float | int] = {
-            "num-examples": _fedavg_weight(policy, dp, encoded.num_units, population),
+            "num-examples": _fedavg_weight(dp, encoded.num_units, population),
             "steps": steps,
             "sample-rate": q,
             "noise-multiplier": noise,
@@ -165,7 +166,7 @@ class Site:
         policy, dp = self._privacy()
         if dp.enabled and policy.report_metrics == "none":
             raise RefusedRound("metrics-withheld", "report-metrics", "node config report-metrics = none")
-        data = self._data(policy)
+        data = self._data(policy, dp)
         model, tokenizer = self._model(global_adapter)
         encoded = self._encode(data.eval, data.units(data.eval), tokenizer, "evaluation")
         losses, correct, counted = per_example_scores(
@@ -181,7 +182,7 @@ class Site:
             }, None)
         population = self._population(policy, dp, encoded.num_units, held_out=True)
         unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
-        with self._ledger(policy, dp) as ledger:
+        with self._ledger(policy) as ledger:
             (spend,) = self._charge(ledger, [eval_charge(policy.metric_noise_multiplier, unit)], server_round, dp, self.device)
             metrics = noised_evaluation(
                 per_unit_means(losses, encoded.units), per_unit_means(accuracies, encoded.units),
@@ -190,40 +191,33 @@ class Site:
             ledger.confirm(spend.id)
             anchor = ledger.anchor()
         log(INFO, "%s round %s: evaluated (noised) on %s held-out rows, epsilon %.4f", self.name, server_round, len(encoded.examples), spend.epsilon)
-        weight = _fedavg_weight(policy, dp, encoded.num_units, population)
+        weight = _fedavg_weight(dp, encoded.num_units, population)
         return EvalOutcome({"num-examples": weight, **metrics, "epsilon": spend.epsilon, "dp": 1}, anchor)
 
     # -- privacy ------------------------------------------------------------------------------
 
     def _privacy(self) -> tuple[SitePolicy, EffectiveDP]:
+        """The site's policy and the DP settings it trains with; refused on configuration only."""
         try:
             policy = site_policy(self.node)
-            return policy, resolve(policy, dp_request(self.run))
+            dp = resolve(policy, dp_request(self.run))
+            if dp.enabled:
+                check_delta(dp.delta, policy.declared_examples)
+            return policy, dp
         except PolicyViolation as err:
             raise RefusedRound("policy-refused", err.setting, str(err)) from err
 
     def _population(self, policy: SitePolicy, dp: EffectiveDP, present: int, held_out: bool = False) -> int:
-        """The public number of units that sampling rates and released means divide by: the
-        declared ``num-examples`` (all the site's units) times the training or held-out share
-        (``eval-fraction``); without a declaration, the units present, which then become
-        visible to the server through q and epsilon (a warning in the site's log)."""
-        if policy.declared_examples is None:
-            if dp.enabled:
-                log(WARNING, "%s: node config has no num-examples; this site's unit count (%s) sets its "
-                    "sampling rate, which the server sees. Declare num-examples to keep it private.", self.name, present)
-            population = present
-        else:
-            share = float(self.run["eval-fraction"])
-            population = round(policy.declared_examples * (share if held_out else 1 - share))
-        population = max(1, population)
-        if dp.enabled:
-            try:
-                check_delta(dp.delta, population)
-            except PolicyViolation as err:
-                raise RefusedRound("policy-refused", err.setting, str(err)) from err
-        return population
+        """Under DP, the public number of units that sampling rates and released means divide
+        by: the declared ``num-examples`` times the training or held-out share
+        (``eval-fraction``), never the units usable under the run's settings (a count the server
+        could probe by choosing them). Without DP, the units present."""
+        if not dp.enabled:
+            return max(1, present)
+        share = float(self.run["eval-fraction"])
+        return max(1, round(policy.declared_examples * (share if held_out else 1 - share)))
 
-    def _noise_multiplier(self, policy: SitePolicy, dp: EffectiveDP, sample_rate: float, steps: int, unit: str) -> float:
+    def _noise_multiplier(self, policy: SitePolicy, dp: EffectiveDP, sample_rate: float, steps: int) -> float:
         """The run's fixed sigma: given, or calibrated so that *all* rounds of this run stay
         within the target epsilon, metric releases included (``num-server-rounds`` x (local
         steps + releases)); never below the site's ``min-noise-multiplier``."""
@@ -240,7 +234,7 @@ class Site:
             raise RefusedRound("policy-refused", "target-epsilon", str(err)) from err
         return dp.at_least_the_floor(sigma)
 
-    def _ledger(self, policy: SitePolicy, dp: EffectiveDP):
+    def _ledger(self, policy: SitePolicy):
         """The site's ledger (None for a non-private round at a site that keeps none)."""
         if policy.ledger_path is None:
             return _NoLedger()
@@ -279,7 +273,22 @@ class Site:
 
     # -- data and model -----------------------------------------------------------------------
 
-    def _data(self, policy: SitePolicy) -> SiteData:
+    def _data(self, policy: SitePolicy, dp: EffectiveDP) -> SiteData:
+        """The site's data. Under DP a data problem is not a refusal: whether a file parses, has
+        a column or a usable row can hang on one record (a JSON key, a malformed line), so the
+        site logs the problem here and answers like any other site, its steps adding noise only.
+        Without DP it refuses with a code and the setting at fault."""
+        try:
+            return self._load_data(policy)
+        except RefusedRound as refusal:
+            if not dp.enabled or refusal.code != "data-error":
+                raise
+            log(ERROR, "%s: its data cannot be used (%s); under DP it takes part with noise only, "
+                "the server is told nothing. Fix the data or the node config.", self.name, refusal)
+            empty = datasets.Dataset.from_dict({})
+            return SiteData(train=empty, eval=empty, source=str(self.node.get("data-path", "")))
+
+    def _load_data(self, policy: SitePolicy) -> SiteData:
         classification = self.run["task"] == "classification"
         if classification and "data-path" in self.node and not parse_label_names(str(self.run["label-names"])):
             # Else the labels would be read from the run's ``data``: a path on this machine
@@ -325,12 +334,10 @@ class Site:
         return model, tokenizer
 
 
-def _fedavg_weight(policy: SitePolicy, dp: EffectiveDP, present: int, population: int) -> int:
-    """Under DP a public value (the declared size, or 1: equal weights), never a count the
-    server could probe; without DP the count itself."""
-    if not dp.enabled:
-        return present
-    return 1 if policy.declared_examples is None else population
+def _fedavg_weight(dp: EffectiveDP, present: int, population: int) -> int:
+    """Under DP the public population (from the declared size), never a count the server could
+    probe; without DP the count itself."""
+    return population if dp.enabled else present
 
 
 class _NoLedger:

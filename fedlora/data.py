@@ -78,14 +78,15 @@ def load_classification(
     *some* row is bad must not decide if the site answers, see ``docs/privacy.md``).
     ``extra_columns`` are carried along as strings (e.g. the privacy unit).
     """
-    table = _with_columns(load_table(source), source, extra_columns)
+    table = load_table(source)
     if drop_bad_rows:
         names = None if label_names is None else [str(n) for n in label_names]
         table = _drop(table, source, [
             not _is_blank(text) and not _is_blank(label) and (names is None or _label_text(table, label_column, label) in names)
             for text, label in zip(_column(table, source, text_column, "text-column"),
                                    _column(table, source, label_column, "label-column"))
-        ])
+        ], extra_columns)
+    _check_filled(table, source, extra_columns)
     texts = _required_strings(table, source, text_column, "text-column")
     labels = _label_strings(table, source, label_column)
     names = sorted(set(labels)) if label_names is None else [str(n) for n in label_names]
@@ -118,13 +119,14 @@ def load_causal_lm(
 ) -> datasets.Dataset:
     """Load a prompt/response set as string columns ``prompt`` and ``response`` (rows with a
     missing or blank one dropped with ``drop_bad_rows``, else an error)."""
-    table = _with_columns(load_table(source), source, extra_columns)
+    table = load_table(source)
     if drop_bad_rows:
         table = _drop(table, source, [
             not _is_blank(p) and not _is_blank(r)
             for p, r in zip(_column(table, source, prompt_column, "prompt-column"),
                             _column(table, source, response_column, "response-column"))
-        ])
+        ], extra_columns)
+    _check_filled(table, source, extra_columns)
     return datasets.Dataset.from_dict(
         {
             "prompt": _required_strings(table, source, prompt_column, "prompt-column"),
@@ -138,21 +140,21 @@ def load_causal_lm(
     )
 
 
-def _with_columns(table: datasets.Dataset, source: str, columns: Sequence[str]) -> datasets.Dataset:
-    """``table``, checked to have ``columns`` (extra ones a caller carries along), each with a
-    value in every row."""
+def _check_filled(table: datasets.Dataset, source: str, columns: Sequence[str]) -> None:
+    """Every row has a value in each of ``columns`` (extra ones a caller carries along)."""
     for column in columns:
-        values = _column(table, source, column, "privacy-unit-column")
-        if any(_is_blank(v) for v in values):
+        if any(_is_blank(v) for v in _column(table, source, column, "privacy-unit-column")):
             raise DataError(f"{source}: column {column!r} has empty values; every row needs one", setting="privacy-unit-column")
-    return table
 
 
-def _drop(table: datasets.Dataset, source: str, keep: list[bool]) -> datasets.Dataset:
+def _drop(table: datasets.Dataset, source: str, keep: list[bool], extra_columns: Sequence[str]) -> datasets.Dataset:
+    """The rows of ``table`` marked in ``keep`` that also have every extra column filled."""
+    for column in extra_columns:
+        keep = [k and not _is_blank(v) for k, v in zip(keep, _column(table, source, column, "privacy-unit-column"))]
     dropped = keep.count(False)
     if dropped:
-        log(WARNING, "%s: %s of %s rows dropped (missing text or label, or a label not in label-names)",
-            source, dropped, len(keep))
+        log(WARNING, "%s: %s of %s rows dropped (a missing text, label or privacy unit, or a label "
+            "not in label-names)", source, dropped, len(keep))
     return table.select([i for i, k in enumerate(keep) if k], keep_in_memory=True)
 
 

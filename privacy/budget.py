@@ -8,8 +8,9 @@ A site states its policy in its Flower **node config**, which only the site cont
     dp                       false only to *allow* non-private training     (default true)
     ledger-path              the site's ledger; required to train with DP   (no default)
     num-examples             the site's public size (rows, or users under user-level DP, in
-                             its data): sampling rate, steps, release denominators and the
-                             FedAvg weight come from it, never from the private count
+                             its data); required for DP: sampling rate, steps, release
+                             denominators and the FedAvg weight come from it, never from a
+                             count of private rows
     report-metrics           ``noised`` (DP releases, charged) or ``none``  (default noised)
     metric-noise-multiplier  sigma of those releases, >= min-noise-multiplier (default 10.0)
     privacy-unit-column      user-level DP: one unit = all rows sharing this column's value
@@ -186,6 +187,13 @@ def resolve(policy: SitePolicy, request: DPRequest) -> EffectiveDP:
         raise PolicyViolation(
             "ledger-path", "this site trains with DP but its node config names no ledger-path: "
             "set ledger-path to a file the site keeps for good (its lifetime privacy record)"
+        )
+    if policy.declared_examples is None:
+        raise PolicyViolation(
+            "num-examples", "this site trains with DP but its node config declares no num-examples: "
+            "set it to the number of rows (users, with privacy-unit-column) in its data. Sampling "
+            "rates and weights must come from it: the count of rows usable under a run's settings "
+            "would answer the server's probes (which labels, which lengths)"
         )
     if request.delta > policy.delta:
         raise PolicyViolation(

@@ -181,9 +181,7 @@ class PrivacyLedger:
                 self._db.executescript(_SCHEMA)
             columns = tuple(r[1] for r in self._db.execute("PRAGMA table_info(ledger)"))
             if columns == LEGACY_COLUMNS and not read_only:
-                for column in EXTENSION_COLUMNS:
-                    self._db.execute(f"ALTER TABLE ledger ADD COLUMN {column} TEXT")
-                columns = COLUMNS
+                columns = self._upgrade()
         except sqlite3.DatabaseError as err:
             self._db.close()
             raise LedgerError(f"{self.path} is not a privacy ledger: {err}") from err
@@ -374,6 +372,16 @@ class PrivacyLedger:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _upgrade(self) -> tuple[str, ...]:
+        """Add the extension columns to a legacy ledger, once: under the write lock, so two
+        processes opening it together do not both try."""
+        with self._transaction():
+            present = tuple(r[1] for r in self._db.execute("PRAGMA table_info(ledger)"))
+            for column in EXTENSION_COLUMNS:
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE ledger ADD COLUMN {column} TEXT")
+        return COLUMNS
+
     def _raw_rows(self) -> list[dict[str, Any]]:
         """Every row with every column of :data:`COLUMNS`; a legacy ledger opened read-only
         (not upgraded) reads NULL for the extension columns."""
@@ -411,6 +419,17 @@ class PrivacyLedger:
             [row[c] for c in COLUMNS],
         )
         return _entry(row)
+
+
+def ledger_anchor(path: str | Path | None) -> Anchor | None:
+    """The anchor of the ledger at ``path``, read-only; None when there is none to read."""
+    if not path or not Path(str(path)).expanduser().is_file():
+        return None
+    try:
+        with PrivacyLedger(Path(str(path)).expanduser(), read_only=True) as ledger:
+            return ledger.anchor()
+    except (LedgerError, sqlite3.Error):
+        return None
 
 
 def _entry(row: dict[str, Any]) -> LedgerEntry:

@@ -76,10 +76,16 @@ def per_unit_means(values: torch.Tensor, units: Sequence[int]) -> torch.Tensor:
     return sums / sizes
 
 
+def clip_losses(unit_losses: torch.Tensor) -> torch.Tensor:
+    """Per-unit losses in [0, L]; a NaN or infinite loss counts as L. Clamping alone keeps a NaN,
+    and one NaN would turn the whole release into NaN: an output decided by a single record."""
+    return torch.nan_to_num(unit_losses.double(), nan=LOSS_BOUND, posinf=LOSS_BOUND, neginf=0.0).clamp(0, LOSS_BOUND)
+
+
 def noised_train_loss(unit_losses: torch.Tensor, public_size: int, charge: Charge, secure: bool) -> float:
     """The train-loss release over ``unit_losses``: the per-unit losses of the units Poisson-
     sampled at ``charge.sample_rate`` (the caller samples; see the module doc)."""
-    clipped_sum = float(unit_losses.double().clamp(0, LOSS_BOUND).sum())
+    clipped_sum = float(clip_losses(unit_losses).sum())
     noise = _gaussian(1, charge.noise_multiplier * LOSS_BOUND, secure)[0]
     return (clipped_sum + noise) / (charge.sample_rate * public_size)
 
@@ -88,8 +94,8 @@ def noised_evaluation(
     unit_losses: torch.Tensor, unit_accuracies: torch.Tensor, public_size: int, charge: Charge, secure: bool
 ) -> dict[str, float]:
     """The evaluation release over every held-out unit (see the module doc)."""
-    v_loss = float(unit_losses.double().clamp(0, LOSS_BOUND).sum()) / LOSS_BOUND
-    v_acc = float(unit_accuracies.double().clamp(0, 1).sum())
+    v_loss = float(clip_losses(unit_losses).sum()) / LOSS_BOUND
+    v_acc = float(torch.nan_to_num(unit_accuracies.double(), nan=0.0).clamp(0, 1).sum())
     noise = _gaussian(2, charge.noise_multiplier * charge.sensitivity, secure)
     return {
         "eval-loss": LOSS_BOUND * (v_loss + noise[0]) / public_size,

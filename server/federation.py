@@ -86,8 +86,9 @@ class Federation:
             "clients": clients,
             "evaluations": [
                 {"client": o.site, "node_id": o.node_id, "outcome": o.outcome, "reason": o.reason,
-                 "num_examples": o.metrics.get("num-examples"), "eval_accuracy": o.metrics.get("eval-accuracy"),
-                 "epsilon": o.metrics.get("epsilon"), "ledger": o.ledger}
+                 "num_examples": o.metrics.get("num-examples"), "eval_loss": o.metrics.get("eval-loss"),
+                 "eval_accuracy": o.metrics.get("eval-accuracy"), "epsilon": o.metrics.get("epsilon"),
+                 "ledger": o.ledger}
                 for o in self.strategy.evaluate_outcomes
             ],
         }

@@ -2,7 +2,7 @@
 
 The same ServerApp and site handlers as a real deployment run here; only the transport is
 in-process. Each virtual site ``i`` gets node config ``{"site-name": "site-i",
-"ledger-path": OUT/privacy/site-i.db, "num-examples": <its partition's rows>}`` plus
+"ledger-path": OUT/privacy/site-i.db, "num-examples": <its partition's rows (users)>}`` plus
 ``--node-config`` (every site) plus its table in ``--site-config`` (one site). Declaring the
 size, as a deployed site would in its node config, keeps sampling rates and FedAvg weights on
 public values (``docs/privacy.md``, A3).
@@ -46,21 +46,21 @@ def site_node_configs(
     }
     if run_config is not None:
         for i, site in sites.items():
-            if not {"num-examples", "data-path", "privacy-unit-column"} & set(site):
-                size = _partition_rows(run_config, i, num_sites)
+            if not {"num-examples", "data-path"} & set(site):
+                size = _partition_units(run_config, i, num_sites, site.get("privacy-unit-column"))
                 if size:
                     site["num-examples"] = size
     return sites
 
 
-def _partition_rows(run_config: Mapping[str, Any], site: int, num_sites: int) -> int | None:
-    """Rows of simulated site ``site``, split exactly as the site will split them (None when
-    the data cannot be read: the site then reports the problem itself)."""
+def _partition_units(run_config: Mapping[str, Any], site: int, num_sites: int, unit_column: str | None) -> int | None:
+    """Privacy units (rows, or users) of simulated site ``site``, read exactly as the site will
+    read them (None when the data cannot be read: the site then logs the problem itself)."""
     try:
-        data = load_site_data({"partition-id": site, "num-partitions": num_sites}, run_config)
+        data = load_site_data({"partition-id": site, "num-partitions": num_sites}, run_config, unit_column)
     except ValueError:  # DataError included
         return None
-    return data.train.num_rows + data.eval.num_rows
+    return len(set(data.units(data.train))) + len(set(data.units(data.eval)))
 
 
 def run_simulation(

@@ -18,7 +18,8 @@ from privacy.budget import (
 
 DEFAULTS = SitePolicy(max_epsilon=10.0, delta=1e-5, min_noise_multiplier=0.3, require_dp=True)
 LEDGER = Path("/var/lib/site/ledger.db")
-POLICY = SitePolicy(max_epsilon=10.0, delta=1e-5, min_noise_multiplier=0.3, require_dp=True, ledger_path=LEDGER)
+POLICY = SitePolicy(max_epsilon=10.0, delta=1e-5, min_noise_multiplier=0.3, require_dp=True, ledger_path=LEDGER,
+                    declared_examples=5000)
 
 
 def request(**overrides) -> DPRequest:
@@ -119,10 +120,13 @@ def test_looser_requests_refused(looser, setting, expected):
     assert caught.value.setting == setting
 
 
-def test_dp_needs_a_ledger_path_from_the_node_config():
+def test_dp_needs_a_ledger_path_and_a_declared_size_from_the_node_config():
     with pytest.raises(PolicyViolation) as caught:
         resolve(DEFAULTS, request())
     assert caught.value.setting == "ledger-path"
+    with pytest.raises(PolicyViolation) as caught:
+        resolve(SitePolicy(10.0, 1e-5, 0.3, True, ledger_path=LEDGER), request())
+    assert caught.value.setting == "num-examples"
 
 
 def test_default_request_takes_site_settings():
@@ -139,7 +143,7 @@ def test_noise_floor_applies_to_every_sigma():
 
 def test_secure_noise_is_on_when_either_side_asks():
     assert resolve(POLICY, request(secure_noise=True)).secure_noise
-    assert resolve(SitePolicy(10.0, 1e-5, 0.3, True, ledger_path=LEDGER, secure_noise=True), request()).secure_noise
+    assert resolve(SitePolicy(10.0, 1e-5, 0.3, True, ledger_path=LEDGER, declared_examples=10, secure_noise=True), request()).secure_noise
     assert not resolve(POLICY, request()).secure_noise
 
 
@@ -171,11 +175,11 @@ def test_explicit_noise_multiplier_wins_over_target():
 def test_target_defaults_to_and_is_capped_by_max_epsilon():
     assert resolve(POLICY, request(max_epsilon=4.0)).target_epsilon == 4.0
     assert resolve(POLICY, request(target_epsilon=8.0, max_epsilon=4.0)).target_epsilon == 4.0
-    assert resolve(SitePolicy(5.0, 1e-5, 0.3, True, ledger_path=LEDGER), request(target_epsilon=8.0)).target_epsilon == 5.0
+    assert resolve(SitePolicy(5.0, 1e-5, 0.3, True, ledger_path=LEDGER, declared_examples=10), request(target_epsilon=8.0)).target_epsilon == 5.0
 
 
 def test_non_private_training_only_where_site_allows_it():
-    allowing = SitePolicy(10.0, 1e-5, 0.3, require_dp=False, ledger_path=LEDGER)
+    allowing = SitePolicy(10.0, 1e-5, 0.3, require_dp=False, ledger_path=LEDGER, declared_examples=10)
     assert resolve(allowing, request(dp=False)) == EffectiveDP(
         enabled=False, delta=1e-5, max_epsilon=10.0, max_grad_norm=1.0, noise_multiplier=None, target_epsilon=None
     )

@@ -6,11 +6,13 @@ site handlers (``client.app``) in-process, and the test reads only what the serv
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -61,8 +63,9 @@ def files(tmp_path_factory) -> Path:
 
 def sites(files: Path, run: str, **node) -> dict[str, dict]:
     return {
-        name: {"data-path": str(files / f"{data}.csv"), "ledger-path": str(files / run / f"{name}.db"), **node}
-        for name, data in (("site-a", "a"), ("site-b", "b"), ("site-jane", "jane"))
+        name: {"data-path": str(files / f"{data}.csv"), "ledger-path": str(files / run / f"{name}.db"),
+               "num-examples": rows, **node}
+        for name, data, rows in (("site-a", "a", 60), ("site-b", "b", 60), ("site-jane", "jane", 61))
     }
 
 
@@ -78,28 +81,57 @@ def attack_config(tiny_bert, files) -> dict:
     })
 
 
+class _PinnedSecrets:
+    """``secrets`` for ``client.site``: DP-SGD's sampling seeds fixed, so that two runs differ
+    only where the metric releases add their own noise."""
+
+    @staticmethod
+    def randbits(bits: int) -> int:
+        return 99
+
+
+def pinned_run(config: dict, files: Path, run: str, monkeypatch) -> Path:
+    from client import site as site_module
+
+    monkeypatch.setattr(site_module, "secrets", _PinnedSecrets)
+    site_module._cached_model.cache_clear()  # each run loads the model, using the same draws
+    torch.manual_seed(0)  # the server's fresh head and Opacus' noise: the same both runs
+    random.seed(0)  # Flower's sampling of nodes, hence the order the sites draw noise in
+    return run_federation(config, sites(files, run), files / f"out-{run}")
+
+
 @pytest.fixture(scope="module")
 def two_runs(attack_config, files) -> tuple[Path, Path]:
-    return tuple(
-        run_federation(attack_config, sites(files, run), files / f"out-{run}") for run in ("first", "second")
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        return tuple(pinned_run(attack_config, files, run, patch) for run in ("first", "second"))
 
 
-def _site_values(out: Path) -> dict[str, tuple]:
+def _site_values(out: Path) -> dict[str, tuple[float, float, float]]:
     (record,) = json.loads((out / "history.json").read_text())
-    values = {c["client"]: ("train", c["train_loss"]) for c in record["clients"]}
-    for e in record["evaluations"]:
-        values[e["client"]] = (*values.get(e["client"], ()), "eval", e["eval_accuracy"])
-    return values
+    evaluations = {e["client"]: e for e in record["evaluations"]}
+    return {
+        c["client"]: (c["train_loss"], evaluations[c["client"]]["eval_accuracy"], evaluations[c["client"]]["eval_loss"])
+        for c in record["clients"]
+    }
 
 
-def test_the_same_round_twice_reports_different_or_no_metrics(two_runs):
+def test_the_same_round_twice_reports_different_metrics(two_runs):
+    """The must-show: same seed, same data, DP on, batch >= n, one local step. Every per-site
+    train loss and evaluation metric in history.json differs between the runs."""
     first, second = (_site_values(out) for out in two_runs)
-    for site in ("site-a", "site-b"):
-        train1, train2 = first[site][1], second[site][1]
-        assert train1 is None or train1 != train2, site
-        eval1, eval2 = first[site][3], second[site][3]
-        assert eval1 is None or eval1 != eval2, site
+    for site in ("site-a", "site-b", "site-jane"):
+        assert all(v is not None for v in first[site] + second[site]), site
+        assert all(a != b for a, b in zip(first[site], second[site], strict=True)), site
+
+
+def test_without_the_release_noise_the_same_round_twice_reports_the_same_metrics(attack_config, files, monkeypatch):
+    """The control that gives the test above its teeth: with everything else pinned, exact
+    metrics repeat, so two runs differing by one record would give that record away."""
+    from privacy import release
+
+    monkeypatch.setattr(release, "_gaussian", lambda count, std, secure: [0.0] * count)
+    first, second = (_site_values(pinned_run(attack_config, files, run, monkeypatch)) for run in ("exact-1", "exact-2"))
+    assert first == second
 
 
 def test_an_unknown_label_that_is_a_name_leaves_no_trace_at_the_server(two_runs):
@@ -117,7 +149,8 @@ def test_sites_report_public_weights_and_the_server_keeps_their_ledger_anchors(t
     out = two_runs[0]
     (record,) = json.loads((out / "history.json").read_text())
     for client in record["clients"]:
-        assert client["num_examples"] == 1  # no declared size: equal weights, not the row count
+        declared = 61 if client["client"] == "site-jane" else 60
+        assert client["num_examples"] == round(0.8 * declared)  # the declared training share, not a count
         with PrivacyLedger(files / "first" / f"{client['client']}.db", read_only=True) as ledger:
             evaluation = next(e for e in record["evaluations"] if e["client"] == client["client"])
             assert evaluation["ledger"] == {"rows": ledger.anchor().rows, "head": ledger.anchor().head}

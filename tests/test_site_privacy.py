@@ -103,7 +103,7 @@ def global_arrays(run_config) -> ArrayRecord:
 @pytest.fixture(scope="module")
 def two_rounds(run_config, global_arrays, site_files) -> dict:
     """Round 1 in a fresh Python process, round 2 in this one, on the same ledger file."""
-    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "ledger.db")}
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(site_files / "ledger.db")}
     done = subprocess.run(
         [sys.executable, "-c", _SUBPROCESS_ROUND, str(REPO), json.dumps(run_config), json.dumps(node), "1"],
         capture_output=True, text=True, timeout=300, check=False,
@@ -149,7 +149,7 @@ def test_site_refuses_a_round_past_its_budget(run_config, global_arrays, site_fi
         head = ledger.head_hash()
     assert earlier.epsilon < 1.0
 
-    node = {"data-path": run_config["data"], "ledger-path": str(path), "max-epsilon": 1.0}
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(path), "max-epsilon": 1.0}
     reply = train_round(run_config, node, 1, global_arrays)
 
     assert not reply.has_error(), reply.error
@@ -172,7 +172,7 @@ def test_site_refuses_a_round_past_its_budget(run_config, global_arrays, site_fi
 def test_server_cannot_loosen_the_site_policy(run_config, site_files, setting, request_):
     ledger = site_files / f"policy-{setting}.db"
     node = {
-        "data-path": run_config["data"], "ledger-path": str(ledger),
+        "data-path": run_config["data"], "ledger-path": str(ledger), "num-examples": 30,
         "delta": 1e-5, "min-noise-multiplier": 1.0, "max-epsilon": 5.0, "dp": True,
     }
     # The policy check comes first: no adapter needed, nothing loaded.
@@ -197,7 +197,8 @@ def test_malformed_site_data_is_a_code_and_a_setting_and_its_text_stays_local(ru
     fault; the text, which names paths and columns, stays in the site's log."""
     bad = tmp_path / "site.csv"
     bad.write_bytes(content)
-    node = {"data-path": str(bad), "ledger-path": str(tmp_path / "l.db")}
+    node = {"data-path": str(bad), "num-examples": 2, "ledger-path": str(tmp_path / "l.db"), "dp": False}
+    run_config = apply_overrides(run_config, {"dp": False})  # without DP a data problem is a refusal
     reply = train_round(run_config, node, 1, ArrayRecord())
     assert not reply.has_error(), reply.error
     assert dict(reply.content["status"]) == {"status": "data-error", "setting": setting}
@@ -211,7 +212,7 @@ def test_a_label_that_is_a_name_is_dropped_locally_not_quoted(run_config, global
     data = _write_notes(tmp_path / "site.csv")
     with data.open("a") as f:
         f.write("patient chest pain follow up,Jane Doe\n")
-    node = {"data-path": str(data), "ledger-path": str(tmp_path / "l.db")}
+    node = {"data-path": str(data), "num-examples": 31, "ledger-path": str(tmp_path / "l.db")}
     reply = train_round(run_config, node, 1, global_arrays)
     assert "arrays" in reply.content and "status" not in reply.content
     assert "Jane" not in reply_text(reply)
@@ -222,13 +223,14 @@ def test_a_site_with_no_usable_rows_answers_like_any_other_under_dp(run_config, 
     """The probe: ``label-names`` set to one label only. If the site refused when no row had
     it, the refusal would tell the server whether any record carries that label."""
     probe = apply_overrides(run_config, {"label-names": "hiv-positive"})
-    node = {"data-path": run_config["data"], "ledger-path": str(tmp_path / "l.db"), "num-examples": 30}
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(tmp_path / "l.db"), "num-examples": 30}
     reply = train_round(probe, node, 1, GlobalModel.load(probe).arrays())
     assert set(reply.content) == {"arrays", "metrics", "site", "ledger"}
     assert reply.content["metrics"]["num-examples"] == 24  # the declared share, not the 0 usable rows
 
 
 def _reply(**records) -> Message:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1234, 1
     return Message(content=RecordDict(records), dst_node_id=7, message_type="train")
 
 
@@ -246,6 +248,7 @@ RECEIVED = ArrayRecord({ADAPTER_KEY: torch.zeros(4, 6)})
         ({"arrays": ArrayRecord({ADAPTER_KEY: torch.zeros(4, 7)})}, "shape (4, 7) differs"),
         ({"arrays": ArrayRecord({ADAPTER_KEY: torch.zeros(4, 6, dtype=torch.float64)})}, "dtype float64 differs"),
         ({"metrics": MetricRecord({"num-examples": 3, "mean-age": 54.2})}, "mean-age"),
+        ({"metrics": MetricRecord({"num-examples": 3, "eval-loss": float("nan")})}, "not finite: eval-loss"),
         ({"metrics": ConfigRecord({"num-examples": 3, "note": "patient 12: chest pain"})}, "'metrics' (ConfigRecord)"),
         ({"status": ConfigRecord({"status": "data-error", "setting": "label-names", "row": "chest pain"})}, "row"),
         ({"status": ConfigRecord({"status": "data-error", "setting": "Jane Doe"})}, "is not a known code and setting"),
@@ -253,7 +256,7 @@ RECEIVED = ArrayRecord({ADAPTER_KEY: torch.zeros(4, 6)})
         ({"ledger": ConfigRecord({"rows": 3, "head": "Jane Doe"})}, "sha256 hex digest"),
         ({"examples": ConfigRecord({"text": "chest pain"})}, "'examples'"),
     ],
-    ids=["base-model-tensor", "other-shape", "other-dtype", "metric-not-whitelisted", "string-in-metrics",
+    ids=["base-model-tensor", "other-shape", "other-dtype", "metric-not-whitelisted", "not-finite-metric", "string-in-metrics",
          "extra-status-field", "free-text-setting", "free-text-status", "free-text-ledger-head", "extra-record"],
 )
 def test_outgoing_guard_blocks_anything_but_the_received_adapter_and_public_records(records, named):
@@ -333,22 +336,51 @@ def _full_batch_config(run_config: dict) -> dict:
     return apply_overrides(run_config, {"batch-size": 1000, "local-steps": 1, "seed": 7})
 
 
-def test_reported_train_loss_is_a_noised_release_not_the_exact_mean(run_config, global_arrays, site_files):
-    """Two identical rounds (same data, seed, received adapter). The exact mean loss would be
-    the same both times, and a record's loss is the difference of two such rounds with and
-    without it. The released loss differs, by the mechanism's noise."""
+class _PinnedSecrets:
+    """Stands in for ``secrets`` in ``client.site``: DP-SGD's sampling seed and the release's
+    sample become fixed, so that only the release's own noise can tell two rounds apart."""
+
+    @staticmethod
+    def randbits(bits: int) -> int:
+        return 1234
+
+
+def _two_identical_rounds(config, node, global_arrays, monkeypatch) -> tuple[float, float]:
+    from client import site as site_module
+
+    monkeypatch.setattr(site_module, "secrets", _PinnedSecrets)
+    train_round(config, node, 0, global_arrays)  # loads and caches the model: no RNG use below
+    losses = []
+    for server_round in (1, 2):
+        torch.manual_seed(0)  # Opacus' DP-SGD noise: the same draws both rounds
+        losses.append(train_round(config, node, server_round, global_arrays).content["metrics"]["train-loss"])
+    return losses[0], losses[1]
+
+
+def test_reported_train_loss_is_a_noised_release_not_the_exact_mean(run_config, global_arrays, site_files, monkeypatch):
+    """The attack: one step on a batch of every record (q = 1) at a model the server chose. A
+    site used to report the exact mean loss; two rounds on data that differ by one record then
+    give that record's loss. Here two rounds on the *same* data with every other source of
+    randomness pinned: without the release's noise they report the same value (so the
+    difference attack would work), with it they do not."""
+    from privacy import release
+
     config = _full_batch_config(run_config)
-    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "attack.db")}
-    first, second = (train_round(config, node, r, global_arrays) for r in (1, 2))
-    loss1, loss2 = first.content["metrics"]["train-loss"], second.content["metrics"]["train-loss"]
-    assert loss1 != loss2
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(site_files / "attack.db"),
+            "max-epsilon": 100.0}  # seven rounds at q = 1
+    with monkeypatch.context() as patch:
+        patch.setattr(release, "_gaussian", lambda count, std, secure: [0.0] * count)
+        exact = _two_identical_rounds(config, node, global_arrays, patch)
+    assert exact[0] == exact[1]
+    noised = _two_identical_rounds(config, node, global_arrays, monkeypatch)
+    assert noised[0] != noised[1]
+    # sigma L / (q n) = 10 x 5 / 24: the noise swamps any one record's loss (at most L / 24).
     with PrivacyLedger(node["ledger-path"], read_only=True) as ledger:
         releases = [e for e in ledger.spends() if e.mechanism == "release:train-loss"]
-    assert [(e.noise_multiplier, e.sample_rate, e.steps) for e in releases] == [(10.0, 1.0, 1)] * 2
-    for metrics in (first.content["metrics"], second.content["metrics"]):
-        # No exact count, no timing: only public settings, the public weight and releases.
-        assert metrics["num-examples"] == 1
-        assert "seconds" not in metrics and "examples-per-second" not in metrics
+    assert [(e.noise_multiplier, e.sample_rate, e.steps) for e in releases] == [(10.0, 1.0, 1)] * 6
+    metrics = train_round(config, node, 3, global_arrays).content["metrics"]
+    assert metrics["num-examples"] == 24  # the declared share, not a count
+    assert "seconds" not in metrics and "examples-per-second" not in metrics
 
 
 def test_evaluation_is_a_charged_noised_release(run_config, global_arrays, site_files):
@@ -372,7 +404,7 @@ def ledger_history(spends) -> list:
 
 
 def test_report_metrics_none_releases_nothing(run_config, global_arrays, site_files):
-    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "silent.db"), "report-metrics": "none"}
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(site_files / "silent.db"), "report-metrics": "none"}
     trained = train_round(run_config, node, 1, global_arrays)
     assert "train-loss" not in trained.content["metrics"]
     evaluated = evaluate_round(run_config, node, 1, global_arrays)
@@ -382,7 +414,7 @@ def test_report_metrics_none_releases_nothing(run_config, global_arrays, site_fi
 
 
 def test_declared_size_sets_the_weight_and_the_sampling_rate(run_config, global_arrays, site_files):
-    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "declared.db"), "num-examples": 400}
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(site_files / "declared.db"), "num-examples": 400}
     metrics = train_round(run_config, node, 1, global_arrays).content["metrics"]
     # 400 declared rows, eval-fraction 0.2: 320 public training rows.
     assert metrics["num-examples"] == 320 and metrics["sample-rate"] == pytest.approx(8 / 320)
@@ -392,7 +424,7 @@ def test_noise_floor_holds_when_sigma_is_calibrated(run_config, global_arrays, s
     """The attack: a server asks for target-epsilon 1000, and calibration gave sigma 0.43 at a
     site whose node config says min-noise-multiplier 0.8."""
     config = apply_overrides(run_config, {"noise-multiplier": 0.0, "target-epsilon": 1000.0})
-    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "floor.db"),
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(site_files / "floor.db"),
             "min-noise-multiplier": 0.8, "max-epsilon": 1000.0}
     reply = train_round(config, node, 1, global_arrays)
     assert reply.content["metrics"]["noise-multiplier"] >= 0.8
@@ -402,12 +434,31 @@ def test_noise_floor_holds_when_sigma_is_calibrated(run_config, global_arrays, s
 
 def test_a_dp_site_without_a_ledger_path_refuses(run_config, global_arrays):
     """A default ledger keyed by node id gave every new node id a fresh budget."""
-    reply = train_round(run_config, {"data-path": run_config["data"]}, 1, global_arrays)
+    reply = train_round(run_config, {"data-path": run_config["data"], "num-examples": 30}, 1, global_arrays)
     assert dict(reply.content["status"]) == {"status": "policy-refused", "setting": "ledger-path"}
 
 
+def test_what_a_site_reports_does_not_count_the_rows_a_server_filter_leaves(run_config, global_arrays, site_files):
+    """The probe: the server sets ``label-names`` to a label set and reads how many rows are
+    left from the sampling rate (b / usable rows), the steps and epsilon. With ``label-names =
+    "<a patient's name>,cardio"`` that tells whether the patient is in the data. A DP site
+    must therefore declare its size, and everything it reports comes from that."""
+    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "probe.db")}
+    refused = train_round(run_config, node, 1, global_arrays)
+    assert dict(refused.content["status"]) == {"status": "policy-refused", "setting": "num-examples"}
+
+    node["num-examples"] = 30
+    public = ("num-examples", "sample-rate", "steps", "noise-multiplier")
+    reports = []
+    for labels in ("cardio", "gastro,cardio", "cardio,pulmo,gastro"):
+        probe = apply_overrides(run_config, {"label-names": labels})
+        reply = train_round(probe, node, 1, GlobalModel.load(probe).arrays())
+        reports.append(tuple(reply.content["metrics"][key] for key in public))
+    assert reports[0] == reports[1] == reports[2]
+
+
 def test_delta_not_below_one_over_n_is_refused(run_config, global_arrays, site_files):
-    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "delta.db"), "delta": 0.05}
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(site_files / "delta.db"), "delta": 0.05}
     config = apply_overrides(run_config, {"delta": 0.0})  # the server asks for no delta: the site's
     reply = train_round(config, node, 1, global_arrays)  # about 25 training rows: 1/n ~ 0.04
     assert dict(reply.content["status"]) == {"status": "policy-refused", "setting": "delta"}
@@ -419,7 +470,7 @@ def test_a_tampered_ledger_is_refused_before_training(run_config, global_arrays,
     with sqlite3.connect(ledger) as db:
         db.execute("DROP TRIGGER ledger_no_update")
         db.execute("UPDATE ledger SET epsilon = 0.1 WHERE id = 1")
-    reply = train_round(run_config, {"data-path": run_config["data"], "ledger-path": str(ledger)}, 3, global_arrays)
+    reply = train_round(run_config, {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(ledger)}, 3, global_arrays)
     assert dict(reply.content["status"]) == {"status": "ledger-error", "setting": "ledger-path"}
 
 
@@ -442,10 +493,17 @@ def test_user_level_dp_samples_users_and_the_ledger_says_so(run_config, global_a
     assert cli.main(["privacy", "audit", "--json", node["ledger-path"]]) == 0
 
 
-def test_user_level_dp_without_the_column_is_a_data_error_naming_the_setting(run_config, global_arrays, site_files):
-    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "nouser.db"), "privacy-unit-column": "patient"}
+def test_a_data_problem_under_dp_is_told_to_the_site_not_the_server(run_config, global_arrays, site_files, caplog):
+    """Whether a column exists can hang on one record (a JSON file's columns are the union of
+    its records' keys), so under DP a data problem changes nothing in the reply: the site
+    takes part with noise only and its operator reads why in the site's log."""
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(site_files / "nouser.db"),
+            "privacy-unit-column": "patient"}
     reply = train_round(run_config, node, 1, global_arrays)
-    assert dict(reply.content["status"]) == {"status": "data-error", "setting": "privacy-unit-column"}
+    assert set(reply.content) == {"arrays", "metrics", "site", "ledger"}
+    assert "missing column 'patient'" in caplog.text
+    without_dp = train_round(apply_overrides(run_config, {"dp": False}), {**node, "dp": False}, 1, global_arrays)
+    assert dict(without_dp.content["status"]) == {"status": "data-error", "setting": "privacy-unit-column"}
 
 
 def test_a_row_that_fails_to_encode_is_dropped_locally(run_config, global_arrays, site_files, monkeypatch, caplog):
@@ -460,7 +518,7 @@ def test_a_row_that_fails_to_encode_is_dropped_locally(run_config, global_arrays
         return real_encode(split, tokenizer, task, max_length)
 
     monkeypatch.setattr(site_module, "encode", fragile_encode)
-    node = {"data-path": run_config["data"], "ledger-path": str(site_files / "encode.db")}
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(site_files / "encode.db")}
     reply = train_round(run_config, node, 1, global_arrays)
     assert "arrays" in reply.content and "choked" not in reply_text(reply)
     assert "could not be encoded (ValueError); dropped" in caplog.text
@@ -470,6 +528,6 @@ def test_a_deployed_site_never_reads_a_path_the_server_chose(run_config, global_
     """Without ``label-names`` the labels came from the run's ``data``: a server-chosen path on
     the site's machine, whose readability the refusal code then revealed."""
     probe = apply_overrides(run_config, {"label-names": "", "data": "/etc/hospital/secret-register.csv"})
-    node = {"data-path": run_config["data"], "ledger-path": str(tmp_path / "l.db")}
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(tmp_path / "l.db")}
     reply = train_round(probe, node, 1, global_arrays)
     assert dict(reply.content["status"]) == {"status": "policy-refused", "setting": "label-names"}

@@ -31,7 +31,7 @@ def train_message(arrays: ArrayRecord, server_round: int = 1) -> Message:
 def test_classification_round_sends_only_adapter_and_whitelisted_metrics(tiny_run_config, classification_csv, tmp_path):
     global_model = GlobalModel.load(tiny_run_config)
     sent = global_model.arrays()
-    ctx = site_context(tiny_run_config, {"data-path": str(classification_csv), "ledger-path": str(tmp_path / "l.db")})
+    ctx = site_context(tiny_run_config, {"data-path": str(classification_csv), "ledger-path": str(tmp_path / "l.db"), "num-examples": 90})
     reply = client_app.app(train_message(sent), ctx)
     assert not reply.has_error(), reply.error
     assert set(reply.content.keys()) == {"arrays", "metrics", "site", "ledger"}
@@ -54,7 +54,7 @@ def test_causal_lm_round_on_tiny_llama(tiny_llama, instruction_jsonl, tiny_run_c
     global_model = GlobalModel.load(config)
     sent = global_model.arrays()
     assert all(("q_proj" in k or "v_proj" in k) and "lora_" in k for k in sent)
-    ctx = site_context(config, {"data-path": str(instruction_jsonl), "ledger-path": str(tmp_path / "l.db")})
+    ctx = site_context(config, {"data-path": str(instruction_jsonl), "ledger-path": str(tmp_path / "l.db"), "num-examples": 60})
     reply = client_app.app(train_message(sent), ctx)
     assert not reply.has_error(), reply.error
     assert set(reply.content["arrays"].keys()) == set(sent.keys())
