@@ -327,7 +327,7 @@ class Site:
             raise RefusedRound("data-error", "label-names", str(err)) from err
         lora = LoraSettings.from_run_config(self.run, rank=self.lora_rank)
         try:
-            model, tokenizer = _cached_model(str(self.run["model"]), task, labels, lora)
+            model, tokenizer = _cached_model(str(self.run["model"]), task, labels, lora, str(self.run["pooling"]))
             load_adapter_state(model, _at_rank(global_adapter, self.lora_rank))
         except (ModelError, ValueError) as err:
             raise RefusedRound("model-error", "model", str(err)) from err
@@ -351,10 +351,10 @@ class _NoLedger:
 
 
 @lru_cache(maxsize=2)
-def _cached_model(model_name: str, task: str, labels: tuple[str, ...], lora: LoraSettings):
+def _cached_model(model_name: str, task: str, labels: tuple[str, ...], lora: LoraSettings, pooling: str):
     """Base model + adapter kept across rounds in one process; each round overwrites the
     adapter tensors with the global ones, so no state leaks from round to round."""
-    base = load_base_model(model_name, task, list(labels) or None)
+    base = load_base_model(model_name, task, list(labels) or None, pooling)
     return attach_adapter(base, lora.peft_config(task), freeze_lora_a=lora.freeze_a), load_tokenizer(model_name)
 
 

@@ -21,6 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedlora.pooling import PoolingError, apply_pooling, resolve_pooling
+
 # A freshly initialised classification head is expected here, not a problem worth a warning
 # block in every site's log each round.
 transformers.logging.set_verbosity_error()
@@ -62,13 +64,16 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(model: str, task: str, label_names: list[str] | None = None) -> PreTrainedModel:
+def load_base_model(
+    model: str, task: str, label_names: list[str] | None = None, pooling: str = "auto"
+) -> PreTrainedModel:
     """Load the frozen base model in float32 for ``task``.
 
     Classification gets a freshly initialised head with ``len(label_names)`` outputs; that head
-    travels with the adapter (peft's ``modules_to_save``). Weights stay float32 on every device:
-    mixed precision is applied with autocast during training, so adapters never leave in bf16
-    (Flower's ``ArrayRecord`` rejects bf16).
+    travels with the adapter (peft's ``modules_to_save``), and reads the encoder with
+    ``pooling`` (:mod:`fedlora.pooling`; the resolved choice is ``config.fedlora_pooling``).
+    Weights stay float32 on every device: mixed precision is applied with autocast during
+    training, so adapters never leave in bf16 (Flower's ``ArrayRecord`` rejects bf16).
     """
     check_task(task)
     path = resolve_model_path(model)
@@ -85,11 +90,15 @@ def load_base_model(model: str, task: str, label_names: list[str] | None = None)
             base = AutoModelForSequenceClassification.from_pretrained(
                 path, config=config, dtype=torch.float32
             )
+            base.config.fedlora_pooling = resolve_pooling(path, pooling)
+            apply_pooling(base, base.config.fedlora_pooling)
         else:
             base = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
     except (OSError, ValueError) as err:
         if isinstance(err, ModelError):
             raise
+        if isinstance(err, PoolingError):
+            raise ModelError(f"model {model!r}: {err}") from err
         raise ModelError(f"cannot load model {model!r} ({Path(path).name}): {err}") from err
     return base
 

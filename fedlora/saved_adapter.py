@@ -15,9 +15,11 @@ from fedlora.tasks import encode
 
 
 def load_saved_adapter(adapter_dir: str | Path) -> tuple[PeftModel, Any, dict[str, Any]]:
-    """Base model from the metadata, then ``PeftModel.from_pretrained(base, adapter_dir)``."""
+    """Base model from the metadata (with the pooling the adapter was trained with), then
+    ``PeftModel.from_pretrained(base, adapter_dir)``."""
     meta = read_metadata(adapter_dir)
-    base = load_base_model(meta["base_model"], meta["task"], meta["label_names"] or None)
+    # Adapters saved before pooling was a setting read the encoder's own pooler.
+    base = load_base_model(meta["base_model"], meta["task"], meta["label_names"] or None, meta.get("pooling") or "pooler")
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     return model, load_tokenizer(str(adapter_dir)), meta
 

@@ -35,7 +35,7 @@ class GlobalModel:
         labels = resolve_label_names(run_config) if task == "classification" else []
         # The seed fixes the initial adapter (and FFA-LoRA's frozen A) for the whole run.
         torch.manual_seed(int(run_config["seed"]))
-        base = load_base_model(str(run_config["model"]), task, labels or None)
+        base = load_base_model(str(run_config["model"]), task, labels or None, str(run_config["pooling"]))
         lora = LoraSettings.from_run_config(run_config)
         model = attach_adapter(base, lora.peft_config(task), freeze_lora_a=lora.freeze_a)
         return cls(model, load_tokenizer(str(run_config["model"])), run_config, labels)
@@ -53,6 +53,8 @@ class GlobalModel:
             "task": str(self.run_config["task"]),
             "label_names": self.label_names,
             "max_seq_length": int(self.run_config["max-seq-length"]),
+            # The head's input (fedlora.pooling), resolved: the adapter is only right with it.
+            "pooling": getattr(self.model.get_base_model().config, "fedlora_pooling", None),
         }
 
     def save(self, out_dir: Path) -> Path:
