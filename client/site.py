@@ -38,18 +38,15 @@ from fedlora.evaluation import per_example_scores
 from fedlora.model import ModelError, load_base_model, load_tokenizer, select_device
 from fedlora.run_config import LoraSettings, freezes_lora_a
 from fedlora.tasks import encode
-from privacy.accountant import calibrate_noise
 from privacy.budget import (
     BudgetExhausted, EffectiveDP, PolicyViolation, SitePolicy, check_delta, dp_request, resolve, site_policy,
 )
 from privacy.dp_sgd import poisson_batches, rng_mode
 from privacy.ledger import Anchor, Charge, LedgerError, PrivacyLedger
+from privacy.plan import ACCOUNTANT, plan_run, public_population
 from privacy.release import eval_charge, noised_evaluation, noised_train_loss, per_unit_means, train_loss_charge
 from simulations.sources import parse_label_names, resolve_label_names
 from strategies.hetero_rank import lora_rank_of, truncate_to_rank
-
-ACCOUNTANT = "rdp"
-
 
 @dataclass(frozen=True)
 class TrainOutcome:
@@ -214,25 +211,18 @@ class Site:
         could probe by choosing them). Without DP, the units present."""
         if not dp.enabled:
             return max(1, present)
-        share = float(self.run["eval-fraction"])
-        return max(1, round(policy.declared_examples * (share if held_out else 1 - share)))
+        return public_population(policy.declared_examples, float(self.run["eval-fraction"]), held_out)
 
     def _noise_multiplier(self, policy: SitePolicy, dp: EffectiveDP, sample_rate: float, steps: int) -> float:
-        """The run's fixed sigma: given, or calibrated so that *all* rounds of this run stay
-        within the target epsilon, metric releases included (``num-server-rounds`` x (local
-        steps + releases)); never below the site's ``min-noise-multiplier``."""
-        if dp.noise_multiplier is not None:
-            return dp.at_least_the_floor(dp.noise_multiplier)
-        rounds = int(self.run["num-server-rounds"])
-        releases = []
-        if policy.report_metrics == "noised":
-            sigma = policy.metric_noise_multiplier
-            releases = [(sigma, sample_rate, rounds), (sigma, 1.0, rounds)]
+        """The run's fixed sigma, from the run's plan (``privacy.plan``): given or calibrated so
+        that all rounds, metric releases included, stay within the target epsilon; never below
+        the site's ``min-noise-multiplier``."""
+        release_sigma = policy.metric_noise_multiplier if policy.report_metrics == "noised" else None
         try:
-            sigma = calibrate_noise(dp.target_epsilon, dp.delta, sample_rate, rounds * steps, ACCOUNTANT, prior=releases)
+            plan = plan_run(dp, sample_rate, steps, int(self.run["num-server-rounds"]), release_sigma)
         except BudgetExhausted as err:
             raise RefusedRound("policy-refused", "target-epsilon", str(err)) from err
-        return dp.at_least_the_floor(sigma)
+        return plan.noise_multiplier
 
     def _ledger(self, policy: SitePolicy):
         """The site's ledger (None for a non-private round at a site that keeps none)."""

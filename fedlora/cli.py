@@ -74,9 +74,10 @@ def load_site_configs(path: str | None) -> dict[int, dict[str, Any]]:
     return configs
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+def resolve_simulation(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run config and the simulated sites' settings that ``simulate`` (and ``privacy plan``)
+    options describe; nothing is written."""
     from fedlora.run_config import apply_overrides, default_run_config
-    from simulations.simulate import run_simulation
 
     overrides: dict[str, Any] = {}
     sites: dict[str, Any] = {"num-clients": 3, "node-config": {}, "site-config": {}}
@@ -105,6 +106,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not config["dp"]:
         # Turning DP off is explicit at both ends: the simulated sites allow it too.
         sites["node-config"].setdefault("dp", False)
+    return config, sites
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.simulate import run_simulation
+
+    config, sites = resolve_simulation(args)
     out_dir = _output_dir(config, resume=bool(args.resume))
     config["output-dir"] = str(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +143,19 @@ def _output_dir(config: dict[str, Any], resume: bool) -> Path:
     return out
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``fedlora privacy plan``: each simulated site's DP plan for the run, before it trains."""
+    from simulations.site_plans import print_plans, simulated_site_plans
+
+    config, sites = resolve_simulation(args)
+    plans = simulated_site_plans(config, sites)
+    if args.json:
+        print(json.dumps(plans, indent=2))
+    else:
+        print_plans(plans, int(config["num-server-rounds"]))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedlora.saved_adapter import evaluate_saved_adapter
 
@@ -151,22 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     sim = commands.add_parser("simulate", help="run a multi-site federation on this machine")
-    sim.add_argument("--num-clients", type=int, help="number of simulated sites (default 3)")
-    sim.add_argument("--rounds", type=int, help="num-server-rounds")
-    sim.add_argument("--data", help="embedded:clinical-notes, a CSV/JSONL/Parquet file, a save_to_disk folder or a hub name")
-    sim.add_argument("--text-column")
-    sim.add_argument("--label-column")
-    sim.add_argument("--partition", help="iid | dirichlet:ALPHA | column:NAME")
-    sim.add_argument("--model", help="hub id, local path or embedded:all-MiniLM-L6-v2")
-    sim.add_argument("--task", choices=["classification", "causal-lm"])
-    sim.add_argument("--strategy")
-    sim.add_argument("--output", help="output directory (output-dir)")
-    sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
-    sim.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (dp=false)")
-    sim.add_argument("--node-config", action="append", metavar="'k=v k2=v2'",
-                     help="node config of every simulated site, e.g. 'max-epsilon=4 delta=1e-5'")
-    sim.add_argument("--site-config", metavar="TOML", help="per-site node config: tables [site-0], [site-1], ...")
-    sim.add_argument("--resume", metavar="DIR", help="continue a stopped run from its last checkpoint")
+    _add_simulation_options(sim)
     sim.set_defaults(func=cmd_simulate)
 
     ev = commands.add_parser("evaluate", help="accuracy and loss of a saved adapter on a labelled file")
@@ -182,12 +188,37 @@ def build_parser() -> argparse.ArgumentParser:
     privacy_commands = privacy.add_subparsers(dest="privacy_command", required=True)
     audit = privacy_commands.add_parser("audit", help="recompute and verify site ledgers", add_help=False)
     audit.set_defaults(func=lambda args: _delegate("privacy.audit", "audit_main", args.rest))
+    plan = privacy_commands.add_parser(
+        "plan", help="each simulated site's DP plan (q, steps, sigma, epsilon after each round) before training"
+    )
+    _add_simulation_options(plan)
+    plan.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
+    plan.set_defaults(func=cmd_plan)
 
     certs = commands.add_parser("certs", help="create a CA and a TLS server certificate", add_help=False)
     certs.set_defaults(func=lambda args: _delegate("server.certificates", "certs_main", args.rest))
     site = commands.add_parser("site", help="create a site's key pair for node authentication", add_help=False)
     site.set_defaults(func=lambda args: _delegate("client.site_key", "site_main", args.rest))
     return parser
+
+
+def _add_simulation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-clients", type=int, help="number of simulated sites (default 3)")
+    parser.add_argument("--rounds", type=int, help="num-server-rounds")
+    parser.add_argument("--data", help="embedded:clinical-notes, a CSV/JSONL/Parquet file, a save_to_disk folder or a hub name")
+    parser.add_argument("--text-column")
+    parser.add_argument("--label-column")
+    parser.add_argument("--partition", help="iid | dirichlet:ALPHA | column:NAME")
+    parser.add_argument("--model", help="hub id, local path or embedded:all-MiniLM-L6-v2")
+    parser.add_argument("--task", choices=["classification", "causal-lm"])
+    parser.add_argument("--strategy")
+    parser.add_argument("--output", help="output directory (output-dir)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
+    parser.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (dp=false)")
+    parser.add_argument("--node-config", action="append", metavar="'k=v k2=v2'",
+                        help="node config of every simulated site, e.g. 'max-epsilon=4 delta=1e-5'")
+    parser.add_argument("--site-config", metavar="TOML", help="per-site node config: tables [site-0], [site-1], ...")
+    parser.add_argument("--resume", metavar="DIR", help="continue a stopped run from its last checkpoint")
 
 
 def _delegate(module: str, function: str, argv: list[str]) -> int:
@@ -200,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("privacy", "certs", "site"):
+    delegated = args.command in ("certs", "site") or getattr(args, "privacy_command", None) == "audit"
+    if rest and not delegated:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     try:

@@ -79,6 +79,22 @@ def test_saved_adapter_loads_with_peft_and_evaluates(finished_run, tiny_bert, ca
     assert result["num_examples"] == 120 and 0.0 <= result["accuracy"] <= 1.0 and result["loss"] > 0
 
 
+def test_privacy_plan_predicted_what_every_site_spent(finished_run, capsys):
+    """``fedlora privacy plan`` on the run's own settings (``--resume OUT`` reads them back)
+    gives each site the sigma it trained with and its epsilon after every round."""
+    out, _ = finished_run
+    capsys.readouterr()
+    assert main(["privacy", "plan", "--resume", str(out), "--json"]) == 0
+    plans = {p["site"]: p for p in json.loads(capsys.readouterr().out)}
+    history = json.loads((out / "history.json").read_text())
+    for site in ("site-0", "site-1", "site-2"):
+        with PrivacyLedger(out / "privacy" / f"{site}.db", read_only=True) as ledger:
+            sigmas = {e.noise_multiplier for e in ledger.spends() if e.mechanism == "dp-sgd"}
+        assert sigmas == {plans[site]["noise_multiplier"]}
+        spent = [next(e["epsilon"] for e in r["evaluations"] if e["client"] == site) for r in history]
+        assert spent == pytest.approx(plans[site]["epsilon_after_round"], rel=1e-9)
+
+
 def test_resume_continues_and_an_exhausted_site_is_refused_while_others_train(finished_run):
     out, _ = finished_run
     assert main(["simulate", "--resume", str(out), "--rounds", "3"]) == 0
