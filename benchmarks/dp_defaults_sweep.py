@@ -48,10 +48,10 @@ def main() -> None:
         torch.manual_seed(0)
         model = attach_adapter(load_base_model(EMBEDDED_MODEL, "classification", labels), lora_config("classification", 8, 16, 0.05))
         sample_rate, steps = batch / len(train_examples), math.ceil(len(train_examples) / batch)
-        sigma = calibrate_noise(8.0, 1e-5, sample_rate, EPOCHS * steps) if private else 0.0
+        sigma = calibrate_noise(8.0, 1e-5, [(sample_rate, EPOCHS * steps)]) if private else 0.0
         start, accuracies = time.perf_counter(), []
         for epoch in range(EPOCHS):
-            settings = TrainSettings(learning_rate=lr, batch_size=batch, epochs=1, seed=epoch)
+            settings = TrainSettings(learning_rate=lr, batch_size=batch, steps=steps, seed=epoch)
             train(model, train_examples, "classification", tokenizer.pad_token_id, settings,
                   DPSettings(sigma, 1.0) if private else None)
             accuracies.append(evaluate(model, test_examples, "classification", tokenizer.pad_token_id)["accuracy"])

@@ -37,7 +37,7 @@ SETTINGS = frozenset(
         # run config
         "data", "model", "partition", "label-names", "text-column", "label-column",
         "prompt-column", "response-column", "eval-fraction", "dp", "noise-multiplier",
-        "target-epsilon", "delta", "max-grad-norm", "max-epsilon", "secure-noise",
+        "target-epsilon", "delta", "max-grad-norm", "max-epsilon", "secure-noise", "probe-rounds",
         # node config
         "data-path", "ledger-path", "num-examples", "min-noise-multiplier", "report-metrics",
         "metric-noise-multiplier", "privacy-unit-column", "lora-rank", "device",

@@ -30,6 +30,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 
 from client.local_data import SiteData, load_site_data
+from client.probe import FeatureCache, FeatureHead, ProbeError, classification_head, stack_features
 from client.refusals import RefusedRound
 from client.training import MAX_ROWS_PER_UNIT, DPSettings, TrainSettings, train
 from fedlora.adapters import adapter_state, attach_adapter, load_adapter_state
@@ -43,7 +44,7 @@ from privacy.budget import (
 )
 from privacy.dp_sgd import poisson_batches, rng_mode
 from privacy.ledger import Anchor, Charge, LedgerError, PrivacyLedger
-from privacy.plan import ACCOUNTANT, plan_run, public_population
+from privacy.plan import ACCOUNTANT, PROBE, Phase, choose_schedule, phase_of, plan_run, public_population
 from privacy.release import eval_charge, noised_evaluation, noised_train_loss, per_unit_means, train_loss_charge
 from simulations.sources import parse_label_names, resolve_label_names
 from strategies.hetero_rank import lora_rank_of, truncate_to_rank
@@ -100,33 +101,43 @@ class Site:
                 raise RefusedRound("data-error", "data-path", f"{data.source}: no training rows after the held-out split")
             log(WARNING, "%s: no usable training rows in %s; this round's steps add noise only", self.name, data.source)
         population = self._population(policy, dp, encoded.num_units)
+        phases, noise = self._plan(policy, dp, population)
+        phase = phase_of(phases, server_round)
         settings = TrainSettings(
-            learning_rate=float(self.run["learning-rate"]),
-            batch_size=int(self.run["batch-size"]),
-            epochs=int(self.run["local-epochs"]),
-            steps=int(self.run["local-steps"]),
+            learning_rate=phase.learning_rate,
+            batch_size=phase.batch_size,
+            steps=phase.steps_per_round,
             physical_batch_size=int(self.node.get("physical-batch-size", 0)),
             device=self.device,
             # DP: sampling and noise must be secret from the server, so never seed them from
             # the run config. Without DP, the run's seed makes local training reproducible.
             seed=secrets.randbits(63) if dp.enabled else int(self.run["seed"]) + server_round,
         )
-        q, steps = settings.sample_rate(population), settings.planned_steps(population)
+        q, steps = phase.sample_rate, phase.steps_per_round
         unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
         releases_loss = dp.enabled and policy.report_metrics == "noised"
-        noise = self._noise_multiplier(policy, dp, q, steps) if dp.enabled else 0.0
-        charges = [Charge("dp-sgd", noise, q, steps, dp.max_grad_norm, unit)]
+        probing = phase.name == PROBE
+        features = self._features(model, tokenizer, encoded) if probing else None
+        charges = [Charge("dp-sgd:probe" if probing else "dp-sgd", noise, q, steps, dp.max_grad_norm, unit)]
         if releases_loss:
             charges.append(train_loss_charge(policy.metric_noise_multiplier, q, unit))
         if not dp.enabled:
             torch.manual_seed(settings.seed)
         with self._ledger(policy) as ledger:
             spends = self._charge(ledger, charges, server_round, dp, settings.device)
-            result = train(
-                model, encoded.examples, task, tokenizer.pad_token_id, settings,
-                DPSettings(noise, dp.max_grad_norm, dp.secure_noise) if dp.enabled else None,
-                proximal_mu=proximal_mu, units=encoded.units, population=population,
-            )
+            private = DPSettings(noise, dp.max_grad_norm, dp.secure_noise) if dp.enabled else None
+            if probing:  # the head alone, on the cached features (client.probe)
+                result = train(
+                    FeatureHead(classification_head(model)),
+                    [{"features": x, "labels": e["labels"]} for x, e in zip(features, encoded.examples)],
+                    task, tokenizer.pad_token_id, settings, private, proximal_mu=proximal_mu,
+                    units=encoded.units, population=population, collate_batch=stack_features,
+                )
+            else:
+                result = train(
+                    model, encoded.examples, task, tokenizer.pad_token_id, settings, private,
+                    proximal_mu=proximal_mu, units=encoded.units, population=population,
+                )
             released = {}
             if releases_loss:
                 released["train-loss"] = self._released_train_loss(model, tokenizer, encoded, population, spends[1], dp)
@@ -134,9 +145,9 @@ class Site:
                 for spend in spends:
                     ledger.confirm(spend.id)
             anchor = ledger.anchor() if ledger is not None else None
-        log(INFO, "%s round %s: trained %s steps on %s rows (%s units), sigma %.4g, epsilon %.4f, "
+        log(INFO, "%s round %s: trained (%s) %s steps on %s rows (%s units), q %.4g, sigma %.4g, epsilon %.4f, "
             "local train loss %.4f, %.1f s, %s non-finite gradients zeroed",
-            self.name, server_round, result.steps, result.num_examples, encoded.num_units, noise,
+            self.name, server_round, phase.name, result.steps, result.num_examples, encoded.num_units, q, noise,
             spends[-1].epsilon if spends else float("inf"), result.loss, result.seconds, result.zeroed_gradients)
         metrics: dict[str, float | int] = {
             "num-examples": _fedavg_weight(dp, encoded.num_units, population),
@@ -213,16 +224,26 @@ class Site:
             return max(1, present)
         return public_population(policy.declared_examples, float(self.run["eval-fraction"]), held_out)
 
-    def _noise_multiplier(self, policy: SitePolicy, dp: EffectiveDP, sample_rate: float, steps: int) -> float:
-        """The run's fixed sigma, from the run's plan (``privacy.plan``): given or calibrated so
-        that all rounds, metric releases included, stay within the target epsilon; never below
-        the site's ``min-noise-multiplier``."""
+    def _plan(self, policy: SitePolicy, dp: EffectiveDP, population: int) -> tuple[tuple[Phase, ...], float]:
+        """The run's phases (``privacy.plan.choose_schedule``) and its one sigma: given or
+        calibrated so that all rounds, metric releases included, stay within the target
+        epsilon, never below the site's ``min-noise-multiplier`` (0 without DP)."""
+        phases = choose_schedule(self.run, population, dp.enabled)
+        if not dp.enabled:
+            return phases, 0.0
         release_sigma = policy.metric_noise_multiplier if policy.report_metrics == "noised" else None
         try:
-            plan = plan_run(dp, sample_rate, steps, int(self.run["num-server-rounds"]), release_sigma)
+            return phases, plan_run(dp, phases, release_sigma).noise_multiplier
         except BudgetExhausted as err:
             raise RefusedRound("policy-refused", "target-epsilon", str(err)) from err
-        return plan.noise_multiplier
+
+    def _features(self, model, tokenizer, encoded: Encoded) -> torch.Tensor:
+        """The head's input for each training example, computed once per encoder state."""
+        identity = (self.run_id, self.name, str(self.run["model"]), str(self.run["pooling"]))
+        try:
+            return _FEATURES.get(model, encoded.examples, tokenizer.pad_token_id, self.device, identity)
+        except ProbeError as err:
+            raise RefusedRound("model-error", "probe-rounds", str(err)) from err
 
     def _ledger(self, policy: SitePolicy):
         """The site's ledger (None for a non-private round at a site that keeps none)."""
@@ -338,6 +359,9 @@ class _NoLedger:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+_FEATURES = FeatureCache()
 
 
 @lru_cache(maxsize=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -18,9 +18,8 @@ from privacy.dp_sgd import group_by_unit, make_private, noise_only_step, poisson
 @dataclass(frozen=True)
 class TrainSettings:
     learning_rate: float
-    batch_size: int
-    epochs: int = 1
-    steps: int = 0  # when > 0, overrides epochs
+    batch_size: int  # expected batch: under DP the Poisson rate is batch_size / population
+    steps: int
     physical_batch_size: int = 0  # split larger batches to bound memory; 0 = no split
     device: torch.device = torch.device("cpu")
     seed: int = 0
@@ -28,11 +27,6 @@ class TrainSettings:
     def sample_rate(self, population: int) -> float:
         """q = b / N for a population of N privacy units (rows, or users)."""
         return min(1.0, self.batch_size / population)
-
-    def planned_steps(self, population: int) -> int:
-        if self.steps > 0:
-            return self.steps
-        return self.epochs * math.ceil(population / self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -75,8 +69,9 @@ def train(
     proximal_mu: float = 0.0,
     units: Sequence[int] | None = None,
     population: int | None = None,
+    collate_batch: Callable[[Sequence[dict]], dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
-    """Run ``settings.planned_steps`` optimizer steps on ``examples``; returns the mean loss.
+    """Run ``settings.steps`` optimizer steps on ``examples``; returns the mean loss.
 
     With DP, batches are Poisson-sampled (rate q = batch_size / population) as the accounting
     assumes, over privacy units: ``units[i]`` is example i's unit (default: each example its
@@ -88,15 +83,19 @@ def train(
     loss(w) + (mu/2) ||w - w_global||^2 over the trainable (adapter) parameters, w_global being
     their values on entry, i.e. the global adapter the site just loaded (see
     :func:`_add_proximal_gradient`).
+
+    ``collate_batch`` turns a list of examples into the model's inputs (default: token ids
+    padded by :func:`fedlora.tasks.collate`; the probe phase passes cached features).
     """
     n = len(examples)
     if n == 0 and dp is None:
         raise ValueError("no training examples at this site")
     # With DP and no usable row, every step is a noise-only step: the site answers like any
     # other, since whether it holds usable rows is itself private.
+    collate_batch = collate_batch or (lambda part: collate(part, pad_token_id, task))
     members = _members(units if units is not None else range(n))
     population = population or len(members)
-    q, steps = settings.sample_rate(population), settings.planned_steps(population)
+    q, steps = settings.sample_rate(population), settings.steps
     device = settings.device
     generator = torch.Generator().manual_seed(settings.seed)
     model.to(device).train()
@@ -131,7 +130,7 @@ def train(
             for number, pass_groups in enumerate(passes, start=1):
                 indices = [i for group in pass_groups for i in group]
                 part = [examples[i] for i in indices]
-                batch = {k: v.to(device) for k, v in collate(part, pad_token_id, task).items()}
+                batch = {k: v.to(device) for k, v in collate_batch(part).items()}
                 with autocast:
                     losses = per_example_loss(forward_logits(runner, batch), batch["labels"], task)
                 finite = torch.isfinite(losses.detach())

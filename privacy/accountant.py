@@ -116,12 +116,12 @@ def epsilon_dp_accounting(history: Sequence[tuple[float, float, int]], delta: fl
 def calibrate_noise(
     target_epsilon: float,
     delta: float,
-    sample_rate: float,
-    steps: int,
+    phases: Sequence[tuple[float, int]],
     accountant: str = "rdp",
     prior: Sequence[tuple[float, float, int]] = (),
 ) -> float:
-    """Smallest sigma (to 0.1 %) with ``epsilon_for(prior + [(sigma, q, T)]) <= target_epsilon``.
+    """Smallest sigma (to 0.1 %) with ``epsilon_for(prior + [(sigma, q, T) for (q, T) in phases])
+    <= target_epsilon``: one sigma shared by every phase (a phase: T steps at sampling rate q).
 
     Epsilon falls monotonically as sigma grows, so bisection finds it: the returned sigma
     meets the target, and sigma * (1 - 1e-3) does not. Raises :class:`BudgetExhausted` when
@@ -129,10 +129,15 @@ def calibrate_noise(
     """
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon must be a positive finite number, got {target_epsilon!r}")
-    if not (isinstance(steps, Integral) and not isinstance(steps, bool) and steps > 0):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    phases = list(phases)
+    if not phases:
+        raise ValueError("calibrate_noise needs at least one phase of steps")
+    for sample_rate, steps in phases:
+        if not (isinstance(steps, Integral) and not isinstance(steps, bool) and steps > 0):
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    steps = sum(t for _, t in phases)
     prior_rows = list(prior)
     spent = epsilon_for(prior_rows, delta, accountant)
     if spent >= target_epsilon:
@@ -142,7 +147,7 @@ def calibrate_noise(
         )
 
     def epsilon(sigma: float) -> float:
-        return epsilon_for(prior_rows + [(sigma, sample_rate, steps)], delta, accountant)
+        return epsilon_for(prior_rows + [(sigma, q, t) for q, t in phases], delta, accountant)
 
     # Invariant: epsilon(low) > target >= epsilon(high); sigma = 0 is non-private (inf).
     low, high = 0.0, 1.0
@@ -151,8 +156,8 @@ def calibrate_noise(
         if high > _MAX_SIGMA:
             raise BudgetExhausted(
                 f"budget exhausted: previous rounds spent epsilon {spent:.4f}; even noise "
-                f"multiplier {_MAX_SIGMA:g} cannot keep {steps} more steps at sample rate "
-                f"{sample_rate} within target-epsilon {target_epsilon:.4f}"
+                f"multiplier {_MAX_SIGMA:g} cannot keep {steps} more steps within target-epsilon "
+                f"{target_epsilon:.4f}"
             )
     while high - low > _SIGMA_RTOL * high:
         middle = (low + high) / 2

@@ -1,40 +1,101 @@
-"""A site's DP plan for a run: what each round will cost, known before anyone trains.
+"""A site's training plan for a run: its schedule of phases, and under DP what each round will
+cost, known before anyone trains.
 
-Each of the run's R rounds a site runs, in order,
+**Schedule.** A run of R rounds has up to two phases (:func:`choose_schedule`):
 
-    DP-SGD          T steps of the subsampled Gaussian, rate q = b / N, noise sigma
+    probe       rounds 1..P      the classification head alone, on features of the frozen
+                                 encoder computed once per site (``client.probe``): a DP-SGD
+                                 step there costs a matrix product, so this phase takes
+                                 hundreds of steps
+    fine-tune   rounds P+1..R    LoRA and the head, through the whole model
+
+(P = ``probe-rounds``; 0 for causal-lm, whose model has no head to probe). This is LP-FT
+(Kumar et al. 2022): fine-tuning starts from a head that already fits the features, so the
+first noisy LoRA steps are not spent undoing a random head. Under DP it is where most of the
+signal comes from: a linear probe on good features is strong under DP (Tramer and Boneh 2021),
+and it can take many steps at a small sampling rate, the regime DP-SGD needs (Yu et al. 2021).
+
+Each phase has an expected batch b (Poisson rate q = b / N, N the site's public number of
+training units), T steps per round and a learning rate. A value set in the run config wins;
+``0`` means choose it here, from N alone (public), as follows:
+
+    probe       b = clamp(N / 8, 8, 64)            T = ceil(PROBE_STEPS / P)      lr = 0.03
+    fine-tune   b = clamp(N / 4, 16, 128)  (DP)    T = epochs x ceil(N / b)       lr = 0.005 (DP)
+                b = min(32, N)          (no DP)                                   lr = 0.002 (no DP)
+
+The constants were tuned on the generated clinical corpus and on a split of FPB's train.csv,
+never on its test.csv (``docs/benchmarks.md``). A larger DP batch lowers the noise on the mean
+gradient, sigma C / b, at the same epsilon; the fine-tune batch stays within one epoch's
+compute per round on a CPU.
+
+**Privacy.** Each round a DP site runs, in order,
+
+    DP-SGD          T steps of the subsampled Gaussian, rate q of the round's phase, noise sigma
     train loss      one subsampled Gaussian release, rate q, noise sigma_m   (report-metrics = noised)
     evaluation      one Gaussian release, rate 1, noise sigma_m              (report-metrics = noised)
 
-with b the batch size, N the site's declared training units and T its planned steps (local
-steps, or epochs x ceil(N / b)). After r rounds the site has composed
-
-    r x (q, sigma, T)  +  r x (q, sigma_m, 1)  +  r x (1, sigma_m, 1)
-
-and its epsilon at delta is the RDP bound of :func:`privacy.accountant.epsilon_for`. sigma is
-given (``noise-multiplier``) or the smallest one (to 0.1 %) that keeps all R rounds, releases
+so after r rounds it has composed those mechanisms r times, and its epsilon at delta is the RDP
+bound of :func:`privacy.accountant.epsilon_for`. One sigma serves both phases: given
+(``noise-multiplier``) or the smallest one (to 0.1 %) that keeps all R rounds, releases
 included, within ``target-epsilon``; either way it is raised to the site's
 ``min-noise-multiplier``. ``fedlora privacy plan`` prints this per site; a site trains with
-exactly the sigma computed here.
+exactly the plan computed here.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from privacy.accountant import History, calibrate_noise, epsilon_for
 from privacy.budget import EffectiveDP
 
 ACCOUNTANT = "rdp"
+PROBE, FINE_TUNE = "probe", "fine-tune"
+PROBE_STEPS = 300
+PROBE_LEARNING_RATE = 0.03
+FINE_TUNE_LEARNING_RATE = {True: 0.005, False: 0.002}  # by whether DP is on
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # PROBE or FINE_TUNE
+    first_round: int
+    last_round: int
+    batch_size: int  # expected batch: Poisson rate q = batch_size / N under DP
+    sample_rate: float
+    steps_per_round: int
+    learning_rate: float
+
+    @property
+    def rounds(self) -> int:
+        return self.last_round - self.first_round + 1
+
+    def releases(self, release_sigma: float | None, rounds: int) -> History:
+        """The metric releases of ``rounds`` of this phase's rounds (none when ``release_sigma``
+        is None: report-metrics = none)."""
+        if release_sigma is None or rounds == 0:
+            return []
+        return [(release_sigma, self.sample_rate, rounds), (release_sigma, 1.0, rounds)]
 
 
 @dataclass(frozen=True)
 class SitePlan:
-    sample_rate: float
-    steps_per_round: int
+    phases: tuple[Phase, ...]
     noise_multiplier: float
     release_noise_multiplier: float | None  # None: report-metrics = none
     epsilon_after_round: tuple[float, ...]
+
+
+def phase_of(phases: tuple[Phase, ...], server_round: int) -> Phase:
+    """The phase a round belongs to; a round past the planned ones (a resumed run given more
+    rounds) continues the last phase."""
+    for phase in phases:
+        if server_round <= phase.last_round:
+            return phase
+    return phases[-1]
 
 
 def public_population(declared: int, eval_fraction: float, held_out: bool = False) -> int:
@@ -43,27 +104,58 @@ def public_population(declared: int, eval_fraction: float, held_out: bool = Fals
     return max(1, round(declared * (eval_fraction if held_out else 1 - eval_fraction)))
 
 
-def releases(release_sigma: float | None, sample_rate: float, rounds: int) -> History:
-    """The metric releases of ``rounds`` rounds (none when ``release_sigma`` is None)."""
-    if release_sigma is None or rounds == 0:
-        return []
-    return [(release_sigma, sample_rate, rounds), (release_sigma, 1.0, rounds)]
+def choose_schedule(run_config: Mapping[str, Any], population: int, private: bool) -> tuple[Phase, ...]:
+    """The phases of a run for a site of ``population`` training units (see the module doc)."""
+    rounds = int(run_config["num-server-rounds"])
+    probing = run_config["task"] == "classification"
+    probe_rounds = min(max(0, int(run_config["probe-rounds"])), rounds) if probing else 0
+    phases = []
+    if probe_rounds:
+        batch = int(run_config["probe-batch-size"]) or _clamp(population // 8, 8, 64)
+        steps = int(run_config["probe-steps"]) or math.ceil(PROBE_STEPS / probe_rounds)
+        rate = float(run_config["probe-learning-rate"]) or PROBE_LEARNING_RATE
+        phases.append(Phase(PROBE, 1, probe_rounds, batch, _rate(batch, population), steps, rate))
+    if probe_rounds < rounds or not phases:
+        default_batch = _clamp(population // 4, 16, 128) if private else min(32, population)
+        batch = int(run_config["batch-size"]) or default_batch
+        steps = int(run_config["local-steps"]) or int(run_config["local-epochs"]) * math.ceil(population / batch)
+        rate = float(run_config["learning-rate"]) or FINE_TUNE_LEARNING_RATE[private]
+        phases.append(Phase(FINE_TUNE, probe_rounds + 1, max(rounds, probe_rounds + 1), batch, _rate(batch, population), steps, rate))
+    return tuple(phases)
 
 
-def plan_run(
-    dp: EffectiveDP, sample_rate: float, steps: int, rounds: int, release_sigma: float | None
-) -> SitePlan:
-    """The plan of an enabled ``dp`` for ``rounds`` rounds of ``steps`` steps at ``sample_rate``."""
+def plan_run(dp: EffectiveDP, phases: tuple[Phase, ...], release_sigma: float | None) -> SitePlan:
+    """The privacy plan of an enabled ``dp`` over the rounds of ``phases``."""
+    releases = [row for phase in phases for row in phase.releases(release_sigma, phase.rounds)]
     if dp.noise_multiplier is not None:
         sigma = dp.noise_multiplier
     else:
         sigma = calibrate_noise(
-            dp.target_epsilon, dp.delta, sample_rate, rounds * steps, ACCOUNTANT,
-            prior=releases(release_sigma, sample_rate, rounds),
+            dp.target_epsilon, dp.delta, [(p.sample_rate, p.rounds * p.steps_per_round) for p in phases],
+            ACCOUNTANT, prior=releases,
         )
     sigma = dp.at_least_the_floor(sigma)
+    last = phases[-1].last_round
     after = tuple(
-        epsilon_for([(sigma, sample_rate, r * steps)] + releases(release_sigma, sample_rate, r), dp.delta, ACCOUNTANT)
-        for r in range(1, rounds + 1)
+        epsilon_for(_history(phases, sigma, release_sigma, r), dp.delta, ACCOUNTANT) for r in range(1, last + 1)
     )
-    return SitePlan(sample_rate, steps, sigma, release_sigma, after)
+    return SitePlan(phases, sigma, release_sigma, after)
+
+
+def _history(phases: tuple[Phase, ...], sigma: float, release_sigma: float | None, through_round: int) -> History:
+    """Every mechanism of rounds 1..``through_round``."""
+    history: History = []
+    for phase in phases:
+        rounds = max(0, min(phase.last_round, through_round) - phase.first_round + 1)
+        if rounds:
+            history.append((sigma, phase.sample_rate, rounds * phase.steps_per_round))
+            history += phase.releases(release_sigma, rounds)
+    return history
+
+
+def _rate(batch: int, population: int) -> float:
+    return min(1.0, batch / population)
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))

@@ -5,6 +5,7 @@ trains. Each site's plan is computed from exactly what the site will use: its no
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from client.training import TrainSettings
 from privacy.budget import BudgetExhausted, PolicyViolation, dp_request, resolve, site_policy
-from privacy.plan import plan_run, public_population
+from privacy.plan import choose_schedule, plan_run, public_population
 from simulations.simulate import site_node_configs
 
 
@@ -24,50 +24,53 @@ def simulated_site_plans(run_config: Mapping[str, Any], sites: Mapping[str, Any]
         Path("OUT"), int(sites["num-clients"]), sites["node-config"],
         {int(k): v for k, v in sites["site-config"].items()}, run_config,
     )
-    settings = TrainSettings(
-        learning_rate=float(run_config["learning-rate"]), batch_size=int(run_config["batch-size"]),
-        epochs=int(run_config["local-epochs"]), steps=int(run_config["local-steps"]),
-    )
     plans = []
     for node in nodes.values():
         entry: dict[str, Any] = {"site": node["site-name"], "num-examples": node.get("num-examples")}
         try:
             policy = site_policy(node)
             dp = resolve(policy, dp_request(run_config))
+            population = public_population(policy.declared_examples, float(run_config["eval-fraction"]))
+            phases = choose_schedule(run_config, population, dp.enabled)
+            entry["phases"] = [asdict(phase) for phase in phases]
             if not dp.enabled:
                 plans.append(entry | {"dp": False})
                 continue
-            population = public_population(policy.declared_examples, float(run_config["eval-fraction"]))
-            q, steps = settings.sample_rate(population), settings.planned_steps(population)
             release_sigma = policy.metric_noise_multiplier if policy.report_metrics == "noised" else None
-            plan = plan_run(dp, q, steps, int(run_config["num-server-rounds"]), release_sigma)
+            plan = plan_run(dp, phases, release_sigma)
         except (PolicyViolation, BudgetExhausted) as err:
             plans.append(entry | {"refused": str(err)})
             continue
         plans.append(entry | {
-            "dp": True, "sample_rate": plan.sample_rate, "steps_per_round": plan.steps_per_round,
-            "noise_multiplier": plan.noise_multiplier, "metric_noise_multiplier": plan.release_noise_multiplier,
+            "dp": True, "noise_multiplier": plan.noise_multiplier, "metric_noise_multiplier": plan.release_noise_multiplier,
             "delta": dp.delta, "max_epsilon": dp.max_epsilon, "epsilon_after_round": list(plan.epsilon_after_round),
         })
     return plans
 
 
 def print_plans(plans: list[dict[str, Any]], rounds: int) -> None:
-    table = Table(title="DP plan per site (epsilon is cumulative, this run only)", title_justify="left")
-    for header in ("site", "declared", "q", "steps/round", "sigma", "metric sigma", *(f"eps r{r}" for r in range(1, rounds + 1))):
-        table.add_column(header, justify="left" if header == "site" else "right")
+    table = Table(title="Training plan per site (epsilon is cumulative, this run only)", title_justify="left")
+    headers = ("site", "declared", "phase", "rounds", "batch", "q", "steps/round", "lr", "sigma", "metric sigma",
+               *(f"eps r{r}" for r in range(1, rounds + 1)))
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("site", "phase") else "right")
     for plan in plans:
+        site = (plan["site"], str(plan["num-examples"]))
         if "refused" in plan:
-            table.add_row(plan["site"], str(plan["num-examples"]), f"refused: {plan['refused']}")
-        elif not plan["dp"]:
-            table.add_row(plan["site"], str(plan["num-examples"]), "no DP")
-        else:
-            table.add_row(
-                plan["site"], str(plan["num-examples"]), f"{plan['sample_rate']:.4g}", str(plan["steps_per_round"]),
+            table.add_row(*site, f"refused: {plan['refused']}")
+            continue
+        for index, phase in enumerate(plan["phases"]):
+            span = f"{phase['first_round']}" if phase["first_round"] == phase["last_round"] else f"{phase['first_round']}-{phase['last_round']}"
+            privacy = ("no DP",) if not plan["dp"] else (
                 f"{plan['noise_multiplier']:.4g}", _fmt(plan["metric_noise_multiplier"]),
                 *(f"{e:.3f}" for e in plan["epsilon_after_round"]),
             )
-    Console(width=200).print(table)
+            table.add_row(
+                *(site if index == 0 else ("", "")), phase["name"], span, str(phase["batch_size"]),
+                f"{phase['sample_rate']:.4g}", str(phase["steps_per_round"]), f"{phase['learning_rate']:g}",
+                *(privacy if index == 0 else ()),
+            )
+    Console(width=240).print(table)
 
 
 def _fmt(value: float | None) -> str:

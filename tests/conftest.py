@@ -98,7 +98,7 @@ def tiny_run_config(tiny_bert, classification_csv, tmp_path) -> dict:
         {
             "model": tiny_bert, "data": str(classification_csv), "label-names": ",".join(LABELS),
             "num-server-rounds": 2, "batch-size": 8, "max-seq-length": 32, "learning-rate": 0.01,
-            "output-dir": str(tmp_path / "out"), "min-train-nodes": 2, "min-evaluate-nodes": 2,
+            "probe-rounds": 0, "output-dir": str(tmp_path / "out"), "min-train-nodes": 2, "min-evaluate-nodes": 2,
             "target-epsilon": 8.0,
         },
     )

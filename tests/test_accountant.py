@@ -117,7 +117,7 @@ def test_dp_accounting_gap_at_higher_epsilon_is_one_sided_and_within_tolerance()
 # get_noise_multiplier brackets from sigma = 20, where Opacus' optimal order is its largest.
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 def test_calibrate_noise_hits_target():
-    sigma = calibrate_noise(2.0, DELTA, 0.01, 500)
+    sigma = calibrate_noise(2.0, DELTA, [(0.01, 500)])
     assert epsilon_for([(sigma, 0.01, 500)], DELTA) <= 2.0
     assert epsilon_for([(sigma * 0.99, 0.01, 500)], DELTA) > 2.0
     opacus_sigma = get_noise_multiplier(target_epsilon=2.0, target_delta=DELTA, sample_rate=0.01, steps=500)
@@ -126,9 +126,9 @@ def test_calibrate_noise_hits_target():
 
 def test_calibrate_noise_with_prior_accounts_for_earlier_rounds():
     prior = [(1.0, 0.01, 300)]
-    sigma = calibrate_noise(3.0, DELTA, 0.01, 300, prior=prior)
+    sigma = calibrate_noise(3.0, DELTA, [(0.01, 300)], prior=prior)
     # Part of the target is already spent, so more noise is needed than on a fresh ledger.
-    assert sigma > calibrate_noise(3.0, DELTA, 0.01, 300)
+    assert sigma > calibrate_noise(3.0, DELTA, [(0.01, 300)])
     assert epsilon_for(prior + [(sigma, 0.01, 300)], DELTA) <= 3.0
     assert epsilon_for(prior + [(sigma * 0.99, 0.01, 300)], DELTA) > 3.0
 
@@ -137,18 +137,19 @@ def test_calibrate_noise_refuses_when_prior_exhausts_target():
     prior = [(0.8, 0.02, 1000)]
     spent = epsilon_for(prior, DELTA)
     with pytest.raises(BudgetExhausted, match=rf"already spent epsilon {spent:.4f} >= target-epsilon 2.0000"):
-        calibrate_noise(2.0, DELTA, 0.01, 100, prior=prior)
+        calibrate_noise(2.0, DELTA, [(0.01, 100)], prior=prior)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(target_epsilon=0.0), "target_epsilon must be"),
-        (dict(steps=0), "steps must be a positive integer"),
-        (dict(sample_rate=0.0), "sample_rate must be in"),
+        (dict(phases=[(0.01, 0)]), "steps must be a positive integer"),
+        (dict(phases=[(0.0, 100)]), "sample_rate must be in"),
+        (dict(phases=[]), "at least one phase"),
     ],
 )
 def test_calibrate_noise_rejects_bad_arguments(kwargs, message):
-    arguments = dict(target_epsilon=2.0, delta=DELTA, sample_rate=0.01, steps=100) | kwargs
+    arguments = dict(target_epsilon=2.0, delta=DELTA, phases=[(0.01, 100)]) | kwargs
     with pytest.raises(ValueError, match=message):
         calibrate_noise(**arguments)

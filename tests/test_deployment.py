@@ -369,9 +369,10 @@ def site_rows(seed: int, n: int = 40) -> pd.DataFrame:
 
 
 def fast_config(model: str, out_dir: Path, **overrides: object) -> dict[str, object]:
-    """Tiny and fast; DP on, with a fixed noise multiplier (no per-site calibration)."""
+    """Tiny and fast; DP on, with a fixed noise multiplier (no per-site calibration), fine-tuning
+    from round 1 (the probe phase is covered in simulation, ``tests/test_simulation.py``)."""
     return {
-        "model": model, "label-names": ",".join(LABELS), "num-server-rounds": 2, "batch-size": 8,
+        "model": model, "label-names": ",".join(LABELS), "num-server-rounds": 2, "batch-size": 8, "probe-rounds": 0,
         "max-seq-length": 32, "noise-multiplier": 1.0, "dp": True, "min-train-nodes": 3, "min-evaluate-nodes": 3,
         "fraction-evaluate": 0.0, "round-timeout": 240.0, "output-dir": str(out_dir), **overrides,
     }

@@ -78,6 +78,7 @@ def attack_config(tiny_bert, files) -> dict:
         "model": tiny_bert, "data": str(files / "a.csv"), "label-names": ",".join(LABELS),
         "max-seq-length": 32, "min-train-nodes": 2, "min-evaluate-nodes": 2,
         "num-server-rounds": 1, "batch-size": 1000, "local-steps": 1, "seed": 5, "noise-multiplier": 5.0,
+        "probe-rounds": 0,
     })
 
 

@@ -40,7 +40,7 @@ def privacy_run_config(model: str, data: Path) -> dict:
         {
             "model": model, "data": str(data), "label-names": ",".join(LABELS),
             "num-server-rounds": 2, "batch-size": 8, "local-steps": 2, "max-seq-length": 32,
-            "noise-multiplier": SIGMA,
+            "noise-multiplier": SIGMA, "probe-rounds": 0,
         },
     )
 
@@ -223,7 +223,7 @@ def test_a_site_with_no_usable_rows_answers_like_any_other_under_dp(run_config, 
     """The probe: ``label-names`` set to one label only. If the site refused when no row had
     it, the refusal would tell the server whether any record carries that label."""
     probe = apply_overrides(run_config, {"label-names": "hiv-positive"})
-    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(tmp_path / "l.db"), "num-examples": 30}
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(tmp_path / "l.db")}
     reply = train_round(probe, node, 1, GlobalModel.load(probe).arrays())
     assert set(reply.content) == {"arrays", "metrics", "site", "ledger"}
     assert reply.content["metrics"]["num-examples"] == 24  # the declared share, not the 0 usable rows
@@ -414,7 +414,7 @@ def test_report_metrics_none_releases_nothing(run_config, global_arrays, site_fi
 
 
 def test_declared_size_sets_the_weight_and_the_sampling_rate(run_config, global_arrays, site_files):
-    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(site_files / "declared.db"), "num-examples": 400}
+    node = {"data-path": run_config["data"], "num-examples": 400, "ledger-path": str(site_files / "declared.db")}
     metrics = train_round(run_config, node, 1, global_arrays).content["metrics"]
     # 400 declared rows, eval-fraction 0.2: 320 public training rows.
     assert metrics["num-examples"] == 320 and metrics["sample-rate"] == pytest.approx(8 / 320)
