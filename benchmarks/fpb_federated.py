@@ -43,8 +43,9 @@ def cells(rounds: int) -> dict[str, dict]:
                 name = f"{strategy}-{partition.replace(':', '')}-{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
                 table[name] = {"epsilon": epsilon, "strategy": strategy, "partition": partition, "clients": 3,
                                "options": ["--strategy", strategy, "--partition", partition, *privacy]}
-    table["reference-centralised-nodp"] = {"epsilon": None, "strategy": "centralised", "partition": "-", "clients": 1,
-                                           "options": ["--no-dp"]}
+    table["reference-centralised-nodp"] = {
+        "epsilon": None, "strategy": "centralised", "partition": "-", "clients": 1,
+        "options": ["--no-dp", "--set", "min-train-nodes=1", "--set", "min-evaluate-nodes=1"]}
     table["reference-dp-linear-probe-eps8"] = {
         "epsilon": 8.0, "strategy": "linear probe", "partition": "iid", "clients": 3,
         "options": ["--set", f"probe-rounds={rounds}", "--node-config", "max-epsilon=8 delta=1e-5"]}

@@ -106,6 +106,11 @@ def resolve_simulation(args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
     if not config["dp"]:
         # Turning DP off is explicit at both ends: the simulated sites allow it too.
         sites["node-config"].setdefault("dp", False)
+    for key in ("min-train-nodes", "min-evaluate-nodes"):
+        # Else the server would wait a whole round-timeout for sites that never come.
+        if int(config[key]) > int(sites["num-clients"]):
+            raise UsageError(f"{key} = {config[key]} but the simulation has {sites['num-clients']} site(s): "
+                             f"add --set {key}={sites['num-clients']}")
     return config, sites
 
 

@@ -22,6 +22,12 @@ def test_unknown_run_config_key_is_a_readable_error(capsys, tmp_path):
     assert "unknown run-config key(s): lora-rnak" in err and "Traceback" not in err
 
 
+def test_a_simulation_smaller_than_its_minimum_of_sites_is_refused_not_left_waiting(capsys, tmp_path):
+    assert main(["simulate", "--output", str(tmp_path / "o"), "--num-clients", "1"]) == 2
+    assert "min-train-nodes = 2 but the simulation has 1 site(s): add --set min-train-nodes=1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_fresh_run_never_writes_into_an_existing_run(capsys, tmp_path):
     (tmp_path / "history.json").write_text("[]")
     assert main(["simulate", "--output", str(tmp_path)]) == 2
