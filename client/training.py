@@ -99,6 +99,8 @@ def train(
     device = settings.device
     generator = torch.Generator().manual_seed(settings.seed)
     model.to(device).train()
+    if dp is not None:
+        _switch_off_dropout(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     if proximal_mu > 0:
@@ -162,6 +164,15 @@ def train(
         seconds=time.perf_counter() - start,
         zeroed_gradients=zeroed,
     )
+
+
+def _switch_off_dropout(model: torch.nn.Module) -> None:
+    """Under DP-SGD, dropout only adds variance to an update the Gaussian noise already
+    regularises; Li et al. 2021 (arXiv 2110.05679) fine-tune without it. Dropout modules hold
+    no parameters, so Opacus' per-sample hooks are unaffected."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
 
 
 def _members(units: Iterable[int]) -> list[list[int]]:

@@ -63,6 +63,9 @@ def test_the_schedule_takes_hundreds_of_probe_steps_at_a_small_rate_from_the_pub
     # Without DP the fine-tune batch is small (no noise to average out) and it takes 3 epochs.
     _, plain = choose_schedule(config(), 1032, private=False)
     assert plain.batch_size == 32 and plain.steps_per_round == 3 * 33
+    # One large site gets at most 100 planned steps a round, unless its epochs are set.
+    assert choose_schedule(config(), 3871, private=False)[1].steps_per_round == 100
+    assert choose_schedule(config(**{"local-epochs": 3}), 3871, private=False)[1].steps_per_round == 3 * 121
 
 
 def test_an_explicit_setting_wins_over_the_plan():

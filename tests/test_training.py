@@ -42,3 +42,20 @@ def test_physical_batches_give_the_same_update(tiny_bert, dp):
         torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-6)
     if start is not None:  # training is deterministic without DP: the comparison is meaningful
         torch.testing.assert_close(start[next(iter(start))], whole[next(iter(whole))])
+
+
+@pytest.mark.parametrize("dp", [None, DPSettings(noise_multiplier=1.0, max_grad_norm=0.5)], ids=["no-dp", "dp"])
+def test_dropout_is_off_under_dp_only(tiny_bert, dp):
+    """DP-SGD's noise already regularises; dropout would only add variance (Li et al. 2021)."""
+    tokenizer = load_tokenizer(tiny_bert)
+    rows = make_classification_rows(16)
+    dataset = datasets.Dataset.from_list([{"text": r["text"], "label": LABELS.index(r["label"])} for r in rows])
+    examples = encode(dataset, tokenizer, "classification", 8)
+    model = attach_adapter(load_base_model(tiny_bert, "classification", LABELS), lora_config("classification", 4, 8, 0.1))
+    seen: set[bool] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_pre_hook(lambda module, _: seen.add(module.training))
+    settings = TrainSettings(learning_rate=0.01, batch_size=8, steps=2, seed=5)
+    train(model, examples, "classification", tokenizer.pad_token_id, settings, dp)
+    assert seen == ({False} if dp else {True})
