@@ -102,3 +102,20 @@ def test_a_probe_round_trains_the_head_alone_and_is_charged_as_planned(tiny_bert
     assert head and all((after[k] != before[k]).any() for k in head)
     assert all((after[k] == before[k]).all() for k in after if k not in head)
 
+
+
+def test_a_warm_site_tokenises_its_rows_once_and_an_edited_file_afresh(tiny_bert, tmp_path, monkeypatch):
+    import client.site
+
+    calls = []
+    monkeypatch.setattr(client.site, "encode", lambda split, *args: calls.append(split.num_rows) or encode(split, *args))
+    data = _write_notes(tmp_path / "notes.csv", rows=60)
+    config = apply_overrides(privacy_run_config(tiny_bert, data), {"probe-rounds": 1, "probe-steps": 5, "local-steps": 2})
+    node = {"data-path": str(data), "num-examples": 60, "ledger-path": str(tmp_path / "ledger.db")}
+    sent = GlobalModel.load(config).arrays()
+    for server_round in (1, 2):
+        assert not train_round(config, node, server_round, sent).has_error()
+    assert len(calls) == 1  # the training split, tokenised in round 1 only
+    _write_notes(data, rows=50)
+    assert not train_round(config, node | {"num-examples": 50}, 3, sent).has_error()
+    assert len(calls) == 2
