@@ -76,8 +76,10 @@ def load_site_configs(path: str | None) -> dict[int, dict[str, Any]]:
 
 def resolve_simulation(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run config and the simulated sites' settings that ``simulate`` (and ``privacy plan``)
-    options describe; nothing is written."""
+    options describe; nothing is written. The simulation's own keys (``attack``...,
+    ``simulations.attacks``) go into the sites' settings, never into the run config."""
     from fedlora.run_config import apply_overrides, default_run_config
+    from simulations.attacks import ATTACK_KEYS, Attack
 
     overrides: dict[str, Any] = {}
     sites: dict[str, Any] = {"num-clients": 3, "node-config": {}, "site-config": {}}
@@ -92,6 +94,7 @@ def resolve_simulation(args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
         if getattr(args, option) is not None:
             overrides[key] = getattr(args, option)
     overrides |= parse_assignments(args.set or [])
+    attack_settings = {key: overrides.pop(key) for key in ATTACK_KEYS if key in overrides}
     if args.no_dp:
         overrides["dp"] = False
     try:
@@ -103,6 +106,14 @@ def resolve_simulation(args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
     sites["node-config"] |= parse_assignments(args.node_config or [])
     if args.site_config:
         sites["site-config"] = {str(k): v for k, v in load_site_configs(args.site_config).items()}
+    if attack_settings:
+        try:
+            attack = Attack.from_settings(attack_settings, int(sites["num-clients"]), int(config["seed"]))
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        sites["attack"] = attack.record()
+        if attack.kind == "label-flip" and config["task"] != "classification":
+            raise UsageError("attack: label-flip needs task = classification")
     if not config["dp"]:
         # Turning DP off is explicit at both ends: the simulated sites allow it too.
         sites["node-config"].setdefault("dp", False)
@@ -115,6 +126,7 @@ def resolve_simulation(args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.attacks import Attack
     from simulations.simulate import run_simulation
 
     config, sites = resolve_simulation(args)
@@ -128,6 +140,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         int(sites["num-clients"]),
         node_config=sites["node-config"],
         per_site={int(k): v for k, v in sites["site-config"].items()},
+        attack=Attack.from_record(sites["attack"]) if sites.get("attack") else None,
     )
     if out_dir.parent == DEFAULT_OUTPUTS.resolve():
         latest = DEFAULT_OUTPUTS / "latest"

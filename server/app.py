@@ -21,6 +21,7 @@ from server.history import save_history, write_json
 from server.privacy_report import write_privacy_report
 from server.report import write_report
 from strategies.factory import build_strategy
+from strategies.server_state import load_optimizer_state, optimizer_state
 
 app = ServerApp()
 
@@ -30,10 +31,12 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     out_dir = Path(str(run_config["output-dir"]) or f"outputs/run-{context.run_id}").expanduser().resolve()
     global_model = GlobalModel.load(run_config)
+    strategy = build_strategy(run_config)
     start_round, history = 1, []
     if run_config["resume"] and (checkpoint := latest_checkpoint(out_dir)) is not None:
         check_resumable(out_dir, run_config)
         restore(global_model.model, checkpoint)
+        load_optimizer_state(strategy, checkpoint.server_optimizer())
         start_round, history = checkpoint.round + 1, checkpoint.history
         log(INFO, "resuming %s from round %s", out_dir, checkpoint.round)
     write_json(out_dir / "config.json", {**run_config, "output-dir": str(out_dir)})
@@ -41,17 +44,19 @@ def main(grid: Grid, context: Context) -> None:
     central_data = str(run_config["central-eval-data"])
     federation = Federation(
         grid=grid,
-        strategy=build_strategy(run_config),
+        strategy=strategy,
         num_rounds=int(run_config["num-server-rounds"]),
         timeout=float(run_config["round-timeout"]),
         train_config={},
         evaluate_config={},
         central_eval=global_model.central_evaluator(central_data) if central_data else None,
+        flag_after=int(run_config["flag-after-rejections"]),
     )
 
     def on_round(server_round, arrays, rounds) -> None:
         global_model.set_arrays(arrays)
-        save_checkpoint(out_dir, server_round, global_model.model, global_model.tokenizer, global_model.metadata, rounds)
+        save_checkpoint(out_dir, server_round, global_model.model, global_model.tokenizer, global_model.metadata, rounds,
+                        optimizer_state(strategy))
         save_history(out_dir, rounds)
         write_report(out_dir, run_config, rounds)
         write_privacy_report(out_dir, run_config, rounds)

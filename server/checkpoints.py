@@ -1,6 +1,7 @@
 """Per-round checkpoints: ``checkpoints/round-<r>/`` holds the global adapter in PEFT format
-(so any round loads with ``PeftModel.from_pretrained``) plus ``state.json`` with the history so
-far; ``--resume`` continues from the newest complete one."""
+(so any round loads with ``PeftModel.from_pretrained``), ``state.json`` with the history so
+far, and ``server_optimizer.safetensors`` with FedAdam's or FedYogi's moments when the strategy
+keeps them (``strategies.server_state``); ``--resume`` continues from the newest complete one."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import PeftModel
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
@@ -22,6 +26,7 @@ from server.history import write_json
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SERVER_OPTIMIZER = "server_optimizer.safetensors"
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,10 @@ class Checkpoint:
     def adapter(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / ADAPTER_WEIGHTS))
 
+    def server_optimizer(self) -> dict[str, np.ndarray]:
+        path = self.path / SERVER_OPTIMIZER
+        return load_numpy(str(path)) if path.is_file() else {}
+
 
 def save_checkpoint(
     out_dir: Path,
@@ -41,12 +50,15 @@ def save_checkpoint(
     tokenizer: PreTrainedTokenizerBase,
     metadata: dict[str, Any],
     history: list[dict[str, Any]],
+    server_optimizer: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write the round's checkpoint completely, then move it into place (atomic on one disk)."""
     final = out_dir / CHECKPOINTS / f"round-{server_round}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp, tokenizer, {**metadata, "round": server_round})
+    if server_optimizer:
+        save_numpy(server_optimizer, str(tmp / SERVER_OPTIMIZER))
     write_json(tmp / STATE_FILE, {"round": server_round, "history": history})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -32,6 +32,7 @@ class Federation:
     train_config: dict[str, Any]
     evaluate_config: dict[str, Any]
     central_eval: Callable[[ArrayRecord], dict[str, float]] | None = None
+    flag_after: int = 3  # flag a site whose update was rejected in this many rounds running (0: never)
     # node id -> site-name, learnt from the sites' replies: a site that stops answering (no-reply,
     # or a Flower error reply, which carries no site record) is still reported under its name.
     site_names: dict[int, str] = field(default_factory=dict)
@@ -44,6 +45,10 @@ class Federation:
             log(INFO, "[ROUND %s/%s]", server_round, self.num_rounds)
             arrays, record = self._round(server_round, arrays)
             history.append(record)
+            self._flag_repeated_rejections(history)
+            for entry in record["clients"]:
+                if entry["outcome"] == "rejected":
+                    log(WARNING, "round %s: %s's update rejected: %s", server_round, entry["client"], entry["reason"])
             on_round(server_round, arrays, history)
             log(INFO, "round %s: eval accuracy %s, train loss %s, %s/%s sites aggregated",
                 server_round, record["eval_accuracy"], record["train_loss"],
@@ -97,6 +102,18 @@ class Federation:
             entry["client"] = self.site_names.get(entry["node_id"], entry["client"])
         return arrays, record
 
+    def _flag_repeated_rejections(self, history: list[dict[str, Any]]) -> None:
+        """Mark ``flagged`` on the latest round's rejected sites that were also rejected in
+        each of the ``flag_after`` - 1 rounds before (by node id), and log them."""
+        if not self.flag_after or len(history) < self.flag_after:
+            return
+        window = history[-self.flag_after:]
+        rejected = [{c["node_id"] for c in r["clients"] if c["outcome"] == "rejected"} for r in window]
+        for entry in window[-1]["clients"]:
+            entry["flagged"] = all(entry["node_id"] in nodes for nodes in rejected)
+            if entry["flagged"]:
+                log(WARNING, "%s: update rejected %s rounds running (latest: %s)", entry["client"], self.flag_after, entry["reason"])
+
     def _learn_names(self, entries: list[dict[str, Any]]) -> None:
         for entry in entries:
             if entry.get("node_id") is not None and entry["client"] != f"node-{entry['node_id']}":
@@ -133,13 +150,15 @@ def _client_entries(outcomes: list[ReplyOutcome], bytes_down: dict[int, int]) ->
             "bytes_up": o.bytes_up,
             "bytes_down": bytes_down.get(o.node_id, 0),
             "ledger": o.ledger,
+            "update_norm": o.update_norm,
+            "flagged": False,
         }
         for o in outcomes
     ]
     entries += [
         {"client": f"node-{node}", "node_id": node, "outcome": "no-reply", "reason": "no reply before the round timeout",
          "num_examples": None, "train_loss": None, "epsilon": None, "privacy": {}, "bytes_up": 0, "bytes_down": sent,
-         "ledger": None}
+         "ledger": None, "update_norm": None, "flagged": False}
         for node, sent in bytes_down.items() if node not in answered
     ]
     return entries

@@ -7,8 +7,10 @@ round could not be aggregated, else null), ``central_epsilon`` and ``central_dp`
 noise multiplier, clipping norm, sample size and delta this round released with; null when it
 released nothing) and ``clients``: one item per site sent work, with
 ``client``, ``node_id``, ``outcome`` (aggregated / rejected / refused / failed / no-reply),
-``reason``, ``num_examples``, ``train_loss``, ``epsilon``, ``bytes_up``, ``bytes_down`` and
-``ledger`` (the site's privacy-ledger anchor ``{"rows", "head"}`` after that message, or null);
+``reason``, ``num_examples``, ``train_loss``, ``epsilon``, ``bytes_up``, ``bytes_down``,
+``ledger`` (the site's privacy-ledger anchor ``{"rows", "head"}`` after that message, or null),
+``update_norm`` (‖update − global adapter‖₂ of a well-formed update, else null) and ``flagged``
+(its update was rejected in ``flag-after-rejections`` rounds running);
 ``evaluations`` likewise per site evaluated. Under DP, ``num_examples`` is the site's public
 FedAvg weight and ``train_loss``/``eval_accuracy`` are noised releases (``privacy.release``);
 ``reason`` is a status code and a setting name, never the site's own text.

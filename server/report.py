@@ -90,9 +90,15 @@ def write_report(out_dir: Path, config: Mapping[str, Any], history: list[dict[st
         )
     problems = [
         f"- round {r['round']}: {c['client']} {c['outcome']}: {c['reason']}"
+        + (f" (update norm {c['update_norm']:.4g})" if c.get("update_norm") is not None and "norm" not in c["reason"] else "")
+        + (" — **flagged**: rejected in consecutive rounds" if c.get("flagged") else "")
         for r in history for c in r["clients"] if c["outcome"] != "aggregated"
     ] + [f"- round {r['round']}: not aggregated: {r['failure']}" for r in history if r.get("failure")]
     lines += ["", "## Sites that did not contribute", ""] + (problems or ["None: every site sent a valid update every round."])
+    flagged = sorted({c["client"] for r in history for c in r["clients"] if c.get("flagged")})
+    if flagged:
+        lines += ["", f"**Flagged sites** (update rejected {config['flag-after-rejections']} rounds running): "
+                  + ", ".join(flagged)]
     lines += ["", "## Files", "", "- `adapter/`: final global adapter (PEFT format; `PeftModel.from_pretrained(base, 'adapter')`)",
               "- `checkpoints/round-<r>/`: the adapter after each round", "- `history.json`, `config.json`",
               "- `plots/loss.png`, `plots/accuracy.png`", ""]

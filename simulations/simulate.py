@@ -5,7 +5,8 @@ in-process. Each virtual site ``i`` gets node config ``{"site-name": "site-i",
 "ledger-path": OUT/privacy/site-i.db, "num-examples": <its partition's rows (users)>}`` plus
 ``--node-config`` (every site) plus its table in ``--site-config`` (one site). Declaring the
 size, as a deployed site would in its node config, keeps sampling rates and FedAvg weights on
-public values (``docs/privacy.md``, A3).
+public values (``docs/privacy.md``, A3). With ``attack`` (``simulations.attacks``), K sites
+misbehave; a label-flipping one is pointed at its own flipped file through ``data-path``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import datasets
 from flwr.app import Context, RecordDict
 
 # Flower's public ``run_simulation`` accepts no run config; its engine underneath does. Every
@@ -25,7 +27,9 @@ engine = importlib.import_module("flwr.simulation.run_simulation")
 from client.local_data import load_site_data
 from fedlora.run_config import PYPROJECT
 from server.app import app as server_app
+from simulations.attacks import Attack, write_flipped_partition
 from simulations.site_app import build_site_app
+from simulations.sources import resolve_label_names
 
 
 def site_node_configs(
@@ -63,12 +67,24 @@ def _partition_units(run_config: Mapping[str, Any], site: int, num_sites: int, u
     return len(set(data.units(data.train))) + len(set(data.units(data.eval)))
 
 
+def _flipped_data(run_config: Mapping[str, Any], site: int, num_sites: int, out_dir: Path) -> dict[str, Any]:
+    """Node config that points a label-flipping attacker at its own partition, labels reversed."""
+    data = load_site_data({"partition-id": site, "num-partitions": num_sites}, run_config)
+    rows = datasets.concatenate_datasets([data.train, data.eval])
+    path = write_flipped_partition(
+        rows, resolve_label_names(run_config), str(run_config["text-column"]), str(run_config["label-column"]),
+        out_dir / "attack" / f"site-{site}.csv",
+    )
+    return {"data-path": str(path), "num-examples": rows.num_rows}
+
+
 def run_simulation(
     run_config: Mapping[str, Any],
     num_sites: int,
     node_config: Mapping[str, Any] | None = None,
     per_site: Mapping[int, Mapping[str, Any]] | None = None,
     client_cpus: float | None = None,
+    attack: Attack | None = None,
 ) -> Path:
     """Run the federation to completion; returns the output directory."""
     out_dir = Path(str(run_config["output-dir"])).expanduser().resolve()
@@ -77,6 +93,9 @@ def run_simulation(
     unknown = sorted(set(per_site or {}) - set(sites))
     if unknown:
         raise ValueError(f"--site-config names site(s) {unknown}, but sites are 0..{num_sites - 1}")
+    if attack is not None and attack.kind == "label-flip":
+        for site in attack.sites:
+            sites[site] |= _flipped_data(config, site, num_sites, out_dir)
 
     run_id = engine.generate_rand_int_from_bytes(engine.RUN_ID_NUM_BYTES)
     run = engine.Run.create_empty(run_id=run_id)
@@ -92,7 +111,7 @@ def run_simulation(
     engine._run_simulation(
         num_supernodes=num_sites,
         exit_event=engine.EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=build_site_app(sites),
+        client_app=build_site_app(sites, attack, int(config["seed"])),
         server_app=server_app,
         backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},
         server_app_context=server_context,

@@ -16,8 +16,10 @@
 Robust aggregators (``trimmed-mean``, ``median``, ``krum``) ignore example counts for the
 adapter (one site, one vote); training metrics stay weighted means.
 
-Every strategy is wrapped in :class:`ScreenedStrategy`: replies that are malformed, non-finite or
-farther than ``max-update-norm`` from the global adapter are left out before aggregation.
+Every strategy is wrapped in :class:`ScreenedStrategy`: replies that are malformed or non-finite,
+that change nothing, or whose distance from the global adapter is over ``update-norm-ratio`` (10)
+times the median of the round's other updates or over ``max-update-norm`` (when set) are left out
+before aggregation (``strategies.norm_screen``).
 
 ``central-dp = true`` adds site-level DP (``strategies.central_dp``): Flower's
 ``DifferentialPrivacyServerSideFixedClipping`` (``central-dp-noise-multiplier``,
@@ -52,6 +54,7 @@ from flwr.serverapp.strategy import (
 from strategies.central_dp import CentralDP
 from strategies.freeze_a import FreezeA, ffa_upload
 from strategies.hetlora import HetLoRA
+from strategies.norm_screen import NormScreen
 from strategies.screening import ScreenedStrategy
 
 FFA_LORA = "ffa-lora"
@@ -98,11 +101,15 @@ def build_strategy(run_config: Mapping[str, Any]) -> ScreenedStrategy:
         )
     if ffa:
         inner = FreezeA(inner)
-    max_norm = float(run_config.get("max-update-norm", 0.0)) or None
+    # Under central DP every update is clipped to central-dp-clipping-norm, which bounds its
+    # influence already; a relative rejection there would only fail the round (it needs exactly
+    # num-sampled-clients updates), handing any one site a veto over every round.
+    ratio = 0.0 if run_config["central-dp"] else float(run_config["update-norm-ratio"])
+    norm_screen = NormScreen(ratio=ratio, max_norm=float(run_config["max-update-norm"]) or None)
     return ScreenedStrategy(
         inner,
         min_valid=int(run_config.get("min-valid-updates", 1)),
-        max_update_norm=max_norm,
+        norm_screen=norm_screen,
         rank_flexible=aggregator == "hetlora",
         expected_upload=ffa_upload if ffa else (lambda arrays: arrays),
         central_dp=central_dp,

@@ -4,7 +4,8 @@ Wraps a Flower strategy the way Flower's own DP wrappers do. Every training repl
 in exactly one :class:`ReplyOutcome`:
 
 - ``aggregated``: a well-formed adapter update, passed on to the wrapped strategy;
-- ``rejected``: malformed, non-finite or too large (``strategies.validation``), left out;
+- ``rejected``: malformed or non-finite (``strategies.validation``), or far larger than the
+  round's other updates, or no change at all (``strategies.norm_screen``), left out;
 - ``refused``: the site chose not to train (budget exhausted, policy, broken data) and said
   why in its ``status`` record;
 - ``failed``: the site's ClientApp raised, or the connection failed (Flower error reply);
@@ -28,7 +29,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.validation import spec_from_arrays, validate_update
+from strategies.norm_screen import NormScreen
+from strategies.validation import spec_from_arrays, update_norm, validate_update
 
 if TYPE_CHECKING:
     from strategies.central_dp import CentralDP
@@ -47,6 +49,7 @@ class ReplyOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     ledger: dict[str, Any] | None = None  # the site's ledger anchor: {"rows": n, "head": hash}
+    update_norm: float | None = None  # ‖reply − global‖₂ of a well-formed update
 
 
 # Status codes (client.refusals) for which a site did not choose to sit out but broke down.
@@ -72,7 +75,8 @@ def describe_reply(msg: Message) -> ReplyOutcome:
 
 
 class ScreenedStrategy(Strategy):
-    """Validate every update (keys, shapes, dtypes, finiteness, norm) before ``inner`` sees it.
+    """Validate every update (keys, shapes, dtypes, finiteness), then screen the well-formed
+    ones by size (``norm_screen``), before ``inner`` sees any.
 
     ``expected_upload`` maps the global arrays sent this round to what a site must send back
     (identity, or only the trainable tensors under FFA-LoRA). ``central_dp`` is the central-DP
@@ -83,7 +87,7 @@ class ScreenedStrategy(Strategy):
         self,
         inner: Strategy,
         min_valid: int = 1,
-        max_update_norm: float | None = None,
+        norm_screen: NormScreen | None = None,
         rank_flexible: bool = False,
         expected_upload: Callable[[ArrayRecord], ArrayRecord] = lambda arrays: arrays,
         central_dp: CentralDP | None = None,
@@ -91,7 +95,7 @@ class ScreenedStrategy(Strategy):
         self.inner = inner
         self.central_dp = central_dp
         self.min_valid = min_valid
-        self.max_update_norm = max_update_norm
+        self.norm_screen = norm_screen or NormScreen()
         self.rank_flexible = rank_flexible
         self.expected_upload = expected_upload
         self.train_outcomes: list[ReplyOutcome] = []
@@ -113,9 +117,13 @@ class ScreenedStrategy(Strategy):
         return None if self.central_dp is None else self.central_dp.round_release
 
     def restore(self, history: Sequence[dict[str, Any]]) -> None:
-        """Resume after ``history``: the central-DP accountant composes every earlier release
-        at the noise multiplier recorded with it, never at this run's, so that changing
-        ``central-dp-noise-multiplier`` on resume cannot shrink the reported ε."""
+        """Resume after ``history``: the norm screen's reference is the norms accepted last,
+        and the central-DP accountant composes every earlier release at the noise multiplier
+        recorded with it, never at this run's, so that changing ``central-dp-noise-multiplier``
+        on resume cannot shrink the reported ε."""
+        accepted = [[c["update_norm"] for c in r["clients"] if c["outcome"] == "aggregated" and c.get("update_norm")]
+                    for r in history]
+        self.norm_screen.restore(next((norms for norms in reversed(accepted) if norms), []))
         if self.central_dp is not None:
             self.central_dp.replay(_central_releases(history))
 
@@ -125,20 +133,25 @@ class ScreenedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         reference = self.expected_upload(self._reference)
-        spec = spec_from_arrays(reference, self.max_update_norm, self.rank_flexible)
-        self.train_outcomes, valid = [], []
+        spec = spec_from_arrays(reference, self.rank_flexible)
+        self.train_outcomes, well_formed = [], {}
         for msg in replies:
             outcome = describe_reply(msg)
             if outcome.outcome == "aggregated":
                 if "arrays" not in msg.content.array_records or "num-examples" not in outcome.metrics:
                     reason = "reply has no adapter or no num-examples"
                 else:
-                    reason = validate_update(msg.content["arrays"], spec, reference)
+                    reason = validate_update(msg.content["arrays"], spec)
                 if reason:
                     outcome.outcome, outcome.reason = "rejected", reason
                 else:
-                    valid.append(msg)
+                    outcome.update_norm = update_norm(msg.content["arrays"], reference)
+                    well_formed[len(self.train_outcomes)] = msg
             self.train_outcomes.append(outcome)
+        too_large = self.norm_screen.reasons({i: self.train_outcomes[i].update_norm for i in well_formed})
+        for index, reason in too_large.items():
+            self.train_outcomes[index].outcome, self.train_outcomes[index].reason = "rejected", reason
+        valid = [msg for index, msg in well_formed.items() if index not in too_large]
         if len(valid) < self.min_valid:
             problems = "; ".join(f"{o.site}: {o.outcome} ({o.reason})" for o in self.train_outcomes if o.reason)
             raise TooFewUpdates(

@@ -1,17 +1,19 @@
-"""Reject malformed or out-of-bounds adapter updates before they reach aggregation.
+"""Reject malformed adapter updates before they reach aggregation.
 
-One bad reply (a wrong shape, a NaN, a huge update) would otherwise crash the
-aggregation or silently poison the global adapter for every site. Checks run in this
-order and the first failing one gives the reason:
+One bad reply (a wrong shape, a NaN) would otherwise crash the aggregation or silently poison
+the global adapter for every site. Checks run in this order and the first failing one gives
+the reason:
 
 1. tensor names: unexpected keys, then missing keys;
 2. shapes (with ``rank_flexible``, a LoRA rank in [1, spec rank], the same in every tensor);
 3. dtypes;
-4. finiteness (NaN / Inf counts);
-5. the L2 norm of the update, ``‖reply − reference‖₂`` over all tensors together.
+4. finiteness (NaN / Inf counts).
+
+The size of a well-formed update, :func:`update_norm`, is judged against the round's other
+updates by ``strategies.norm_screen``.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,18 +25,9 @@ _MAX_NAMED = 5
 
 
 @dataclass(frozen=True)
-class Rejection:
-    """A reply left out of aggregation, and why."""
-
-    node_id: int
-    reason: str
-
-
-@dataclass(frozen=True)
 class UpdateSpec:
     """What a valid update looks like.
 
-    ``max_norm`` bounds ‖reply − reference‖₂ over all tensors together (None: no bound).
     ``rank_flexible`` lets LoRA tensors have another rank r than the spec's R: the rank
     axis (dim 0 of lora_A, dim 1 of lora_B) may hold any 1 <= r <= R, the other dims
     must match. The upper bound exists because the server keeps its global adapter at
@@ -43,19 +36,15 @@ class UpdateSpec:
 
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
-    max_norm: float | None = None
     rank_flexible: bool = False
 
 
-def spec_from_arrays(
-    arrays: ArrayRecord, max_norm: float | None = None, rank_flexible: bool = False
-) -> UpdateSpec:
+def spec_from_arrays(arrays: ArrayRecord, rank_flexible: bool = False) -> UpdateSpec:
     """The spec an update must match: the names, shapes and dtypes of ``arrays``."""
     decoded = {name: array.numpy() for name, array in arrays.items()}
     return UpdateSpec(
         shapes={name: tuple(value.shape) for name, value in decoded.items()},
         dtypes={name: str(value.dtype) for name, value in decoded.items()},
-        max_norm=max_norm,
         rank_flexible=rank_flexible,
     )
 
@@ -104,12 +93,13 @@ def _reference_for(
     return ref if ref.shape == value.shape else None
 
 
-def _update_norm(decoded: dict[str, np.ndarray], reference: ArrayRecord | None) -> float:
-    """‖reply − reference‖₂ over all tensors; a tensor without a matching reference counts
-    in full (its reference is taken as zero)."""
+def update_norm(arrays: ArrayRecord, reference: ArrayRecord | None) -> float:
+    """‖reply − reference‖₂ over all tensors of a well-formed ``arrays`` (float64); a tensor
+    without a matching reference counts in full (its reference is taken as zero)."""
     ref_arrays = {} if reference is None else {n: a.numpy() for n, a in reference.items()}
     squared = 0.0
-    for name, value in decoded.items():
+    for name, array in arrays.items():
+        value = array.numpy()
         delta = value.astype(np.float64)
         ref = _reference_for(name, value, ref_arrays)
         if ref is not None:
@@ -118,14 +108,8 @@ def _update_norm(decoded: dict[str, np.ndarray], reference: ArrayRecord | None) 
     return squared**0.5
 
 
-def validate_update(
-    arrays: ArrayRecord, spec: UpdateSpec, reference: ArrayRecord | None = None
-) -> str | None:
-    """None when ``arrays`` is a valid update under ``spec``, else the reason it is not.
-
-    ``reference`` is the global adapter sent this round; without it the norm bound
-    applies to the reply itself.
-    """
+def validate_update(arrays: ArrayRecord, spec: UpdateSpec) -> str | None:
+    """None when ``arrays`` is a well-formed update under ``spec``, else the reason it is not."""
     unexpected = set(arrays.keys()) - set(spec.shapes)
     if unexpected:
         return f"unexpected keys: {_name_some(unexpected)}"
@@ -165,26 +149,4 @@ def validate_update(
         nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
         if nan or inf:
             return f"non-finite values in {name!r}: {nan} NaN, {inf} Inf"
-
-    if spec.max_norm is not None:
-        norm = _update_norm(decoded, reference)
-        if norm > spec.max_norm:
-            return f"update norm {norm:.6g} exceeds the bound {spec.max_norm:.6g}"
     return None
-
-
-def split_valid(
-    replies: Sequence[tuple[int, ArrayRecord]],
-    spec: UpdateSpec,
-    reference: ArrayRecord | None = None,
-) -> tuple[list[int], list[Rejection]]:
-    """Positions in ``replies`` (``(node_id, arrays)`` pairs) that pass, and the rejections."""
-    valid: list[int] = []
-    rejections: list[Rejection] = []
-    for index, (node_id, arrays) in enumerate(replies):
-        reason = validate_update(arrays, spec, reference)
-        if reason is None:
-            valid.append(index)
-        else:
-            rejections.append(Rejection(node_id=node_id, reason=reason))
-    return valid, rejections

@@ -11,85 +11,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from peft.utils import get_peft_model_state_dict
 
 from client import app as client_app
 from client.training import DPSettings, TrainSettings, train
-from fedlora.run_config import apply_overrides, default_run_config
+from fedlora.run_config import apply_overrides
 from fedlora.saved_adapter import load_saved_adapter
 from fedlora.tasks import encode
-from server.federation import Federation
 from server.global_model import GlobalModel
 from simulations.simulate import run_simulation
 from simulations.sources import load_file
 from strategies.factory import STRATEGIES, build_strategy
-from strategies.ffa_lora import is_frozen_key, trainable_subset
+from strategies.ffa_lora import is_frozen_key
 from strategies.freeze_a import ffa_upload
-from tests.fake_grid import FakeGrid, decode, record
+from tests.fake_grid import Arrays, FakeGrid, FakeSite, changed, decode, honest, outcomes, record, run_federation, server_run_config
 from tests.conftest import LABELS
-
-Arrays = dict[str, np.ndarray]
-Update = Callable[[Arrays, int], Arrays | None]  # (what the site received, round) -> what it sends
-
-
-@dataclass
-class FakeSite:
-    """A site that answers training with ``update`` (None: it refuses) and evaluation with fixed
-    metrics, in the reply format of ``client.app``."""
-
-    name: str
-    num_examples: int
-    update: Update
-
-    def __call__(self, msg: Message) -> Message:
-        metrics: dict[str, Any] = {"num-examples": self.num_examples}
-        if msg.metadata.message_type == MessageType.EVALUATE:
-            metrics |= {"eval-loss": 1.0, "eval-accuracy": 0.5}
-            return Message(RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": self.name})}), reply_to=msg)
-        sent = self.update(decode(msg.content["arrays"]), int(msg.content["config"]["server-round"]))
-        if sent is None:
-            status = ConfigRecord({"status": "budget-exhausted", "setting": "max-epsilon"})
-            content = {"status": status, "site": ConfigRecord({"name": self.name})}
-            return Message(RecordDict(content), reply_to=msg)
-        metrics |= {"train-loss": 1.0}
-        content = {"arrays": record(sent), "metrics": MetricRecord(metrics), "site": ConfigRecord({"name": self.name})}
-        return Message(RecordDict(content), reply_to=msg)
-
-
-def honest(seed: int, ffa: bool = False, scale: float = 0.01) -> Update:
-    """A small random step from what was received (only B and the head under FFA-LoRA)."""
-
-    def update(received: Arrays, server_round: int) -> Arrays:
-        rng = np.random.default_rng([seed, server_round])
-        kept = trainable_subset(received) if ffa else received
-        return {k: (v + scale * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in kept.items()}
-
-    return update
-
-
-def changed(base: Update, change: Callable[[Arrays], Arrays]) -> Update:
-    return lambda received, server_round: change(base(received, server_round))
-
-
-def run_federation(strategy, grid: FakeGrid, arrays: Arrays, rounds: int = 2) -> tuple[Arrays, list[dict[str, Any]]]:
-    history: list[dict[str, Any]] = []
-    federation = Federation(grid, strategy, rounds, timeout=10.0, train_config={}, evaluate_config={})
-    final = federation.run(record(arrays), 1, history, lambda *_: None)
-    return decode(final), history
-
-
-def outcomes(history_record: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    return {c["client"]: (c["outcome"], c["reason"]) for c in history_record["clients"]}
-
 
 def weighted_mean(updates: list[tuple[Arrays, float]]) -> Arrays:
     total = sum(w for _, w in updates)
@@ -108,10 +52,7 @@ def server_identity():
 @pytest.fixture(scope="module")
 def config(tiny_bert, tmp_path_factory) -> dict[str, Any]:
     """Run config of the tiny BERT (rank 8: A [8, 32], B [32, 8] on query/value of 2 layers)."""
-    return apply_overrides(default_run_config(), {
-        "model": tiny_bert, "label-names": ",".join(LABELS), "max-seq-length": 32,
-        "output-dir": str(tmp_path_factory.mktemp("out")), "min-train-nodes": 2, "min-evaluate-nodes": 2,
-    })
+    return server_run_config(tiny_bert, tmp_path_factory.mktemp("out"))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +124,7 @@ BAD_SITES: dict[str, tuple[Callable[[Arrays], Arrays], str]] = {
     "extra-key": (lambda a: a | {"base_model.model.bert.embeddings.word_embeddings.weight": np.zeros((4, 4), np.float32)}, "unexpected keys"),
     "missing-key": (lambda a: dict(list(a.items())[1:]), "missing keys"),
     "float64": (lambda a: {k: v.astype(np.float64) for k, v in a.items()}, "wrong dtype"),
-    "huge-norm": (lambda a: {k: v + 1.0 for k, v in a.items()}, "exceeds the bound"),
+    "huge-norm": (lambda a: {k: v + 1.0 for k, v in a.items()}, "exceeds max-update-norm"),
 }
 
 
@@ -248,12 +189,13 @@ def test_strategy_runs_two_rounds_and_saves_a_peft_adapter(name, config, initial
 
 
 def test_robust_aggregators_by_hand_with_one_outlier(config, initial):
-    """Four honest sites and one that pushes every coordinate by +0.5 (within any norm bound)."""
+    """Four honest sites and one that pushes every coordinate by +0.5 (50 times an honest step:
+    the norm screen, switched off here, would reject it before any aggregator saw it)."""
     sites = {n: FakeSite(f"s{n}", 10 * n, honest(n)) for n in range(1, 5)}
     sites[5] = FakeSite("outlier", 10, changed(honest(5), lambda a: {k: v + 0.5 for k, v in a.items()}))
 
     def one_round(name: str, **overrides: Any) -> tuple[Arrays, list[Arrays]]:
-        strategy = build_strategy(configured(config, strategy=name, **overrides))
+        strategy = build_strategy(configured(config, strategy=name, **{"update-norm-ratio": 0.0}, **overrides))
         grid = FakeGrid(sites)
         replies = grid.send_and_receive(strategy.configure_train(1, record(initial), ConfigRecord(), grid))
         ordered = sorted(replies, key=lambda r: r.metadata.src_node_id)

@@ -1,0 +1,167 @@
+"""Simulated attacks (simulations.attacks) against the default screening: each kind is rejected
+or bounded as documented, with every strategy, with 2 sites, and in a real simulation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlora.cli import UsageError, main, resolve_simulation
+from fedlora.run_config import apply_overrides
+from server.global_model import GlobalModel
+from simulations.attacks import Attack, write_flipped_partition
+from strategies.factory import STRATEGIES, build_strategy
+from tests.conftest import LABELS
+from tests.fake_grid import Arrays, FakeGrid, FakeSite, decode, honest, outcomes, record, run_federation, server_run_config
+
+import datasets
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1234, 1
+
+
+@pytest.fixture(scope="module")
+def config(tiny_bert, tmp_path_factory):
+    return server_run_config(tiny_bert, tmp_path_factory.mktemp("out"))
+
+
+@pytest.fixture(scope="module")
+def initial(config) -> Arrays:
+    return decode(GlobalModel.load(config).arrays())
+
+
+def attacker(kind: str, ffa: bool = False, seed: int = 99) -> FakeSite:
+    """A site whose honest update is rewritten by ``Attack.corrupt``, as the simulation's mod does."""
+    name, _, value = kind.partition(":")
+    attack = Attack(name, float(value or 0), (0,), 1)
+    train = honest(seed, ffa=ffa)
+
+    def update(received: Arrays, server_round: int) -> Arrays:
+        reply = record(train(received, server_round))
+        return decode(attack.corrupt(record(received), reply, np.random.default_rng(server_round)))
+
+    return FakeSite("attacker", 100, update)
+
+
+# Documented outcome of each update attack against the default screen (update-norm-ratio 10),
+# honest updates being steps of 0.01 per value.
+EXPECTED = {
+    "nan": ("rejected", "non-finite"),
+    "scale:1e6": ("rejected", "update-norm-ratio"),
+    "gaussian:1": ("rejected", "update-norm-ratio"),
+    "wrong-shape": ("rejected", "wrong shape"),
+    "free-rider": ("rejected", "nothing was trained"),
+    "sign-flip": ("aggregated", ""),  # as large as an honest update: bounded by its weight
+    "scale:3": ("aggregated", ""),  # within the honest range: bounded by 3x its weight
+}
+
+
+@pytest.mark.parametrize("kind", EXPECTED)
+def test_each_update_attack_is_rejected_or_bounded_as_documented(kind, config, initial):
+    sites = {n: FakeSite(f"honest-{n}", 100, honest(n)) for n in range(1, 5)} | {9: attacker(kind)}
+    final, history = run_federation(build_strategy(config), FakeGrid(sites), initial, rounds=2)
+    outcome, reason = EXPECTED[kind]
+    for entry in history:
+        seen = outcomes(entry)
+        assert seen["attacker"][0] == outcome and reason in seen["attacker"][1], seen["attacker"]
+        assert all(seen[f"honest-{n}"][0] == "aggregated" for n in range(1, 5))
+    # Whatever got through, the global adapter moved by at most a few honest steps per value.
+    assert max(np.abs(final[k] - initial[k]).max() for k in initial) < 0.2
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_the_default_bound_works_with_two_sites_and_every_strategy(name, config, initial):
+    run_config = apply_overrides(config, {"strategy": name})
+    ffa = name.startswith("ffa-lora")
+    sites = {1: FakeSite("honest", 100, honest(1, ffa=ffa)), 2: attacker("scale:1e6", ffa=ffa)}
+    final, history = run_federation(build_strategy(run_config), FakeGrid(sites), initial, rounds=2)
+    for entry in history:
+        assert entry["failure"] is None
+        assert outcomes(entry)["attacker"][0] == "rejected" and outcomes(entry)["honest"][0] == "aggregated"
+        rejected = next(c for c in entry["clients"] if c["client"] == "attacker")
+        assert rejected["update_norm"] > 1e3
+    assert all(np.isfinite(v).all() for v in final.values())
+    assert max(np.abs(final[k] - initial[k]).max() for k in initial) < 1.0
+
+
+def test_under_central_dp_the_clip_bounds_a_boosted_update(config, initial):
+    """Central DP needs exactly num-sampled-clients updates: there the clip is the bound, and a
+    rejection would hand any one site a veto over every round."""
+    run_config = apply_overrides(config, {"central-dp": True, "num-sampled-clients": 2, "central-dp-noise-multiplier": 0.01})
+    sites = {1: FakeSite("honest", 100, honest(1)), 2: attacker("scale:1e6")}
+    final, history = run_federation(build_strategy(run_config), FakeGrid(sites), initial, rounds=2)
+    assert all(outcomes(entry)["attacker"][0] == "aggregated" for entry in history)
+    # Two rounds of at most C / m = 0.5 each, plus tiny noise: the 1e6-times update is gone.
+    change = sum(float(np.sum((final[k] - initial[k]).astype(np.float64) ** 2)) for k in initial) ** 0.5
+    assert change < 1.2
+
+
+def test_a_site_rejected_rounds_running_is_flagged(config, initial):
+    sites = {1: FakeSite("a", 100, honest(1)), 2: FakeSite("b", 100, honest(2)), 3: attacker("scale:1e6")}
+    _, history = run_federation(build_strategy(config), FakeGrid(sites), initial, rounds=3)
+    flagged = [[c["client"] for c in r["clients"] if c["flagged"]] for r in history]
+    assert flagged == [[], [], ["attacker"]]
+
+
+def test_attack_settings_are_checked_and_attackers_drawn_from_the_seed():
+    attack = Attack.from_settings({"attack": "scale:1e6", "attackers": 2, "attack-from-round": 2}, 5, seed=42)
+    assert (attack.kind, attack.parameter, attack.from_round, len(attack.sites)) == ("scale", 1e6, 2, 2)
+    assert attack == Attack.from_settings({"attack": "scale:1e6", "attackers": 2, "attack-from-round": 2}, 5, seed=42)
+    assert Attack.from_record(attack.record()) == attack
+    for settings, message in [
+        ({"attack": "boost"}, "unknown kind 'boost'"),
+        ({"attack": "scale"}, "write scale:NUMBER"),
+        ({"attack": "nan:3"}, "write nan"),
+        ({"attack": "gaussian:big"}, "not a number"),
+        ({"attack": "nan", "attackers": 6}, "attackers"),
+        ({"attack": "nan", "attack-from-round": 0}, "attack-from-round"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Attack.from_settings(settings, 5, seed=0)
+
+
+def test_attack_keys_stay_out_of_the_run_config(tiny_bert):
+    from fedlora.cli import build_parser
+
+    args = build_parser().parse_args(["simulate", "--num-clients", "5", "--model", tiny_bert,
+                                      "--set", "attack=sign-flip", "--set", "attackers=1"])
+    run_config, sites = resolve_simulation(args)
+    assert not any(key.startswith("attack") for key in run_config)
+    assert sites["attack"]["kind"] == "sign-flip" and len(sites["attack"]["sites"]) == 1
+    args = build_parser().parse_args(["simulate", "--set", "attack=nan", "--set", "attackers=4"])
+    with pytest.raises(UsageError, match="attackers"):
+        resolve_simulation(args)
+
+
+def test_label_flip_reverses_every_label(tmp_path):
+    rows = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, len(LABELS) - 1]})
+    path = write_flipped_partition(rows, LABELS, "note", "diagnosis", tmp_path / "flipped.csv")
+    written = datasets.Dataset.from_csv(str(path))
+    assert written["note"] == ["a", "b", "c"]
+    assert written["diagnosis"] == [LABELS[-1], LABELS[-2], LABELS[0]]
+
+
+@pytest.mark.parametrize("kind", ["scale:1e6", "label-flip"])
+def test_simulated_attack_end_to_end(kind, tiny_bert, classification_csv, tmp_path):
+    out = tmp_path / "out"
+    argv = ["simulate", "--num-clients", "3", "--rounds", "2", "--data", str(classification_csv), "--model", tiny_bert,
+            "--output", str(out), "--set", "batch-size=8", "--set", "max-seq-length=32", "--set", "probe-rounds=0",
+            "--set", f"label-names={','.join(LABELS)}", "--set", f"attack={kind}", "--set", "attackers=1"]
+    assert main(argv) == 0
+    (site,) = json.loads((out / "simulation.json").read_text())["attack"]["sites"]
+    assert "attack" not in json.loads((out / "config.json").read_text())  # the server never saw it
+    for entry in json.loads((out / "history.json").read_text()):
+        seen = outcomes(entry)
+        others = [outcome for name, (outcome, _) in seen.items() if name != f"site-{site}"]
+        assert others == ["aggregated", "aggregated"]
+        if kind == "label-flip":  # a data attack: an honest-looking update, bounded by its weight
+            assert seen[f"site-{site}"][0] == "aggregated"
+        else:
+            assert seen[f"site-{site}"] == ("rejected", seen[f"site-{site}"][1]) and "update-norm-ratio" in seen[f"site-{site}"][1]
+    if kind == "label-flip":
+        assert (out / "attack" / f"site-{site}.csv").is_file()
