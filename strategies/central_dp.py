@@ -25,7 +25,7 @@ relation is a label, and z must be the ratio of noise std to sensitivity under i
 (z C / m) / (C / m). Zero-out and add/remove with a fixed denominator give the same ε.
 
 What is *not* covered is whether a round releases at all. Flower releases only when exactly m
-valid updates arrive, and ``aggregate_train`` below also fails a round in which a site sent the
+valid updates arrive, and the norm screen (``strategies.norm_screen``) rejects a site that sent the
 global adapter back unchanged (‖Δ_j‖ = 0: Flower's clipping divides by it; for a site running
 DP-SGD, whose update carries Gaussian noise, that has probability zero). Such a round fails with
 :class:`~strategies.screening.TooFewUpdates` and releases nothing, so a sampled site that is
@@ -127,13 +127,9 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
         weight_key = self.strategy.weighted_by_key
         for reply in replies:
             next(iter(reply.content.metric_records.values()))[weight_key] = 1
-        try:
-            arrays, metrics = super().aggregate_train(server_round, replies)
-        except ZeroDivisionError as err:  # Flower's clipping scales by C / ‖Δ_i‖
-            raise TooFewUpdates(
-                f"round {server_round}: a site sent back the global adapter unchanged (‖Δ‖ = 0), "
-                "which Flower's clipping cannot take; nothing was released"
-            ) from err
+        # No reply here has ‖Δ‖ = 0 (Flower's clipping divides by it): the norm screen outside
+        # rejects an unchanged adapter before this wrapper sees it.
+        arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None:
             raise TooFewUpdates(
                 f"round {server_round}: central DP needs exactly {self.num_sampled_clients} valid "

@@ -21,6 +21,13 @@ honest majority among the updates of a round: attackers who are most of a round 
 reference themselves. A small or sign-flipped update passes (its damage to a mean is bounded by
 its weight); robust aggregators (``median``, ``trimmed-mean``, ``krum``) are the defence there.
 
+The rule's premise is comparable step counts. Adam moves each value by about the learning rate a
+step, so an update grows at most linearly with the site's local steps, which the plan sets from
+its size (at most 100 a round). Without DP, a site planned over 10 times the others' steps (100
+steps at 1,100 rows or more, against 6 at 50 rows) can exceed the ratio: such a federation raises
+``update-norm-ratio``. Under DP the steps' noise dominates and sizes grow about as √steps (5x for
+100 steps against 4), inside the ratio.
+
 A site rejected in ``flag-after-rejections`` rounds running is flagged in ``history.json`` and
 the report.
 """

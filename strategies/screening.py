@@ -121,7 +121,7 @@ class ScreenedStrategy(Strategy):
         and the central-DP accountant composes every earlier release at the noise multiplier
         recorded with it, never at this run's, so that changing ``central-dp-noise-multiplier``
         on resume cannot shrink the reported ε."""
-        accepted = [[c["update_norm"] for c in r["clients"] if c["outcome"] == "aggregated" and c.get("update_norm")]
+        accepted = [[c["update_norm"] for c in r.get("clients", []) if c["outcome"] == "aggregated" and c.get("update_norm")]
                     for r in history]
         self.norm_screen.restore(next((norms for norms in reversed(accepted) if norms), []))
         if self.central_dp is not None:

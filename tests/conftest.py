@@ -110,3 +110,11 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("deployment"):
             item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=5))
+
+
+@pytest.fixture(autouse=True)
+def cold_site_process():
+    """Every test starts as a fresh site process: no split tokenised by an earlier test."""
+    from client import site
+
+    site._ENCODED.clear()

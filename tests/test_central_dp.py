@@ -241,5 +241,6 @@ def test_an_unchanged_adapter_fails_the_round_instead_of_crashing_the_server():
     """Flower's clipping divides by ‖Δ‖: one site sending back θ must not end the run."""
     screened = strategy(1.0)
     entry = run_round(screened, 1, {1: site(direction(1, 0.1)), 2: site(np.zeros(DIM))})
-    assert "unchanged" in entry["failure"] and "nothing was released" in entry["failure"]
+    (unchanged,) = [o for o in screened.train_outcomes if o.outcome == "rejected"]
+    assert "nothing was trained" in unchanged.reason and "nothing was released" in entry["failure"]
     assert entry["central_dp"] is None and screened.central_epsilon == 0.0
