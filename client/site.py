@@ -319,7 +319,7 @@ class Site:
         same rows under the same tokenizer come from ``_ENCODED``); a row that fails to encode is
         dropped with a local warning."""
         task, max_length = str(self.run["task"]), int(self.run["max-seq-length"])
-        key = (tokenizer.name_or_path, task, max_length, _content_digest(split), tuple(units))
+        key = (tokenizer.name_or_path, task, max_length, _content_digest(split))  # units derive from the rows
         if key not in _ENCODED:
             while len(_ENCODED) >= _ENCODED_KEPT:
                 del _ENCODED[next(iter(_ENCODED))]  # the oldest
@@ -380,11 +380,8 @@ _ENCODED_KEPT = 256  # splits: a simulation worker serves many sites, each a tra
 def _content_digest(split: datasets.Dataset) -> str:
     """A digest of every value of ``split``: the rows themselves key the tokenisation cache, so
     a file edited between rounds is tokenised afresh."""
-    digest = hashlib.sha256()
-    for name in sorted(split.column_names):
-        digest.update(name.encode())
-        digest.update(repr(split[name]).encode())
-    return digest.hexdigest()
+    # Not repr(split[name]): datasets' Column shows only its first values.
+    return hashlib.sha256(repr(sorted(split.to_dict().items())).encode()).hexdigest()
 
 
 @lru_cache(maxsize=2)
