@@ -93,10 +93,20 @@ def save_adapter(
     tokenizer: PreTrainedTokenizerBase,
     metadata: Mapping[str, object],
 ) -> Path:
-    """Save in PEFT format plus the tokenizer and ``fedlora.json`` (task, model, label names)."""
+    """Save in PEFT format plus the tokenizer and ``fedlora.json`` (task, model, label names).
+
+    Both ``adapter_config.json`` and peft's model card name the base model as
+    ``metadata["base_model"]`` (a portable name, :func:`fedlora.model.portable_model_name`),
+    never the path it was loaded from on this machine."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    base_name = str(metadata["base_model"])
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_name
+    base = model.get_base_model()
+    base.name_or_path = base.config.name_or_path = base_name  # what peft's model card reads
+    # Embeddings are never a target, so peft need not look the base model up (on the hub).
+    model.save_pretrained(out, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
     (out / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
     return out

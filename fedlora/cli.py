@@ -1,4 +1,4 @@
-"""The ``fedlora`` command: simulate, evaluate, privacy audit, certs, site.
+"""The ``fedlora`` command: simulate, evaluate, predict, privacy plan and audit, certs, site.
 
 Every ``simulate`` option is a run-config key (``--rounds`` is ``num-server-rounds``, and so
 on; ``--set key=value`` reaches any other), so ``flwr run . -c ...`` and this command share one
@@ -16,6 +16,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from server.history import SIMULATION_FILE, RunFailed
+
 SIMULATE_OPTIONS = {
     "rounds": "num-server-rounds",
     "data": "data",
@@ -29,7 +31,6 @@ SIMULATE_OPTIONS = {
 }
 
 
-SIMULATION_FILE = "simulation.json"
 DEFAULT_OUTPUTS = Path("outputs")
 
 
@@ -135,17 +136,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     # What the virtual sites were given, so that --resume brings back the same sites.
     (out_dir / SIMULATION_FILE).write_text(json.dumps(sites, indent=2))
-    run_simulation(
-        config,
-        int(sites["num-clients"]),
-        node_config=sites["node-config"],
-        per_site={int(k): v for k, v in sites["site-config"].items()},
-        attack=Attack.from_record(sites["attack"]) if sites.get("attack") else None,
-    )
+    failure = None
+    try:
+        run_simulation(
+            config,
+            int(sites["num-clients"]),
+            node_config=sites["node-config"],
+            per_site={int(k): v for k, v in sites["site-config"].items()},
+            attack=Attack.from_record(sites["attack"]) if sites.get("attack") else None,
+        )
+    except RunFailed as err:
+        failure = str(err)
     if out_dir.parent == DEFAULT_OUTPUTS.resolve():
         latest = DEFAULT_OUTPUTS / "latest"
         latest.unlink(missing_ok=True)
         latest.symlink_to(out_dir.name)
+    if failure is not None:
+        print(f"fedlora simulate: run failed: {failure}; no adapter written (report: {out_dir / 'report.md'})",
+              file=sys.stderr)
+        return 1
     print(f"results: {out_dir} (report.md, history.json, adapter/, plots/)")
     return 0
 
@@ -177,12 +186,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedlora.saved_adapter import evaluate_saved_adapter
 
-    result = evaluate_saved_adapter(args.adapter, args.data, args.text_column, args.label_column, args.batch_size)
+    _check_adapter_dir(args.adapter)
+    result = evaluate_saved_adapter(args.adapter, args.data, args.text_column, args.label_column, args.batch_size,
+                                    args.base_model, args.seed)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"{result['num_examples']} examples  loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}")
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedlora.saved_adapter import predict
+
+    _check_adapter_dir(args.adapter)
+    texts = list(args.text or [])
+    if args.file:
+        try:
+            texts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise UsageError(f"--file {args.file}: {err.strerror or err}") from err
+    if not texts:
+        raise UsageError("give --text TEXT (repeatable) or --file FILE (one text per line)")
+    results = predict(args.adapter, texts, args.base_model, args.max_new_tokens)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for result in results if not args.json else ():
+        answer = f"{result['label']}\t{result['probability']:.3f}" if "label" in result else result["generated"]
+        print(f"{answer}\t{result['text']}")
+    return 0
+
+
+def _check_adapter_dir(path: str) -> None:
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {path}: not a saved adapter (no adapter_config.json); a run writes OUT/adapter")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,12 +232,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("evaluate", help="accuracy and loss of a saved adapter on a labelled file")
     ev.add_argument("--adapter", required=True, help="an adapter directory written by fedlora (OUT/adapter)")
-    ev.add_argument("--data", required=True)
+    ev.add_argument("--data", required=True, help="as simulate --data: embedded:clinical-notes, a CSV/JSONL/Parquet file, a save_to_disk folder or a hub name")
     ev.add_argument("--text-column", default="text")
     ev.add_argument("--label-column", default="label")
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=42,
+                    help="seed of embedded:clinical-notes (42, the run default, is the corpus the sites trained on)")
+    ev.add_argument("--base-model", help="where the base model is on this machine, if the adapter names a local directory")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
+
+    pr = commands.add_parser("predict", help="a saved adapter's label (or continuation) for each text")
+    pr.add_argument("--adapter", required=True, help="an adapter directory written by fedlora (OUT/adapter)")
+    pr.add_argument("--text", action="append", help="a text to classify, or a prompt (repeatable)")
+    pr.add_argument("--file", help="a file with one text per line")
+    pr.add_argument("--base-model", help="where the base model is on this machine, if the adapter names a local directory")
+    pr.add_argument("--max-new-tokens", type=int, default=64, help="causal-lm adapters: tokens to generate")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_predict)
 
     privacy = commands.add_parser("privacy", help="privacy ledger tools")
     privacy_commands = privacy.add_subparsers(dest="privacy_command", required=True)

@@ -24,8 +24,9 @@ from transformers import (
 from fedlora.pooling import PoolingError, apply_pooling, resolve_pooling
 
 # A freshly initialised classification head is expected here, not a problem worth a warning
-# block in every site's log each round.
+# block in every site's log each round; nor is a progress bar for loading a small model.
 transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 TASKS = ("classification", "causal-lm")
@@ -44,6 +45,15 @@ def resolve_model_path(model: str) -> str:
     if model.startswith("embedded:"):
         raise ModelError(f"unknown embedded model {model!r}; the embedded one is {EMBEDDED_MODEL!r}")
     return model
+
+
+def portable_model_name(model: str) -> str:
+    """How a saved adapter names its base model: a hub id or the embedded name as given, a
+    local directory by its folder name alone (a path on the coordinator means nothing
+    elsewhere; ``fedlora.load_adapter(..., base_model=DIR)`` says where it is)."""
+    if model.startswith("embedded:") or not Path(model).expanduser().is_dir():
+        return model
+    return Path(model).expanduser().resolve().name
 
 
 def check_task(task: str) -> str:

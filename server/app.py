@@ -3,11 +3,12 @@
 Writes everything into ``output-dir`` (an absolute path on the coordinator is best):
 ``config.json``, ``history.json``, ``checkpoints/round-<r>/``, ``adapter/``, ``report.md``,
 ``privacy_report.{md,json}``, ``plots/``. With ``resume=true`` it continues from the newest checkpoint there.
+A run in which no round aggregated any update writes no ``adapter/`` and fails (``RunFailed``).
 """
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.app import Context
@@ -17,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.checkpoints import check_resumable, latest_checkpoint, restore, save_checkpoint
 from server.federation import Federation
 from server.global_model import GlobalModel
-from server.history import save_history, write_json
+from server.history import RunFailed, run_failure, save_history, write_json
 from server.privacy_report import write_privacy_report
 from server.report import write_report
 from strategies.factory import build_strategy
@@ -62,9 +63,14 @@ def main(grid: Grid, context: Context) -> None:
         write_privacy_report(out_dir, run_config, rounds)
 
     arrays = federation.run(global_model.arrays(), start_round, history, on_round)
-    global_model.set_arrays(arrays)
-    global_model.save(out_dir / "adapter")
+    failure = run_failure(history)
+    if failure is None:  # an untrained adapter is never written as the run's result
+        global_model.set_arrays(arrays)
+        global_model.save(out_dir / "adapter")
     save_history(out_dir, history)
     write_report(out_dir, run_config, history)
     write_privacy_report(out_dir, run_config, history)
+    if failure is not None:
+        log(ERROR, "run failed: %s; no adapter written, see %s", failure, out_dir / "report.md")
+        raise RunFailed(failure)  # Flower ends the run as failed
     log(INFO, "results in %s", out_dir)

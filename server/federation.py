@@ -47,8 +47,7 @@ class Federation:
             history.append(record)
             self._flag_repeated_rejections(history)
             for entry in record["clients"]:
-                if entry["outcome"] == "rejected":
-                    log(WARNING, "round %s: %s's update rejected: %s", server_round, entry["client"], entry["reason"])
+                _log_outcome(server_round, entry)
             on_round(server_round, arrays, history)
             log(INFO, "round %s: eval accuracy %s, train loss %s, %s/%s sites aggregated",
                 server_round, record["eval_accuracy"], record["train_loss"],
@@ -118,6 +117,15 @@ class Federation:
         for entry in entries:
             if entry.get("node_id") is not None and entry["client"] != f"node-{entry['node_id']}":
                 self.site_names[entry["node_id"]] = entry["client"]
+
+
+def _log_outcome(server_round: int, entry: dict[str, Any]) -> None:
+    """One line per site per round: what became of its training reply, and why."""
+    if entry["outcome"] == "aggregated":
+        spent = f", epsilon {entry['epsilon']:.4f}" if entry["epsilon"] is not None else ", no DP"
+        log(INFO, "round %s: %s aggregated (update norm %.4g%s)", server_round, entry["client"], entry["update_norm"], spent)
+    else:
+        log(WARNING, "round %s: %s %s: %s", server_round, entry["client"], entry["outcome"], entry["reason"])
 
 
 def _on_behalf_of_lost_nodes(sent: list[Message], replies: Iterable[Message]) -> list[Message]:

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapters import adapter_state, attach_adapter, load_adapter_state, save_adapter
 from fedlora.evaluation import evaluate
-from fedlora.model import load_base_model, load_tokenizer
+from fedlora.model import load_base_model, load_tokenizer, portable_model_name
 from fedlora.run_config import LoraSettings
 from fedlora.tasks import encode
 from simulations.sources import load_file, resolve_label_names
@@ -49,7 +49,7 @@ class GlobalModel:
     @property
     def metadata(self) -> dict[str, Any]:
         return {
-            "base_model": str(self.run_config["model"]),
+            "base_model": portable_model_name(str(self.run_config["model"])),
             "task": str(self.run_config["task"]),
             "label_names": self.label_names,
             "max_seq_length": int(self.run_config["max-seq-length"]),

@@ -24,6 +24,19 @@ from pathlib import Path
 from typing import Any
 
 HISTORY_FILE = "history.json"
+SIMULATION_FILE = "simulation.json"  # written by ``fedlora simulate``: what its virtual sites were given
+
+
+class RunFailed(RuntimeError):
+    """No round of the run aggregated an update: there is no trained adapter to write."""
+
+
+def run_failure(history: list[dict[str, Any]]) -> str | None:
+    """Why the run as a whole failed (no round aggregated any site's update), else None. Each
+    site's own outcome and reason are in its round's entry, and reported once, from there."""
+    if any(c["outcome"] == "aggregated" for r in history if not r.get("failure") for c in r["clients"]):
+        return None
+    return f"no round aggregated an update ({len(history)} round(s) ran)"
 
 
 def json_safe(value: Any) -> Any:

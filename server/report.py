@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # headless: coordinators and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from server.history import SIMULATION_FILE, run_failure  # noqa: E402
+
 
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
@@ -56,6 +58,32 @@ def _points(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     return [(r["round"], r[key]) for r in history if r.get(key) is not None]
 
 
+def _status(config: Mapping[str, Any], history: list[dict[str, Any]]) -> tuple[str, bool]:
+    """The run's status line, and whether it ended failed."""
+    done = bool(history) and history[-1]["round"] >= int(config["num-server-rounds"])
+    failure = run_failure(history)
+    if done and failure:
+        return f"**FAILED**: {failure}. No adapter was written.", True
+    if done:
+        return "completed", False
+    return f"stopped or running: {history[-1]['round'] if history else 0} of {config['num-server-rounds']} rounds done", False
+
+
+def _files(simulated: bool, failed: bool) -> list[str]:
+    """What this output directory holds, for the person reading the report."""
+    files = [] if failed else ["`adapter/`: the final global adapter (PEFT format; `fedlora.load_adapter`, `fedlora predict`)"]
+    files += [
+        "`checkpoints/round-<r>/`: the adapter after each round (`--resume` continues from the newest)",
+        "`history.json`: every round and every site's outcome; `config.json`: the resolved run config",
+        "`plots/loss.png`, `plots/accuracy.png`: this report's curves",
+        "`privacy_report.md`, `privacy_report.json`, `plots/epsilon.png`: epsilon per site and round, budgets, refusals",
+    ]
+    if simulated:
+        files += ["`privacy/site-<i>.db`: each simulated site's privacy ledger (`fedlora privacy audit`)",
+                  f"`{SIMULATION_FILE}`: what the simulated sites were given"]
+    return files
+
+
 def write_report(out_dir: Path, config: Mapping[str, Any], history: list[dict[str, Any]]) -> Path:
     plots = out_dir / "plots"
     plot_series(plots / "loss.png", "Loss per round", "loss", {
@@ -68,11 +96,16 @@ def write_report(out_dir: Path, config: Mapping[str, Any], history: list[dict[st
         "central test set": _points(history, "central_accuracy"),
     })
     dp = "ON" if config.get("dp") else "**OFF — training was not differentially private**"
+    simulated = (out_dir / SIMULATION_FILE).is_file()
+    data = (f"`{config['data']}`, partition `{config['partition']}` over simulated sites" if simulated
+            else "each site's own, which the coordinator never sees (a deployed run)")
+    status, failed = _status(config, history)
     lines = [
         "# fedlora run report",
         "",
+        f"- status: {status}",
         f"- model: `{config['model']}` ({config['task']}), LoRA rank {config['lora-rank']}",
-        f"- data: `{config['data']}`, partition `{config['partition']}`",
+        f"- data: {data}",
         f"- strategy: `{config['strategy']}`, rounds: {config['num-server-rounds']}",
         f"- differential privacy: {dp}",
         "",
@@ -99,9 +132,7 @@ def write_report(out_dir: Path, config: Mapping[str, Any], history: list[dict[st
     if flagged:
         lines += ["", f"**Flagged sites** (update rejected {config['flag-after-rejections']} rounds running): "
                   + ", ".join(flagged)]
-    lines += ["", "## Files", "", "- `adapter/`: final global adapter (PEFT format; `PeftModel.from_pretrained(base, 'adapter')`)",
-              "- `checkpoints/round-<r>/`: the adapter after each round", "- `history.json`, `config.json`",
-              "- `plots/loss.png`, `plots/accuracy.png`", ""]
+    lines += ["", "## Files", ""] + [f"- {line}" for line in _files(simulated, failed)] + [""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

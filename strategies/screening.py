@@ -152,12 +152,9 @@ class ScreenedStrategy(Strategy):
         for index, reason in too_large.items():
             self.train_outcomes[index].outcome, self.train_outcomes[index].reason = "rejected", reason
         valid = [msg for index, msg in well_formed.items() if index not in too_large]
-        if len(valid) < self.min_valid:
-            problems = "; ".join(f"{o.site}: {o.outcome} ({o.reason})" for o in self.train_outcomes if o.reason)
-            raise TooFewUpdates(
-                f"round {server_round}: {len(valid)} valid update(s), fewer than the minimum of "
-                f"{self.min_valid}" + (f" — {problems}" if problems else "")
-            )
+        if len(valid) < self.min_valid:  # each site's own reason is in its outcome, logged once
+            raise TooFewUpdates(f"round {server_round}: {len(valid)} valid update(s), fewer than "
+                                f"min-valid-updates = {self.min_valid}")
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
         return (None if arrays is None else _with_dtypes_of(self._reference, arrays)), metrics
 

@@ -17,7 +17,7 @@ from peft.utils import get_peft_model_state_dict
 
 from client import app as client_app
 from fedlora.run_config import apply_overrides, default_run_config
-from fedlora.saved_adapter import load_saved_adapter
+from fedlora.saved_adapter import load_adapter
 from server.federation import Federation
 from server.global_model import GlobalModel
 from simulations.simulate import run_simulation
@@ -108,7 +108,7 @@ def test_nodes_get_their_own_rank_from_round_2_and_aggregation_is_rank_aware(con
 
     global_model = GlobalModel.load(config)
     global_model.set_arrays(record(final))
-    model, _, _ = load_saved_adapter(global_model.save(tmp_path / "adapter"))  # PeftModel.from_pretrained
+    model, _ = load_adapter(global_model.save(tmp_path / "adapter"), base_model=config["model"])  # PeftModel.from_pretrained
     assert model.peft_config["default"].r == GLOBAL_RANK
     loaded = get_peft_model_state_dict(model)
     assert all(np.array_equal(loaded[k].numpy(), final[k]) for k in final)
@@ -165,7 +165,7 @@ def test_simulation_with_sites_of_rank_4_8_16(tiny_run_config):
             full = at_rank["site-2"]
             assert client["bytes_down"] == (full if server_round == 1 else at_rank[client["client"]])
 
-    model, _, _ = load_saved_adapter(out / "adapter")  # PeftModel.from_pretrained
+    model, _ = load_adapter(out / "adapter", base_model=run_config["model"])  # PeftModel.from_pretrained
     assert model.peft_config["default"].r == 16
     saved = {k: v.numpy() for k, v in get_peft_model_state_dict(model).items()}
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in initial.items()}

@@ -13,7 +13,8 @@ from peft import PeftModel
 from fedlora.model import EMBEDDED_MODEL, ModelError, load_base_model, load_tokenizer, resolve_model_path
 from fedlora.pooling import MaskedPooler, PoolingError, resolve_pooling
 from fedlora.run_config import apply_overrides
-from fedlora.saved_adapter import load_saved_adapter
+from fedlora.adapters import read_metadata
+from fedlora.saved_adapter import load_adapter
 from fedlora.tasks import collate, forward_logits
 from server.global_model import GlobalModel
 from tests.conftest import LABELS
@@ -73,8 +74,9 @@ def test_a_saved_adapter_loads_back_with_its_pooling_and_scores_the_same(tiny_ru
     tokenizer = load_tokenizer(mean_pooled_bert)
     examples = [{"input_ids": tokenizer(t)["input_ids"], "labels": [0]} for t in ("chest pain", "dry cough at night")]
     batch = collate(examples, tokenizer.pad_token_id, "classification")
-    loaded, _, meta = load_saved_adapter(saved)
-    snippet = PeftModel.from_pretrained(load_base_model(meta["base_model"], "classification", meta["label_names"], meta["pooling"]), str(saved))
+    loaded, _ = load_adapter(saved, base_model=mean_pooled_bert)
+    meta = read_metadata(saved)
+    snippet = PeftModel.from_pretrained(load_base_model(mean_pooled_bert, "classification", meta["label_names"], meta["pooling"]), str(saved))
     with torch.no_grad():
         expected = forward_logits(server.model.eval(), batch)
         for model in (loaded, snippet):

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from peft import PeftModel
@@ -68,15 +70,28 @@ def test_history_has_rounds_and_per_client_entries(finished_run):
     assert all(c["epsilon"] > eps[c["client"]] for c in history[1]["clients"])
 
 
-def test_saved_adapter_loads_with_peft_and_evaluates(finished_run, tiny_bert, capsys):
+def test_saved_adapter_loads_with_peft_and_evaluates_from_a_copy_elsewhere(finished_run, tiny_bert, tmp_path, capsys):
+    """The adapter names its local base model by folder name only; on another machine
+    ``--base-model`` says where it is, and without it the error says so."""
     out, data = finished_run
+    copy = shutil.copytree(out / "adapter", tmp_path / "elsewhere" / "adapter")
+    for path in copy.iterdir():
+        text = path.read_bytes().decode(errors="replace")
+        assert str(out) not in text and tiny_bert not in text, f"{path.name} holds a path of the coordinator"
+    assert json.loads((copy / "adapter_config.json").read_text())["base_model_name_or_path"] == Path(tiny_bert).name
     base = load_base_model(tiny_bert, "classification", LABELS)
-    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    model = PeftModel.from_pretrained(base, str(copy))
     assert any("lora_A" in name for name, _ in model.named_parameters())
     capsys.readouterr()
-    assert main(["evaluate", "--adapter", str(out / "adapter"), "--data", str(data), "--json"]) == 0
+    evaluate = ["evaluate", "--adapter", str(copy), "--data", str(data), "--json"]
+    assert main(evaluate) == 2
+    error = capsys.readouterr().err
+    assert f"base model {Path(tiny_bert).name!r}" in error and "--base-model DIR" in error
+    assert main([*evaluate, "--base-model", tiny_bert]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_examples"] == 120 and 0.0 <= result["accuracy"] <= 1.0 and result["loss"] > 0
+    assert main(["evaluate", "--adapter", str(out / "adapter"), "--data", str(data), "--json", "--base-model", tiny_bert]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == result["accuracy"]
 
 
 def test_privacy_plan_predicted_what_every_site_spent(finished_run, capsys):
@@ -120,3 +135,25 @@ def test_resume_continues_and_an_exhausted_site_is_refused_while_others_train(fi
     assert (out / "plots" / "epsilon.png").is_file()
     ledgers = [str(p) for p in sorted((out / "privacy").glob("*.db"))]
     assert main(["privacy", "audit", "--history", str(out / "history.json"), *ledgers]) == 0
+
+
+def test_a_run_in_which_every_site_refuses_fails_and_writes_no_adapter(tiny_bert, tmp_path, capsys):
+    from tests.conftest import make_classification_rows
+    import pandas as pd
+
+    data = tmp_path / "notes.csv"
+    pd.DataFrame(make_classification_rows(60, seed=4)).to_csv(data, index=False)
+    out = tmp_path / "out"
+    argv = ["simulate", "--num-clients", "2", "--rounds", "1", "--data", str(data), "--model", tiny_bert,
+            "--output", str(out), "--set", f"label-names={','.join(LABELS)}", "--set", "max-seq-length=32",
+            "--set", "max-epsilon=5", "--node-config", "max-epsilon=2"]  # the server asks for more than the sites allow
+    capsys.readouterr()
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert "run failed: no round aggregated an update (1 round(s) ran)" in error
+    assert not (out / "adapter").exists()
+    history = json.loads((out / "history.json").read_text())
+    assert [c["outcome"] for c in history[0]["clients"]] == ["refused", "refused"]
+    report = (out / "report.md").read_text()
+    assert "status: **FAILED**" in report and "`adapter/`" not in report
+    assert report.count("refused: policy-refused (setting max-epsilon)") == 2  # each site's reason, once

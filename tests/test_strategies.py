@@ -24,7 +24,7 @@ from peft.utils import get_peft_model_state_dict
 from client import app as client_app
 from client.training import DPSettings, TrainSettings, train
 from fedlora.run_config import apply_overrides
-from fedlora.saved_adapter import load_saved_adapter
+from fedlora.saved_adapter import load_adapter
 from fedlora.tasks import encode
 from server.global_model import GlobalModel
 from simulations.simulate import run_simulation
@@ -182,7 +182,7 @@ def test_strategy_runs_two_rounds_and_saves_a_peft_adapter(name, config, initial
 
     global_model = GlobalModel.load(run_config)
     global_model.set_arrays(record(final))
-    model, _, _ = load_saved_adapter(global_model.save(tmp_path / "adapter"))  # PeftModel.from_pretrained
+    model, _ = load_adapter(global_model.save(tmp_path / "adapter"), base_model=run_config["model"])  # PeftModel.from_pretrained
     loaded = get_peft_model_state_dict(model)
     assert set(loaded) == set(final)
     assert all(np.array_equal(loaded[k].numpy(), final[k]) for k in final)
@@ -361,7 +361,7 @@ def test_simulation_ffa_lora_with_median_keeps_a_and_halves_uploads(tiny_run_con
             assert (client["bytes_up"] - head) / (client["bytes_down"] - head) == pytest.approx(0.5, abs=0.02)
 
     for adapter_dir in (out / "checkpoints" / "round-1", out / "adapter"):
-        model, _, _ = load_saved_adapter(adapter_dir)  # PeftModel.from_pretrained
+        model, _ = load_adapter(adapter_dir, base_model=run_config["model"])  # PeftModel.from_pretrained
         saved = {k: v.numpy() for k, v in get_peft_model_state_dict(model).items()}
         assert set(saved) == set(initial)
         for name in initial:
