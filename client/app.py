@@ -5,7 +5,8 @@ site's data, charge the privacy ledger *before* training, train the adapter with
 release the noised metrics, confirm the charges, and send back only adapter tensors, public
 scalars and the ledger's anchor. A site that cannot or will not train replies with a
 ``status`` record (a code and a setting name, ``client.refusals``) and no weights; the full
-reason goes to the site's own log, and the federation goes on without it.
+reason goes to the site's own log, the code and setting to its ledger (a row that spends
+nothing), and the federation goes on without it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx only
         outcome = site.train(msg.content["arrays"], server_round, proximal_mu)
     except RefusedRound as refusal:
-        refusal.log_locally(site.name, f"round {server_round} training")
+        site.refused(refusal, server_round, "training")
         return _status_reply(msg, site, refusal)
     content = RecordDict(
         {
@@ -50,7 +51,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         outcome = site.evaluate(msg.content["arrays"], server_round)
     except RefusedRound as refusal:
-        refusal.log_locally(site.name, f"round {server_round} evaluation")
+        site.refused(refusal, server_round, "evaluation")
         return _status_reply(msg, site, refusal)
     content = RecordDict(
         {"metrics": MetricRecord(outcome.metrics), "site": _site_record(site), **_ledger_record(outcome.anchor)}

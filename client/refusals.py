@@ -39,7 +39,7 @@ SETTINGS = frozenset(
         "prompt-column", "response-column", "eval-fraction", "dp", "noise-multiplier",
         "target-epsilon", "delta", "max-grad-norm", "max-epsilon", "secure-noise", "probe-rounds",
         # node config
-        "data-path", "ledger-path", "num-examples", "min-noise-multiplier", "report-metrics",
+        "data-path", "ledger-path", "num-examples", "max-epsilon-per-run", "min-noise-multiplier", "report-metrics",
         "metric-noise-multiplier", "privacy-unit-column", "lora-rank", "device",
     }
 )

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from logging import ERROR, INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -44,7 +46,7 @@ from privacy.budget import (
     BudgetExhausted, EffectiveDP, PolicyViolation, SitePolicy, check_delta, dp_request, resolve, site_policy,
 )
 from privacy.dp_sgd import poisson_batches, rng_mode
-from privacy.ledger import Anchor, Charge, LedgerError, PrivacyLedger
+from privacy.ledger import Anchor, Charge, LedgerError, PrivacyLedger, Spent, spent_in_other_runs
 from privacy.plan import ACCOUNTANT, PROBE, Phase, choose_schedule, phase_of, plan_run, public_population
 from privacy.release import eval_charge, noised_evaluation, noised_train_loss, per_unit_means, train_loss_charge
 from simulations.sources import parse_label_names, resolve_label_names
@@ -125,6 +127,7 @@ class Site:
         if not dp.enabled:
             torch.manual_seed(settings.seed)
         with self._ledger(policy) as ledger:
+            before = self._spent(ledger, dp)
             spends = self._charge(ledger, charges, server_round, dp, settings.device)
             private = DPSettings(noise, dp.max_grad_norm, dp.secure_noise) if dp.enabled else None
             if probing:  # the head alone, on the cached features (client.probe)
@@ -146,10 +149,11 @@ class Site:
                 for spend in spends:
                     ledger.confirm(spend.id)
             anchor = ledger.anchor() if ledger is not None else None
-        log(INFO, "%s round %s: trained (%s) %s steps on %s rows (%s units), q %.4g, sigma %.4g, epsilon %.4f, "
+            budget = _budget_line(before, self._spent(ledger, dp), dp)
+        log(INFO, "%s round %s: trained (%s), %s; %s steps on %s rows (%s units), q %.4g, sigma %.4g, "
             "local train loss %.4f, %.1f s, %s non-finite gradients zeroed",
-            self.name, server_round, phase.name, result.steps, result.num_examples, encoded.num_units, q, noise,
-            spends[-1].epsilon if spends else float("inf"), result.loss, result.seconds, result.zeroed_gradients)
+            self.name, server_round, phase.name, budget, result.steps, result.num_examples, encoded.num_units, q, noise,
+            result.loss, result.seconds, result.zeroed_gradients)
         metrics: dict[str, float | int] = {
             "num-examples": _fedavg_weight(dp, encoded.num_units, population),
             "steps": steps,
@@ -192,6 +196,7 @@ class Site:
         population = self._population(policy, dp, encoded.num_units, held_out=True)
         unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
         with self._ledger(policy) as ledger:
+            before = self._spent(ledger, dp)
             (spend,) = self._charge(ledger, [eval_charge(policy.metric_noise_multiplier, unit)], server_round, dp, self.device)
             metrics = noised_evaluation(
                 per_unit_means(losses, encoded.units), per_unit_means(accuracies, encoded.units),
@@ -199,22 +204,50 @@ class Site:
             )
             ledger.confirm(spend.id)
             anchor = ledger.anchor()
-        log(INFO, "%s round %s: evaluated (noised) on %s held-out rows, epsilon %.4f", self.name, server_round, len(encoded.examples), spend.epsilon)
+            budget = _budget_line(before, self._spent(ledger, dp), dp)
+        log(INFO, "%s round %s: evaluated (noised release), %s; %s held-out rows", self.name, server_round, budget, len(encoded.examples))
         weight = _fedavg_weight(dp, encoded.num_units, population)
         return EvalOutcome({"num-examples": weight, **metrics, "epsilon": spend.epsilon, "dp": 1}, anchor)
+
+    def refused(self, refusal: RefusedRound, server_round: int, event: str) -> None:
+        """A refusal, seen by the site: one line with the full reason in its log, and its code
+        and setting as a ledger row that spends nothing (``privacy.ledger``). Not for a ledger
+        that cannot be written, nor for report-metrics = none, a standing choice."""
+        refusal.log_locally(self.name, f"round {server_round} {event}")
+        path = self.node.get("ledger-path")
+        if not path or refusal.code in ("ledger-error", "metrics-withheld"):
+            return
+        try:
+            with PrivacyLedger(Path(str(path)).expanduser()) as ledger:
+                ledger.record_refusal(run_id=self.run_id, round=server_round,
+                                      reason=f"{event}: {refusal.code} ({refusal.setting or 'no setting'})")
+        except (LedgerError, OSError, sqlite3.Error) as err:
+            log(WARNING, "%s: the refusal could not be recorded in the ledger: %s", self.name, err)
 
     # -- privacy ------------------------------------------------------------------------------
 
     def _privacy(self) -> tuple[SitePolicy, EffectiveDP]:
-        """The site's policy and the DP settings it trains with; refused on configuration only."""
+        """The site's policy and the DP settings it trains with: the server's request resolved
+        against the policy, then this run's allowance applied (``privacy.budget``): the
+        per-run cap it trains under, and a target epsilon no larger."""
         try:
             policy = site_policy(self.node)
             dp = resolve(policy, dp_request(self.run))
             if dp.enabled:
                 check_delta(dp.delta, policy.declared_examples)
-            return policy, dp
         except PolicyViolation as err:
             raise RefusedRound("policy-refused", err.setting, str(err)) from err
+        if not dp.enabled:
+            return policy, dp
+        try:
+            return policy, dp.for_run(spent_in_other_runs(policy.ledger_path, self.run_id, dp.delta, ACCOUNTANT))
+        except LedgerError as err:
+            raise RefusedRound("ledger-error", "ledger-path", str(err)) from err
+        except BudgetExhausted as err:
+            raise RefusedRound("budget-exhausted", err.setting, str(err)) from err
+
+    def _spent(self, ledger: PrivacyLedger | None, dp: EffectiveDP) -> Spent | None:
+        return ledger.spent(self.run_id, dp.delta, ACCOUNTANT) if ledger is not None and dp.enabled else None
 
     def _population(self, policy: SitePolicy, dp: EffectiveDP, present: int, held_out: bool = False) -> int:
         """Under DP, the public number of units that sampling rates and released means divide
@@ -264,9 +297,10 @@ class Site:
             return ledger.charge(
                 charges, run_id=self.run_id, round=server_round, delta=dp.delta, accountant=ACCOUNTANT,
                 max_epsilon=dp.max_epsilon, rng_mode=rng_mode(device, dp.secure_noise), enforce_budget=dp.enabled,
+                max_run_epsilon=dp.max_epsilon_per_run,
             )
         except BudgetExhausted as err:
-            raise RefusedRound("budget-exhausted", "max-epsilon", str(err)) from err
+            raise RefusedRound("budget-exhausted", err.setting, str(err)) from err
 
     def _released_train_loss(self, model, tokenizer, encoded: Encoded, population: int, spend, dp: EffectiveDP) -> float:
         """The train-loss release: a fresh Poisson sample of units at the charged rate."""
@@ -354,6 +388,15 @@ class Site:
         except (ModelError, ValueError) as err:
             raise RefusedRound("model-error", "model", str(err)) from err
         return model, tokenizer
+
+
+def _budget_line(before: Spent | None, after: Spent | None, dp: EffectiveDP) -> str:
+    """What a message cost the site and what it has left, for the site's own log."""
+    if before is None or after is None:
+        return "no DP"
+    return (f"epsilon +{after.total - before.total:.4f} this message, {after.total:.4f} in total, "
+            f"{max(0.0, dp.max_epsilon - after.total):.4f} left of max-epsilon {dp.max_epsilon:g} "
+            f"(this run {after.this_run:.4f} of its {dp.max_epsilon_per_run:.4f})")
 
 
 def _fedavg_weight(dp: EffectiveDP, present: int, population: int) -> int:

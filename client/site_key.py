@@ -1,4 +1,4 @@
-"""Create a partner site's SuperNode authentication key pair (`fedlora site`).
+"""Create a partner site's SuperNode authentication key pair (`fedlora site key`).
 
 Flower 1.41 reads the key pair with `cryptography`'s OpenSSH loaders:
 `flower-supernode --auth-supernode-private-key` calls `load_ssh_private_key`
@@ -56,9 +56,9 @@ def create_site_key(
 
 
 def site_main(argv: list[str] | None = None) -> int:
-    """Command line for `fedlora site`: create this site's SuperNode key pair."""
+    """Command line for `fedlora site key`: create this site's SuperNode key pair."""
     parser = argparse.ArgumentParser(
-        prog="fedlora site",
+        prog="fedlora site key",
         description="Create the key pair a partner site's SuperNode "
         "authenticates with.",
     )
@@ -75,7 +75,7 @@ def site_main(argv: list[str] | None = None) -> int:
     try:
         private_path, public_path = create_site_key(args.out, args.name, args.overwrite)
     except (OSError, ValueError) as err:
-        print(f"fedlora site: error: {err}", file=sys.stderr)
+        print(f"fedlora site key: error: {err}", file=sys.stderr)
         return 1
 
     print(f"Private key: {private_path}  (keep it on this machine; never share it)")

@@ -1,4 +1,5 @@
-"""The ``fedlora`` command: simulate, evaluate, predict, privacy plan and audit, certs, site.
+"""The ``fedlora`` command: simulate, evaluate, predict, privacy plan and audit, certs, site key,
+status and check.
 
 Every ``simulate`` option is a run-config key (``--rounds`` is ``num-server-rounds``, and so
 on; ``--set key=value`` reaches any other), so ``flwr run . -c ...`` and this command share one
@@ -264,8 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     certs = commands.add_parser("certs", help="create a CA and a TLS server certificate", add_help=False)
     certs.set_defaults(func=lambda args: _delegate("server.certificates", "certs_main", args.rest))
-    site = commands.add_parser("site", help="create a site's key pair for node authentication", add_help=False)
-    site.set_defaults(func=lambda args: _delegate("client.site_key", "site_main", args.rest))
+    site = commands.add_parser("site", help="a partner site's tools: its key pair, its budget, a pre-flight check")
+    site_commands = site.add_subparsers(dest="site_command", required=True)
+    key = site_commands.add_parser("key", help="create the key pair its SuperNode authenticates with", add_help=False)
+    key.set_defaults(func=lambda args: _delegate("client.site_key", "site_main", args.rest))
+    status = site_commands.add_parser("status", help="its privacy budget: spent, left, the next run's allowance", add_help=False)
+    status.set_defaults(func=lambda args: _delegate("privacy.site_status", "status_main", args.rest))
     return parser
 
 

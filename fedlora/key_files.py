@@ -1,4 +1,4 @@
-"""Writing key and certificate files safely (shared by ``fedlora certs`` and ``fedlora site``)."""
+"""Writing key and certificate files safely (shared by ``fedlora certs`` and ``fedlora site key``)."""
 
 from __future__ import annotations
 

@@ -75,12 +75,14 @@ class LedgerAudit:
     epsilon_mismatches: list[str]
     budget_exceeded: list[str]
     anchor_problems: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)  # messages the site declined: no spend, listed
 
     @property
     def ok(self) -> bool:
         return not (self.chain_problems or self.epsilon_mismatches or self.budget_exceeded or self.anchor_problems)
 
 
+_TABLE_WIDTH = 120
 _NUMERIC = {
     "noise_multiplier": float, "sample_rate": float, "steps": int, "delta": float,
     "epsilon": float, "max_epsilon": float,
@@ -149,14 +151,16 @@ def audit_ledger(path: str | Path, tolerance: float = 1e-6) -> LedgerAudit:
                 budget_left=spend.max_epsilon - opacus,
             )
         )
+    refusals = [f"row {e.id}, run {e.run_id[-6:]}, round {e.round}: {e.reason}" for e in entries if e.kind == "refusal"]
     return LedgerAudit(
         path=str(path), site=Path(path).stem, head_hash=head_hash, rows=rows,
-        chain_problems=chain_problems, epsilon_mismatches=mismatches, budget_exceeded=exceeded,
+        chain_problems=chain_problems, epsilon_mismatches=mismatches, budget_exceeded=exceeded, refusals=refusals,
     )
 
 
-def check_anchors(path: str | Path, history: list[dict[str, Any]]) -> list[str]:
-    """Problems of the ledger at ``path`` against the anchors in a run's ``history.json``."""
+def check_anchors(path: str | Path, history: list[dict[str, Any]]) -> tuple[str | None, list[str]]:
+    """The site (its ``site-name``) whose ledger ``path`` is, by file name or by the anchors it
+    holds, and the ledger's problems against that site's anchors in a run's ``history.json``."""
     reported: dict[str, list[tuple[int, Anchor]]] = {}
     for record in history:
         for entry in record.get("clients", []) + record.get("evaluations", []):
@@ -168,10 +172,10 @@ def check_anchors(path: str | Path, history: list[dict[str, Any]]) -> list[str]:
         if site not in reported:
             held = [name for name, anchors in reported.items() if any(ledger.extends(a) for _, a in anchors)]
             if len(held) != 1:
-                return [f"no site in the history matches this ledger (sites: {', '.join(sorted(reported)) or 'none'}); "
-                        "name the file after its site-name"]
+                return None, [f"no site in the history matches this ledger (sites: {', '.join(sorted(reported)) or 'none'}); "
+                              "name the file after its site-name"]
             site = held[0]
-        return [
+        return site, [
             f"round {round_}: site {site} reported {anchor.rows} ledger rows ending in hash "
             f"{anchor.head[:12]}...; this ledger no longer holds that row (its tail was removed or rewritten)"
             for round_, anchor in reported[site] if not ledger.extends(anchor)
@@ -209,7 +213,8 @@ def audit_main(argv: list[str] | None = None) -> int:
             try:
                 audit = audit_ledger(path)
                 if history is not None:
-                    audit = replace(audit, anchor_problems=check_anchors(path, history))
+                    site, problems = check_anchors(path, history)
+                    audit = replace(audit, site=site or audit.site, anchor_problems=problems)
                 audits.append(audit)
             except (FileNotFoundError, LedgerError) as err:
                 print(f"fedlora privacy audit: error: {err}", file=sys.stderr)
@@ -221,7 +226,7 @@ def audit_main(argv: list[str] | None = None) -> int:
         print(json.dumps(document, indent=2))
     else:
         # Off a terminal (CI logs, files) Rich would squeeze the table into 80 columns.
-        console = Console() if sys.stdout.isatty() else Console(width=200)
+        console = Console() if sys.stdout.isatty() else Console(width=_TABLE_WIDTH)
         for audit in audits:
             _print_audit(console, audit)
     return 0 if all(a.ok for a in audits) else 1
@@ -251,24 +256,30 @@ def _ledger_json(audit: LedgerAudit) -> dict[str, Any]:
             "budget_exceeded": audit.budget_exceeded,
             "history_anchor": audit.anchor_problems,
         },
+        "refusals": audit.refusals,
     }
 
 
 def _print_audit(console: Console, audit: LedgerAudit) -> None:
+    """One table per ledger, at most ``_TABLE_WIDTH`` columns wide: the full run ids, times and
+    accountant names are in ``--json``."""
+    accountants = ", ".join(sorted({row.accountant for row in audit.rows})) or "none"
     table = Table(
-        title=escape(f"site {audit.site}  ({audit.path})"), title_justify="left", box=box.SIMPLE_HEAD
+        title=escape(f"site {audit.site}  ({audit.path})"), title_justify="left",
+        caption=f"eps: as recorded; opacus, dp-acc: recomputed ({accountants}); prv: Opacus' PRV bound",
+        caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
     )
-    left_aligned = ("run", "recorded at (UTC)", "mechanism", "unit", "acct", "status")
-    for header in ("id", "run", "round", "recorded at (UTC)", "mechanism", "unit", "sigma", "q", "steps", "C (sens.)",
-                   "delta", "acct", "eps recorded", "eps opacus", "eps dp-acc", "eps prv",
-                   "status", "budget left"):
+    left_aligned = ("run", "mechanism", "unit", "status")
+    # epsilon: as recorded, recomputed with Opacus and with dp-accounting, and Opacus' PRV bound
+    for header in ("id", "run", "rnd", "mechanism", "unit", "sigma", "q", "steps", "C", "delta",
+                   "eps", "opacus", "dp-acc", "prv", "status", "left"):
         table.add_column(header, justify="left" if header in left_aligned else "right")
     for row in audit.rows:
         table.add_row(
-            str(row.id), escape(row.run_id), str(row.round), row.recorded_at[:19],
+            str(row.id), escape(row.run_id[-6:]), str(row.round),
             escape(row.mechanism), escape(row.privacy_unit),
-            f"{row.noise_multiplier:.4g}", f"{row.sample_rate:.4g}", str(row.steps),
-            f"{row.max_grad_norm:.3g}", f"{row.delta:.1e}", row.accountant,
+            f"{row.noise_multiplier:.4g}", f"{row.sample_rate:.3g}", str(row.steps),
+            f"{row.max_grad_norm:.3g}", f"{row.delta:.0e}",
             f"{row.recorded_epsilon:.4f}", f"{row.opacus_epsilon:.4f}",
             f"{row.dp_accounting_epsilon:.4f}", f"{row.prv_epsilon:.4f}",
             "confirmed" if row.confirmed else "[yellow]pending[/]",
@@ -276,6 +287,8 @@ def _print_audit(console: Console, audit: LedgerAudit) -> None:
         )
     console.print(table)
     console.print(f"head hash {audit.head_hash}")
+    for refusal in audit.refusals:
+        console.print(f"refused (spent nothing): {escape(refusal)}", highlight=False)
     for heading, problems in (
         ("hash chain", audit.chain_problems),
         ("epsilon mismatch", audit.epsilon_mismatches),

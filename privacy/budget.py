@@ -3,6 +3,8 @@
 A site states its policy in its Flower **node config**, which only the site controls:
 
     max-epsilon              lifetime budget of the site's ledger           (default 10.0)
+    max-epsilon-per-run      what one run may spend                         (default RUN_SHARE
+                             = 80 % of what the site had left when the run began)
     delta                    the delta every epsilon is stated at           (default 1e-5)
     min-noise-multiplier     smallest sigma the site accepts, on every path (default 0.3)
     dp                       false only to *allow* non-private training     (default true)
@@ -20,25 +22,38 @@ The server's **run config** (``dp``, ``noise-multiplier``, ``target-epsilon``, `
 ``max-grad-norm``, ``max-epsilon``, ``secure-noise``) is a request. :func:`resolve` applies it
 when it is at least as strict as the policy and refuses it otherwise; it never silently loosens
 anything.
+
+**Budgets across runs.** ``max-epsilon`` is the site's lifetime budget over every run; a run's
+own spend (its rows of the ledger, composed alone) is capped by ``max-epsilon-per-run``, or by
+default by ``RUN_SHARE`` of what was left when the run began (``max-epsilon`` minus the epsilon
+of the ledger's other runs), so that no single run, a smoke test with the default target
+included, can use up a site's budget. A run's ``target-epsilon`` is capped to that allowance
+(:meth:`EffectiveDP.run_allowance`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 REPORT_METRICS = ("noised", "none")
+RUN_SHARE = 0.8
 SITE_POLICY_KEYS = (
-    "max-epsilon", "delta", "min-noise-multiplier", "dp", "ledger-path", "num-examples",
+    "max-epsilon", "max-epsilon-per-run", "delta", "min-noise-multiplier", "dp", "ledger-path", "num-examples",
     "report-metrics", "metric-noise-multiplier", "privacy-unit-column", "secure-noise",
 )
 
 
 class BudgetExhausted(Exception):
-    """Training would take the site's cumulative epsilon past its budget."""
+    """Training would take the site's epsilon past a budget: its lifetime ``max-epsilon`` or,
+    ``setting`` says, this run's ``max-epsilon-per-run``."""
+
+    def __init__(self, message: str, setting: str = "max-epsilon") -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class PolicyViolation(Exception):
@@ -62,6 +77,7 @@ class SitePolicy:
     metric_noise_multiplier: float = 10.0
     privacy_unit_column: str | None = None
     secure_noise: bool = False
+    max_epsilon_per_run: float | None = None  # None: RUN_SHARE of what is left when a run begins
 
 
 @dataclass(frozen=True)
@@ -90,16 +106,31 @@ class EffectiveDP:
     target_epsilon: float | None
     min_noise_multiplier: float = 0.0
     secure_noise: bool = False
+    max_epsilon_per_run: float | None = None
 
     def at_least_the_floor(self, sigma: float) -> float:
         """The site's noise floor applies to every sigma, calibrated ones included."""
         return max(sigma, self.min_noise_multiplier)
+
+    def for_run(self, spent_in_other_runs: float) -> EffectiveDP:
+        """These settings for one run, given what the site's other runs spent: the run may
+        spend (its own rows, composed alone) ``max-epsilon-per-run``, or ``RUN_SHARE`` of what
+        is left, never more than what is left; that allowance becomes ``max_epsilon_per_run``
+        and caps ``target_epsilon``. BudgetExhausted when nothing is left."""
+        left = max(0.0, self.max_epsilon - spent_in_other_runs)
+        allowance = min(left, self.max_epsilon_per_run or RUN_SHARE * left)
+        if not allowance > 0:
+            raise BudgetExhausted(f"budget exhausted: earlier runs spent epsilon {spent_in_other_runs:.4f} "
+                                  f"of max-epsilon {self.max_epsilon:.4f}")
+        target = None if self.target_epsilon is None else min(self.target_epsilon, allowance)
+        return replace(self, max_epsilon_per_run=allowance, target_epsilon=target)
 
 
 def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
     """The site's policy from its node config (defaults above); PolicyViolation names any bad
     key and value."""
     max_epsilon = _number(node_config, "max-epsilon", 10.0, "node config")
+    per_run = _number(node_config, "max-epsilon-per-run", 0.0, "node config") or None
     delta = _number(node_config, "delta", 1e-5, "node config")
     min_noise = _number(node_config, "min-noise-multiplier", 0.3, "node config")
     require_dp = _flag(node_config, "dp", True, "node config")
@@ -108,6 +139,9 @@ def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
     declared = node_config.get("num-examples")
     if not max_epsilon > 0:
         raise PolicyViolation("max-epsilon", f"node config max-epsilon must be > 0, got {max_epsilon!r}")
+    if per_run is not None and not 0 < per_run <= max_epsilon:
+        raise PolicyViolation("max-epsilon-per-run", f"node config max-epsilon-per-run must be in (0, max-epsilon "
+                              f"{max_epsilon:g}], got {per_run!r}")
     if not 0 < delta < 1:
         raise PolicyViolation("delta", f"node config delta must be in (0, 1), got {delta!r}")
     if not min_noise >= 0:
@@ -129,6 +163,7 @@ def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
         metric_noise_multiplier=metric_noise,
         privacy_unit_column=str(node_config["privacy-unit-column"]) if node_config.get("privacy-unit-column") else None,
         secure_noise=_flag(node_config, "secure-noise", False, "node config"),
+        max_epsilon_per_run=per_run,
     )
 
 
@@ -224,6 +259,7 @@ def resolve(policy: SitePolicy, request: DPRequest) -> EffectiveDP:
         target_epsilon=target_epsilon,
         min_noise_multiplier=policy.min_noise_multiplier,
         secure_noise=policy.secure_noise or request.secure_noise,
+        max_epsilon_per_run=min(policy.max_epsilon_per_run, max_epsilon) if policy.max_epsilon_per_run else None,
     )
 
 
@@ -237,13 +273,14 @@ def check_delta(delta: float, num_units: int) -> None:
         )
 
 
-def check_budget(projected_epsilon: float, max_epsilon: float) -> None:
-    """Raise BudgetExhausted if ``projected_epsilon`` (the site's cumulative epsilon after the
-    coming round) exceeds ``max_epsilon``."""
+def check_budget(projected_epsilon: float, max_epsilon: float, setting: str = "max-epsilon") -> None:
+    """Raise BudgetExhausted if ``projected_epsilon`` (after the coming round: the site's
+    cumulative epsilon, or this run's for ``max-epsilon-per-run``) exceeds ``max_epsilon``."""
     if projected_epsilon > max_epsilon:
+        scope = "this run's epsilon" if setting == "max-epsilon-per-run" else "epsilon"
         raise BudgetExhausted(
-            f"budget exhausted: this round would bring epsilon to {projected_epsilon:.4f} "
-            f"> max-epsilon {max_epsilon:.4f}"
+            f"budget exhausted: this round would bring {scope} to {projected_epsilon:.4f} "
+            f"> {setting} {max_epsilon:.4f}", setting,
         )
 
 

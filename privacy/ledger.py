@@ -22,9 +22,16 @@ that is why each site reports its ledger's :meth:`PrivacyLedger.anchor` (row cou
 hash) to the server every round, and ``fedlora privacy audit --history`` checks the ledger
 still extends every anchor the server recorded.
 
-Ledgers written before the mechanism and unit columns existed are upgraded in place (two
-``ALTER TABLE ... ADD COLUMN``); their old rows keep NULL there, and a NULL extension column
-is left out of the hash, so their chain still verifies.
+A **refusal** row records a message the site refused (``client.refusals``): its run, round,
+status code and setting (``reason``; the full text stays in the site's log, since it may quote
+the data). It spends nothing: sigma, rate and steps are 0, its epsilon repeats the site's
+cumulative epsilon, and no accountant reads it; but it is in the chain, so the record of what a
+site declined cannot be dropped silently either.
+
+Ledgers written before the mechanism, unit and reason columns existed are upgraded in place:
+the table is rebuilt with the current schema under the write lock, every row copied as it was;
+their old rows keep NULL in the new columns, and a NULL extension column is left out of the
+hash, so their chain still verifies.
 """
 
 from __future__ import annotations
@@ -51,16 +58,15 @@ VERSIONED_PACKAGES = ("torch", "opacus", "peft", "transformers", "flwr")
 COLUMNS = (
     "id", "kind", "run_id", "round", "recorded_at", "noise_multiplier", "sample_rate", "steps",
     "max_grad_norm", "delta", "accountant", "epsilon", "max_epsilon", "versions", "rng_mode",
-    "refers_to", "prev_hash", "hash", "mechanism", "privacy_unit",
+    "refers_to", "prev_hash", "hash", "mechanism", "privacy_unit", "reason",
 )
 # Added after the first release; NULL in older rows, and then not hashed (see the module doc).
-EXTENSION_COLUMNS = ("mechanism", "privacy_unit")
-LEGACY_COLUMNS = COLUMNS[: -len(EXTENSION_COLUMNS)]
+EXTENSION_COLUMNS = ("mechanism", "privacy_unit", "reason")
+KINDS = ("spend", "confirm", "refusal")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS ledger (
+_TABLE = """CREATE TABLE IF NOT EXISTS ledger (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind             TEXT    NOT NULL CHECK (kind IN ('spend', 'confirm')),
+    kind             TEXT    NOT NULL CHECK (kind IN ('spend', 'confirm', 'refusal')),
     run_id           TEXT    NOT NULL,
     round            INTEGER NOT NULL,
     recorded_at      TEXT    NOT NULL,
@@ -78,13 +84,15 @@ CREATE TABLE IF NOT EXISTS ledger (
     prev_hash        TEXT    NOT NULL,
     hash             TEXT    NOT NULL,
     mechanism        TEXT,
-    privacy_unit     TEXT
-);
-CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
-BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: UPDATE refused'); END;
-CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
-BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: DELETE refused'); END;
-"""
+    privacy_unit     TEXT,
+    reason           TEXT
+)"""
+_TRIGGERS = (
+    """CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: UPDATE refused'); END""",
+    """CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: DELETE refused'); END""",
+)
 
 
 class LedgerError(Exception):
@@ -116,6 +124,7 @@ class LedgerEntry:
     hash: str
     mechanism: str | None = None
     privacy_unit: str | None = None
+    reason: str | None = None
 
     @property
     def charge(self) -> Charge:
@@ -138,6 +147,15 @@ class Charge:
     steps: int
     sensitivity: float
     privacy_unit: str = "row"
+
+
+@dataclass(frozen=True)
+class Spent:
+    """A site's epsilon at one delta: this run's rows alone, every other run's, and all."""
+
+    this_run: float
+    other_runs: float
+    total: float
 
 
 @dataclass(frozen=True)
@@ -178,14 +196,16 @@ class PrivacyLedger:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         try:
             if not read_only:
-                self._db.executescript(_SCHEMA)
+                for statement in (_TABLE, *_TRIGGERS):
+                    self._db.execute(statement)
+                if not self._current():
+                    self._upgrade()
             columns = tuple(r[1] for r in self._db.execute("PRAGMA table_info(ledger)"))
-            if columns == LEGACY_COLUMNS and not read_only:
-                columns = self._upgrade()
         except sqlite3.DatabaseError as err:
             self._db.close()
             raise LedgerError(f"{self.path} is not a privacy ledger: {err}") from err
-        if columns not in (COLUMNS, LEGACY_COLUMNS):
+        if columns[: len(COLUMNS) - len(EXTENSION_COLUMNS)] != COLUMNS[: len(COLUMNS) - len(EXTENSION_COLUMNS)] \
+                or not set(columns) <= set(COLUMNS):
             self._db.close()
             raise LedgerError(
                 f"{self.path} is not a privacy ledger (no table 'ledger' with the expected columns)"
@@ -249,14 +269,16 @@ class PrivacyLedger:
         max_epsilon: float,
         rng_mode: str,
         enforce_budget: bool = True,
+        max_run_epsilon: float | None = None,
     ) -> list[LedgerEntry]:
         """Append one spend row per charge, each with the site's cumulative epsilon after it
         (all earlier spend rows, pending ones included, at this delta and accountant).
 
         With ``enforce_budget`` the budget check and the append are one ``BEGIN IMMEDIATE``
         transaction: two processes charging one ledger at once serialise, and the second sees
-        the first's rows, so together they can never pass ``max_epsilon``. Raises
-        :class:`~privacy.budget.BudgetExhausted` having written nothing.
+        the first's rows, so together they can never pass ``max_epsilon``, nor the epsilon of
+        run ``run_id``'s own rows, composed alone, pass ``max_run_epsilon`` when it is given.
+        Raises :class:`~privacy.budget.BudgetExhausted` having written nothing.
         """
         for charge in charges:
             if not charge.sensitivity > 0:
@@ -266,8 +288,11 @@ class PrivacyLedger:
         with self._transaction():
             history = self.history()
             if enforce_budget:
-                planned = history + [(c.noise_multiplier, c.sample_rate, c.steps) for c in charges]
-                check_budget(epsilon_for(planned, delta, accountant), max_epsilon)
+                coming = [(c.noise_multiplier, c.sample_rate, c.steps) for c in charges]
+                check_budget(epsilon_for(history + coming, delta, accountant), max_epsilon)
+                if max_run_epsilon is not None:
+                    this_run = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.spends() if e.run_id == str(run_id)]
+                    check_budget(epsilon_for(this_run + coming, delta, accountant), max_run_epsilon, "max-epsilon-per-run")
             entries = []
             for charge in charges:
                 history.append((charge.noise_multiplier, charge.sample_rate, charge.steps))
@@ -301,6 +326,21 @@ class PrivacyLedger:
                 privacy_unit=spend.privacy_unit,
             )
 
+    def record_refusal(self, *, run_id: str, round: int, reason: str) -> LedgerEntry:
+        """Append a refusal row (see the module doc): ``reason`` is the refusal's code and
+        setting, never its full text."""
+        with self._transaction():
+            spends = self.spends()
+            last = spends[-1] if spends else None
+            epsilon = epsilon_for(self.history(), last.delta, last.accountant) if last else 0.0
+            return self._append(
+                kind="refusal", run_id=str(run_id), round=int(round), noise_multiplier=0.0, sample_rate=0.0,
+                steps=0, max_grad_norm=0.0, delta=last.delta if last else 0.0,
+                accountant=last.accountant if last else "rdp", epsilon=epsilon,
+                max_epsilon=last.max_epsilon if last else 0.0, rng_mode="none", refers_to=None,
+                mechanism=None, privacy_unit=None, reason=reason,
+            )
+
     # -- reading ------------------------------------------------------------------------------
 
     def entries(self) -> list[LedgerEntry]:
@@ -309,6 +349,9 @@ class PrivacyLedger:
 
     def spends(self) -> list[LedgerEntry]:
         return [e for e in self.entries() if e.kind == "spend"]
+
+    def refusals(self) -> list[LedgerEntry]:
+        return [e for e in self.entries() if e.kind == "refusal"]
 
     def history(self) -> History:
         """(noise_multiplier, sample_rate, steps) of every spend row, confirmed or pending."""
@@ -326,6 +369,15 @@ class PrivacyLedger:
             last.delta if delta is None else delta,
             last.accountant if accountant is None else accountant,
         )
+
+    def spent(self, run_id: str, delta: float, accountant: str) -> Spent:
+        """Epsilon composed over run ``run_id``'s spend rows, over every other run's (the base of
+        a run's allowance, ``privacy.budget``), and over all of them."""
+        spends = self.spends()
+        rows = [(e.noise_multiplier, e.sample_rate, e.steps) for e in spends]
+        in_run = [row for row, e in zip(rows, spends) if e.run_id == str(run_id)]
+        others = [row for row, e in zip(rows, spends) if e.run_id != str(run_id)]
+        return Spent(*(epsilon_for(h, delta, accountant) for h in (in_run, others, rows)))
 
     def head_hash(self) -> str:
         """Hash of the last row (the genesis hash when empty)."""
@@ -372,15 +424,28 @@ class PrivacyLedger:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _upgrade(self) -> tuple[str, ...]:
-        """Add the extension columns to a legacy ledger, once: under the write lock, so two
-        processes opening it together do not both try."""
+    def _current(self) -> bool:
+        """Whether the table has today's schema: every column, and refusal rows allowed."""
+        (sql,) = self._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger'").fetchone()
+        columns = tuple(r[1] for r in self._db.execute("PRAGMA table_info(ledger)"))
+        return columns == COLUMNS and "'refusal'" in sql
+
+    def _upgrade(self) -> None:
+        """Rebuild an older ledger's table with today's schema, every row copied unchanged
+        (so every hash still holds); under the write lock, so two processes opening it
+        together do not both try. DROP TABLE fires no DELETE trigger."""
         with self._transaction():
-            present = tuple(r[1] for r in self._db.execute("PRAGMA table_info(ledger)"))
-            for column in EXTENSION_COLUMNS:
-                if column not in present:
-                    self._db.execute(f"ALTER TABLE ledger ADD COLUMN {column} TEXT")
-        return COLUMNS
+            if self._current():
+                return
+            present = [r[1] for r in self._db.execute("PRAGMA table_info(ledger)")]
+            self._db.execute("ALTER TABLE ledger RENAME TO ledger_before_upgrade")
+            self._db.execute("DROP TRIGGER IF EXISTS ledger_no_update")
+            self._db.execute("DROP TRIGGER IF EXISTS ledger_no_delete")
+            for statement in (_TABLE, *_TRIGGERS):
+                self._db.execute(statement)
+            kept = ", ".join(c for c in COLUMNS if c in present)
+            self._db.execute(f"INSERT INTO ledger ({kept}) SELECT {kept} FROM ledger_before_upgrade ORDER BY id")
+            self._db.execute("DROP TABLE ledger_before_upgrade")
 
     def _raw_rows(self) -> list[dict[str, Any]]:
         """Every row with every column of :data:`COLUMNS`; a legacy ledger opened read-only
@@ -410,6 +475,7 @@ class PrivacyLedger:
             "id": last[0] + 1 if last else 1,
             "recorded_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             "versions": json.dumps(_versions(), sort_keys=True),
+            **dict.fromkeys(EXTENSION_COLUMNS),  # NULL unless given: then not hashed
             **values,
             "prev_hash": last[1] if last else GENESIS_HASH,
         }
@@ -419,6 +485,15 @@ class PrivacyLedger:
             [row[c] for c in COLUMNS],
         )
         return _entry(row)
+
+
+def spent_in_other_runs(path: Path | None, run_id: str, delta: float, accountant: str) -> float:
+    """What the ledger at ``path`` records for every run but ``run_id`` (0.0 when there is
+    no ledger yet), read without changing anything."""
+    if path is None or not path.is_file():
+        return 0.0
+    with PrivacyLedger(path, read_only=True) as ledger:
+        return ledger.spent(run_id, delta, accountant).other_runs
 
 
 def ledger_anchor(path: str | Path | None) -> Anchor | None:

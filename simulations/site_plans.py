@@ -13,8 +13,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from privacy.budget import BudgetExhausted, PolicyViolation, dp_request, resolve, site_policy
-from privacy.plan import choose_schedule, plan_run, public_population
+from privacy.budget import RUN_SHARE, BudgetExhausted, PolicyViolation, dp_request, resolve, site_policy
+from privacy.ledger import LedgerError, spent_in_other_runs
+from privacy.plan import ACCOUNTANT, choose_schedule, plan_run, public_population
 from simulations.simulate import site_node_configs
 
 
@@ -30,6 +31,8 @@ def simulated_site_plans(run_config: Mapping[str, Any], sites: Mapping[str, Any]
         try:
             policy = site_policy(node)
             dp = resolve(policy, dp_request(run_config))
+            if dp.enabled:  # a site that kept its ledger from earlier runs has less to spend
+                dp = dp.for_run(spent_in_other_runs(policy.ledger_path, "", dp.delta, ACCOUNTANT))
             population = public_population(policy.declared_examples, float(run_config["eval-fraction"]))
             phases = choose_schedule(run_config, population, dp.enabled)
             entry["phases"] = [asdict(phase) for phase in phases]
@@ -38,20 +41,22 @@ def simulated_site_plans(run_config: Mapping[str, Any], sites: Mapping[str, Any]
                 continue
             release_sigma = policy.metric_noise_multiplier if policy.report_metrics == "noised" else None
             plan = plan_run(dp, phases, release_sigma)
-        except (PolicyViolation, BudgetExhausted) as err:
+        except (PolicyViolation, BudgetExhausted, LedgerError) as err:
             plans.append(entry | {"refused": str(err)})
             continue
         plans.append(entry | {
             "dp": True, "noise_multiplier": plan.noise_multiplier, "metric_noise_multiplier": plan.release_noise_multiplier,
-            "delta": dp.delta, "max_epsilon": dp.max_epsilon, "epsilon_after_round": list(plan.epsilon_after_round),
+            "delta": dp.delta, "max_epsilon": dp.max_epsilon, "run_allowance": dp.max_epsilon_per_run,
+            "target_epsilon": dp.target_epsilon, "epsilon_after_round": list(plan.epsilon_after_round),
         })
     return plans
 
 
 def print_plans(plans: list[dict[str, Any]], rounds: int) -> None:
-    table = Table(title="Training plan per site (epsilon is cumulative, this run only)", title_justify="left")
+    table = Table(title="Training plan per site (epsilon is cumulative, this run only; a run may spend its "
+                  f"allowance: max-epsilon-per-run, or {RUN_SHARE:.0%} of what the site's ledger has left)", title_justify="left")
     headers = ("site", "declared", "phase", "rounds", "batch", "q", "steps/round", "lr", "sigma", "metric sigma",
-               *(f"eps r{r}" for r in range(1, rounds + 1)))
+               "run allowance", *(f"eps r{r}" for r in range(1, rounds + 1)))
     for header in headers:
         table.add_column(header, justify="left" if header in ("site", "phase") else "right")
     for plan in plans:
@@ -62,7 +67,7 @@ def print_plans(plans: list[dict[str, Any]], rounds: int) -> None:
         for index, phase in enumerate(plan["phases"]):
             span = f"{phase['first_round']}" if phase["first_round"] == phase["last_round"] else f"{phase['first_round']}-{phase['last_round']}"
             privacy = ("no DP",) if not plan["dp"] else (
-                f"{plan['noise_multiplier']:.4g}", _fmt(plan["metric_noise_multiplier"]),
+                f"{plan['noise_multiplier']:.4g}", _fmt(plan["metric_noise_multiplier"]), f"{plan['run_allowance']:.3f}",
                 *(f"{e:.3f}" for e in plan["epsilon_after_round"]),
             )
             table.add_row(

@@ -61,6 +61,18 @@ def test_table_output(ledger_path, capsys):
     assert out.rstrip().endswith("OK")
 
 
+def test_refusals_are_listed_and_the_table_fits_120_columns(ledger_path, capsys):
+    with PrivacyLedger(ledger_path) as ledger:
+        ledger.record_refusal(run_id="run-2", round=1, reason="training: budget-exhausted (max-epsilon-per-run)")
+    assert audit_main([str(ledger_path)]) == 0
+    out = capsys.readouterr().out
+    assert "refused (spent nothing): row 6, run run-2, round 1: training: budget-exhausted (max-epsilon-per-run)" in out
+    assert max(len(line) for line in out.splitlines()) <= 120
+    assert audit_main([str(ledger_path), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert len(document["ledgers"][0]["refusals"]) == 1 and len(document["ledgers"][0]["rows"]) == 3
+
+
 def test_json_output_structure(ledger_path, capsys):
     assert audit_main([str(ledger_path), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
@@ -214,6 +226,7 @@ def test_history_check_matches_a_ledger_by_its_anchors_or_fails(ledger_path, tmp
     history = tmp_path / "history.json"
     history.write_text(json.dumps(_history_with_anchors(ledger_path, "hospital-a")))
     assert audit_main([str(renamed), "--history", str(history)]) == 0  # found by its anchors
+    assert "site hospital-a  (" in capsys.readouterr().out  # named after its site-name, not its file
     history.write_text(json.dumps([{"round": 1, "clients": [{"client": "other", "ledger": {"rows": 1, "head": "0" * 64}}]}]))
     assert audit_main([str(renamed), "--history", str(history)]) == 1
     assert "no site in the history matches this ledger" in capsys.readouterr().out

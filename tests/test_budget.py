@@ -1,4 +1,5 @@
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,24 @@ def test_check_budget():
     assert str(caught.value) == "budget exhausted: this round would bring epsilon to 10.5000 > max-epsilon 10.0000"
     with pytest.raises(BudgetExhausted, match="epsilon to inf"):
         check_budget(float("inf"), 10.0)
+
+
+def test_a_run_may_spend_its_allowance_of_what_is_left():
+    dp = resolve(POLICY, request(target_epsilon=8.0))
+    assert dp.for_run(0.0).target_epsilon == 8.0 and dp.for_run(0.0).max_epsilon_per_run == 8.0  # 80% of 10
+    assert dp.for_run(5.0).max_epsilon_per_run == pytest.approx(4.0) and dp.for_run(5.0).target_epsilon == pytest.approx(4.0)
+    capped = resolve(replace(POLICY, max_epsilon_per_run=3.0), request(target_epsilon=8.0))
+    assert capped.for_run(0.0).target_epsilon == 3.0
+    assert capped.for_run(9.5).max_epsilon_per_run == pytest.approx(0.5)  # never more than is left
+    fixed_sigma = resolve(POLICY, request(noise_multiplier=1.0)).for_run(2.0)
+    assert fixed_sigma.target_epsilon is None and fixed_sigma.max_epsilon_per_run == pytest.approx(6.4)
+    with pytest.raises(BudgetExhausted, match="earlier runs spent epsilon 10.0000"):
+        dp.for_run(10.0)
+
+
+@pytest.mark.parametrize("value", [11.0, -1.0, "2"])
+def test_max_epsilon_per_run_must_fit_the_lifetime_budget(value):
+    with pytest.raises(PolicyViolation) as caught:
+        site_policy({"max-epsilon": 10.0, "max-epsilon-per-run": value})
+    assert caught.value.setting == "max-epsilon-per-run"
+    assert site_policy({"max-epsilon-per-run": 2.5}).max_epsilon_per_run == 2.5

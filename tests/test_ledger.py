@@ -318,10 +318,13 @@ def test_anchor_detects_a_truncated_or_rewritten_tail(path):
         assert not ledger.extends(anchor)  # ...but not the anchor the server kept
 
 
-def test_a_ledger_from_before_the_mechanism_column_is_upgraded_and_still_verifies(path):
-    """Old rows keep NULL mechanism/unit, which stays out of their hash: the chain holds."""
-    from privacy.ledger import LEGACY_COLUMNS
+@pytest.mark.parametrize("extensions", [0, 2], ids=["first-release", "before-refusals"])
+def test_an_older_ledger_is_upgraded_in_place_and_still_verifies(path, extensions):
+    """Old rows keep NULL in the newer columns, which stays out of their hash: the chain holds,
+    the upgraded table takes refusal rows, and it is still append-only."""
+    from privacy.ledger import COLUMNS, EXTENSION_COLUMNS
 
+    LEGACY_COLUMNS = COLUMNS[: len(COLUMNS) - len(EXTENSION_COLUMNS) + extensions]
     with PrivacyLedger(path) as ledger:
         ledger.confirm(spend(ledger).id)
     db = sqlite3.connect(path)  # rebuild the table and its chain as the first release wrote them
@@ -332,13 +335,20 @@ def test_a_ledger_from_before_the_mechanism_column_is_upgraded_and_still_verifie
         row["prev_hash"] = prev_hash
         row["hash"] = prev_hash = row_hash(prev_hash, row)
     db.executescript("DROP TABLE ledger;")
-    db.execute(f"CREATE TABLE ledger ({', '.join(LEGACY_COLUMNS)})")
+    db.execute(f"CREATE TABLE ledger ({', '.join(LEGACY_COLUMNS)}, CHECK (kind IN ('spend', 'confirm')))")
     db.executemany(f"INSERT INTO ledger VALUES ({', '.join('?' * len(LEGACY_COLUMNS))})",
                    [[row[c] for c in LEGACY_COLUMNS] for row in rows])
     db.commit()
     db.close()
     with PrivacyLedger(path, read_only=True) as ledger:
-        assert ledger.verify_chain() == [] and ledger.entries()[0].mechanism is None
+        assert ledger.verify_chain() == [] and ledger.entries()[0].reason is None
+        assert (ledger.entries()[0].mechanism is None) == (extensions == 0)
     with PrivacyLedger(path) as ledger:
         third = spend(ledger, round=2)
+        refusal = ledger.record_refusal(run_id="r2", round=3, reason="budget-exhausted (max-epsilon)")
         assert third.mechanism == "dp-sgd" and ledger.verify_chain() == []
+        assert refusal.epsilon == ledger.cumulative_epsilon() and len(ledger.spends()) == 2
+    db = sqlite3.connect(path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("DELETE FROM ledger WHERE id = 1")
+    db.close()

@@ -83,7 +83,7 @@ def test_a_probe_round_trains_the_head_alone_and_is_charged_as_planned(tiny_bert
     plan's rate and steps, confirmed; the reply's LoRA matrices are the ones sent, its head is not."""
     data = _write_notes(tmp_path / "notes.csv", rows=60)
     config = apply_overrides(privacy_run_config(tiny_bert, data), {"probe-rounds": 1, "probe-steps": 40})
-    node = {"data-path": str(data), "num-examples": 60, "ledger-path": str(tmp_path / "ledger.db")}
+    node = {"data-path": str(data), "num-examples": 60, "ledger-path": str(tmp_path / "ledger.db"), "max-epsilon": 20.0}
     sent = GlobalModel.load(config).arrays()
     reply = train_round(config, node, 1, sent)
     assert not reply.has_error(), reply.error

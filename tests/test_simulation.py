@@ -157,3 +157,33 @@ def test_a_run_in_which_every_site_refuses_fails_and_writes_no_adapter(tiny_bert
     report = (out / "report.md").read_text()
     assert "status: **FAILED**" in report and "`adapter/`" not in report
     assert report.count("refused: policy-refused (setting max-epsilon)") == 2  # each site's reason, once
+
+
+def test_two_runs_on_kept_ledgers_both_aggregate_under_a_lifetime_budget_of_8(tiny_bert, tmp_path):
+    """The smoke-test trap: sites keep their ledgers across runs with max-epsilon = 8, and the
+    default target-epsilon is 8. The first run may spend only 80% of 8, so the second still
+    trains (80% of what is left), and the lifetime budget holds over both."""
+    from tests.conftest import make_classification_rows
+    import pandas as pd
+
+    data = tmp_path / "notes.csv"
+    pd.DataFrame(make_classification_rows(80, seed=5)).to_csv(data, index=False)
+    sites = tmp_path / "sites.toml"
+    sites.write_text("".join(f'[site-{i}]\nledger-path = "{tmp_path / f"ledger-{i}.db"}"\n' for i in range(2)))
+    epsilons = []
+    for run in ("first", "second"):
+        argv = ["simulate", "--num-clients", "2", "--rounds", "2", "--data", str(data), "--model", tiny_bert,
+                "--output", str(tmp_path / run), "--set", f"label-names={','.join(LABELS)}", "--set", "max-seq-length=32",
+                "--set", "batch-size=8", "--set", "local-steps=2", "--node-config", "max-epsilon=8",
+                "--site-config", str(sites)]
+        assert main(argv) == 0
+        history = json.loads((tmp_path / run / "history.json").read_text())
+        assert all(c["outcome"] == "aggregated" for r in history for c in r["clients"]), run
+        epsilons.append(max(c["epsilon"] for c in history[-1]["clients"]))
+    assert 6.0 < epsilons[0] <= 6.4 + 1e-6  # 80% of 8
+    for i in range(2):
+        with PrivacyLedger(tmp_path / f"ledger-{i}.db", read_only=True) as ledger:
+            runs = [e.run_id for e in ledger.spends()]
+            second = ledger.spent(runs[-1], 1e-5, "rdp")
+        assert len(set(runs)) == 2 and second.this_run <= 0.8 * (8 - second.other_runs) + 1e-6
+        assert epsilons[0] < second.total <= 8

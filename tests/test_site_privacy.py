@@ -45,14 +45,15 @@ def privacy_run_config(model: str, data: Path) -> dict:
     )
 
 
-def train_round(run_config: dict, node_config: dict, server_round: int, arrays: ArrayRecord | None = None) -> Message:
+def train_round(run_config: dict, node_config: dict, server_round: int, arrays: ArrayRecord | None = None,
+                run_id: int = 1234) -> Message:
     """One train message through the site's ClientApp (outgoing guard included), the test
     playing the server. The restart test also runs it in a fresh process, so it uses no fixtures."""
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1234, 1
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 1
     arrays = arrays if arrays is not None else GlobalModel.load(run_config).arrays()
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
     message = Message(content=content, dst_node_id=7, message_type="train")
-    context = Context(run_id=1234, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+    context = Context(run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
     return client_app.app(message, context)
 
 
@@ -138,7 +139,8 @@ def test_cumulative_epsilon_continues_across_a_process_restart(two_rounds):
 
 def test_site_refuses_a_round_past_its_budget(run_config, global_arrays, site_files):
     """An earlier run spent epsilon ~0.2 of this site's budget of 1.0; one more round (~4.5)
-    would exceed it, so the site refuses before charging anything."""
+    would exceed it, so the site refuses before charging anything; the refusal is a ledger row
+    that spends nothing, and the anchor the server gets covers it."""
     path = site_files / "spent.db"
     with PrivacyLedger(path) as ledger:
         earlier = ledger.begin_spend(
@@ -156,8 +158,41 @@ def test_site_refuses_a_round_past_its_budget(run_config, global_arrays, site_fi
     assert "arrays" not in reply.content
     assert dict(reply.content["status"]) == {"status": "budget-exhausted", "setting": "max-epsilon"}
     with PrivacyLedger(path, read_only=True) as ledger:
-        assert len(ledger.spends()) == 1
-        assert ledger.head_hash() == head
+        assert len(ledger.spends()) == 1 and ledger.entries()[1].hash == head
+        (refusal,) = ledger.refusals()
+        assert refusal.reason == "training: budget-exhausted (max-epsilon)" and refusal.epsilon == earlier.epsilon
+        assert dict(reply.content["ledger"]) == {"rows": 3, "head": ledger.head_hash()} and ledger.verify_chain() == []
+
+
+def test_a_run_spends_at_most_its_allowance_and_the_next_run_gets_its_own(run_config, global_arrays, site_files, caplog):
+    """max-epsilon-per-run = 5: round 1 (~4.5) fits, round 2 would take this run past 5 and is
+    refused, naming that setting; a later run starts a fresh allowance on the same ledger."""
+    path = site_files / "per-run.db"
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(path),
+            "max-epsilon": 20.0, "max-epsilon-per-run": 5.0}
+    first = train_round(run_config, node, 1, global_arrays)
+    assert 4 < first.content["metrics"]["epsilon"] < 5
+    with caplog.at_level("INFO", logger="flwr"):
+        refused = train_round(run_config, node, 2, global_arrays)
+    assert dict(refused.content["status"]) == {"status": "budget-exhausted", "setting": "max-epsilon-per-run"}
+    assert "this run's epsilon" in caplog.text and "> max-epsilon-per-run 5.0000" in caplog.text
+    later = train_round(run_config, node, 1, global_arrays, run_id=5678)
+    assert "arrays" in later.content and later.content["metrics"]["epsilon"] > first.content["metrics"]["epsilon"]
+    with PrivacyLedger(path, read_only=True) as ledger:
+        spent = ledger.spent("5678", 1e-5, "rdp")
+    assert spent.this_run < 5 and spent.other_runs == pytest.approx(first.content["metrics"]["epsilon"])
+    assert spent.total == pytest.approx(later.content["metrics"]["epsilon"])
+
+
+def test_the_default_allowance_is_a_share_of_what_is_left(run_config, global_arrays, site_files):
+    """max-epsilon 6 and no per-run cap: a run may spend 80% of 6 = 4.8, so the round (~4.5 at
+    sigma 1) trains; after it, 80% of the ~1.5 left is not enough for another, so a new run is
+    refused, and the ledger keeps the remainder."""
+    path = site_files / "share.db"
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(path), "max-epsilon": 6.0}
+    assert "arrays" in train_round(run_config, node, 1, global_arrays).content
+    refused = train_round(run_config, node, 1, global_arrays, run_id=5678)
+    assert dict(refused.content["status"]) == {"status": "budget-exhausted", "setting": "max-epsilon-per-run"}
 
 
 @pytest.mark.parametrize(
@@ -180,7 +215,9 @@ def test_server_cannot_loosen_the_site_policy(run_config, site_files, setting, r
     assert not reply.has_error(), reply.error
     assert "arrays" not in reply.content
     assert dict(reply.content["status"]) == {"status": "policy-refused", "setting": setting}
-    assert not ledger.exists(), "a refused request must not touch the ledger"
+    with PrivacyLedger(ledger, read_only=True) as kept:
+        assert kept.spends() == [], "a refused request spends nothing"
+        assert [r.reason for r in kept.refusals()] == [f"training: policy-refused ({setting})"]
 
 
 @pytest.mark.parametrize(
@@ -462,7 +499,8 @@ def test_delta_not_below_one_over_n_is_refused(run_config, global_arrays, site_f
     config = apply_overrides(run_config, {"delta": 0.0})  # the server asks for no delta: the site's
     reply = train_round(config, node, 1, global_arrays)  # about 25 training rows: 1/n ~ 0.04
     assert dict(reply.content["status"]) == {"status": "policy-refused", "setting": "delta"}
-    assert not (site_files / "delta.db").exists()
+    with PrivacyLedger(site_files / "delta.db", read_only=True) as kept:
+        assert kept.spends() == [] and len(kept.refusals()) == 1
 
 
 def test_a_tampered_ledger_is_refused_before_training(run_config, global_arrays, two_rounds, tmp_path):
