@@ -37,7 +37,8 @@ def cells(rounds: int) -> dict[str, dict]:
     table = {}
     for epsilon in EPSILONS:
         privacy = ["--no-dp"] if epsilon is None else [
-            "--set", f"target-epsilon={epsilon:g}", "--node-config", f"max-epsilon={epsilon:g} delta=1e-5"]
+            "--set", f"target-epsilon={epsilon:g}",
+            "--node-config", f"max-epsilon={epsilon:g} max-epsilon-per-run={epsilon:g} delta=1e-5"]
         for strategy in STRATEGIES:
             for partition in PARTITIONS:
                 name = f"{strategy}-{partition.replace(':', '')}-{'nodp' if epsilon is None else f'eps{epsilon:g}'}"
@@ -48,7 +49,7 @@ def cells(rounds: int) -> dict[str, dict]:
         "options": ["--no-dp", "--set", "min-train-nodes=1", "--set", "min-evaluate-nodes=1"]}
     table["reference-dp-linear-probe-eps8"] = {
         "epsilon": 8.0, "strategy": "linear probe", "partition": "iid", "clients": 3,
-        "options": ["--set", f"probe-rounds={rounds}", "--node-config", "max-epsilon=8 delta=1e-5"]}
+        "options": ["--set", f"probe-rounds={rounds}", "--node-config", "max-epsilon=8 max-epsilon-per-run=8 delta=1e-5"]}
     return table
 
 

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedlora.key_files import refuse_existing, write_file
+from fedlora.key_fingerprint import fingerprint
 
 
 def create_site_key(
@@ -80,8 +81,12 @@ def site_main(argv: list[str] | None = None) -> int:
 
     print(f"Private key: {private_path}  (keep it on this machine; never share it)")
     print(f"Public key:  {public_path}  (send this to the coordinator)")
+    print(f"Fingerprint: {fingerprint(public_path.read_bytes())}  (read it to the coordinator by phone; "
+          "`ssh-keygen -lf` prints the same)")
     print("\nThe coordinator registers the public key with:")
     print(f"  flwr supernode register {public_path.name} <connection>")
+    print("Check that it is accepted (TLS, reachability, registration) with:")
+    print(f"  fedlora site check --superlink <host>:<port> --root-certificates ca.crt --auth-supernode-private-key {private_path}")
     print("Then start this site's SuperNode with:")
     print(
         "  flower-supernode --superlink <host>:<port> --root-certificates ca.crt "

@@ -265,12 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     certs = commands.add_parser("certs", help="create a CA and a TLS server certificate", add_help=False)
     certs.set_defaults(func=lambda args: _delegate("server.certificates", "certs_main", args.rest))
+    superlink = commands.add_parser("superlink", help="Flower's SuperLink, logging joining keys by fingerprint and site",
+                                    add_help=False)
+    superlink.set_defaults(func=lambda args: _delegate("server.superlink", "superlink_main", args.rest))
     site = commands.add_parser("site", help="a partner site's tools: its key pair, its budget, a pre-flight check")
     site_commands = site.add_subparsers(dest="site_command", required=True)
     key = site_commands.add_parser("key", help="create the key pair its SuperNode authenticates with", add_help=False)
     key.set_defaults(func=lambda args: _delegate("client.site_key", "site_main", args.rest))
     status = site_commands.add_parser("status", help="its privacy budget: spent, left, the next run's allowance", add_help=False)
     status.set_defaults(func=lambda args: _delegate("privacy.site_status", "status_main", args.rest))
+    check = site_commands.add_parser("check", help="before starting the SuperNode: reachable, TLS, key accepted",
+                                     add_help=False)
+    check.set_defaults(func=lambda args: _delegate("client.preflight", "check_main", args.rest))
     return parser
 
 
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    delegated = args.command in ("certs", "site") or getattr(args, "privacy_command", None) == "audit"
+    delegated = args.command in ("certs", "site", "superlink") or getattr(args, "privacy_command", None) == "audit"
     if rest and not delegated:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest

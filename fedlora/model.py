@@ -8,6 +8,7 @@ network. Loading never silently falls back to another model: a name that cannot 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,9 @@ from fedlora.pooling import PoolingError, apply_pooling, resolve_pooling
 # block in every site's log each round; nor is a progress bar for loading a small model.
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
+# Deprecation notices about transformers' own internals (peft calls them), once per process: they
+# ask nothing of a site's operator.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 TASKS = ("classification", "causal-lm")

@@ -6,7 +6,7 @@ own spend, the refusals recorded, and the **allowance of the next run**: the mos
 spend, ``max-epsilon-per-run`` or ``RUN_SHARE`` of what is left (``privacy.budget``). The limits
 come from the site's node config, given as the SuperNode is given it:
 
-    fedlora site status --ledger PATH [--node-config 'max-epsilon=8 max-epsilon-per-run=2'] [--json]
+    fedlora site status --ledger PATH [--node-config node-config.toml | 'max-epsilon=8 ...'] [--json]
 
 Exit code 0; 2 when the ledger cannot be read or the node config is not a valid policy.
 """
@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from privacy.budget import RUN_SHARE, PolicyViolation, site_policy
@@ -72,13 +74,17 @@ def status_main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="fedlora site status", description=__doc__.splitlines()[0])
     parser.add_argument("--ledger", required=True, help="the site's ledger (node config ledger-path)")
-    parser.add_argument("--node-config", action="append", default=[], metavar="'k=v k2=v2'",
-                        help="the SuperNode's node config, for max-epsilon, max-epsilon-per-run and delta")
+    parser.add_argument("--node-config", action="append", default=[], metavar="FILE or 'k=v k2=v2'",
+                        help="the SuperNode's node config (its TOML file or key=value pairs, as flower-supernode "
+                             "takes it), for max-epsilon, max-epsilon-per-run and delta")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
-        status = site_status(args.ledger, parse_assignments(args.node_config))
-    except (FileNotFoundError, LedgerError, PolicyViolation, UsageError) as err:
+        node_config: dict[str, Any] = {}
+        for item in args.node_config:
+            node_config |= tomllib.loads(Path(item).read_text()) if Path(item).is_file() else parse_assignments([item])
+        status = site_status(args.ledger, node_config)
+    except (FileNotFoundError, LedgerError, PolicyViolation, UsageError, tomllib.TOMLDecodeError) as err:
         print(f"fedlora site status: error: {err}", file=sys.stderr)
         return 2
     if args.json:

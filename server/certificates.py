@@ -243,12 +243,14 @@ def certs_main(argv: list[str] | None = None) -> int:
     print(f"CA private key:     {paths.ca_key}  (keep secret; signs new certificates)")
     print(f"Server certificate: {paths.server_cert}  (valid for {', '.join(hosts)})")
     print(f"Server private key: {paths.server_key}  (keep secret)")
-    print("\nStart the SuperLink with:")
+    print("\nStart the SuperLink with (docs/deploy.md, step 3):")
     print(
-        f"  flower-superlink --ssl-ca-certfile {paths.ca_cert} "
-        f"--ssl-certfile {paths.server_cert} --ssl-keyfile {paths.server_key}"
+        f"  fedlora superlink --site-keys {paths.ca_cert.parent.parent / 'site-keys'} "
+        f"--ssl-ca-certfile {paths.ca_cert} --ssl-certfile {paths.server_cert} --ssl-keyfile {paths.server_key} "
+        f"--enable-supernode-auth --database {paths.ca_cert.parent.parent / 'superlink.db'} "
+        "--disable-runtime-dependency-installation --host 0.0.0.0 --port <port>"
     )
-    print("  (add --enable-supernode-auth to admit only registered site keys)")
+    print("  (--enable-supernode-auth admits only registered site keys; --database keeps them across restarts)")
     print("Sites connect with:")
     # An IPv6 address needs brackets in host:port.
     address = f"[{hosts[0]}]" if ":" in hosts[0] else hosts[0]

@@ -108,6 +108,9 @@ def run_simulation(
     # One virtual site at a time, each using every core: the model is loaded once per worker
     # and torch parallelises within a batch better than two sites share two cores.
     cpus = client_cpus or float(os.cpu_count() or 1)
+    # Ray's announced default (leave the visible devices alone when a site asks for no GPU), taken
+    # now, so that every simulation does not print the FutureWarning about it.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     engine._run_simulation(
         num_supernodes=num_sites,
         exit_event=engine.EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

@@ -220,6 +220,7 @@ class Pki:
     certificates: Path  # $COORD/certificates of a template coordinator
     other_ca: Path  # ca.crt of an unrelated CA
     keys: Path  # site key pairs: <name>, <name>.pub
+    fingerprints: dict[str, str]  # what `fedlora site key` printed for each
 
 
 @dataclass
@@ -373,7 +374,7 @@ def fast_config(model: str, out_dir: Path, **overrides: object) -> dict[str, obj
     from round 1 (the probe phase is covered in simulation, ``tests/test_simulation.py``)."""
     return {
         "model": model, "label-names": ",".join(LABELS), "num-server-rounds": 2, "batch-size": 8, "probe-rounds": 0,
-        "max-seq-length": 32, "noise-multiplier": 1.0, "dp": True, "min-train-nodes": 3, "min-evaluate-nodes": 3,
+        "max-seq-length": 32, "noise-multiplier": 3.0, "dp": True, "min-train-nodes": 3, "min-evaluate-nodes": 3,
         "fraction-evaluate": 0.0, "round-timeout": 240.0, "output-dir": str(out_dir), **overrides,
     }
 
@@ -417,9 +418,12 @@ def pki(tmp_path_factory) -> Pki:
     env = base_env("coordinator") | {"COORD": str(root / "coordinator"), "SUPERLINK_HOST": HOST}
     run_command(command("certs"), env)
     run_command(command("certs"), env | {"COORD": str(root / "other")})
+    fingerprints = {}
     for name in ("site-a", "site-b", "site-c", "site-d", "site-e", "intruder"):
-        run_command(command("site-key"), base_env("site") | {"SITE_DIR": str(root / "site"), "SITE_NAME": name})
-    return Pki(root / "coordinator" / "certificates", root / "other" / "certificates" / "ca.crt", root / "site" / "keys")
+        out = run_command(command("site-key"), base_env("site") | {"SITE_DIR": str(root / "site"), "SITE_NAME": name}).stdout
+        fingerprints[name] = re.search(r"Fingerprint: (SHA256:\S+)", out).group(1)
+    return Pki(root / "coordinator" / "certificates", root / "other" / "certificates" / "ca.crt", root / "site" / "keys",
+               fingerprints)
 
 
 @pytest.fixture(scope="class")
@@ -436,6 +440,7 @@ class Outcome:
     federation: Federation
     out: Path
     run_ids: list[int]
+    preflight: subprocess.CompletedProcess | None = None  # `fedlora site check` of a registered site
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,8 +450,9 @@ class Outcome:
 def test_guide_commands_and_settings_are_complete():
     g = guide()
     assert set(g.commands) == {
-        "check-install", "certs", "superlink", "flwr-connection", "site-key", "register", "list-supernodes",
-        "node-config", "supernode", "run", "run-log", "list-runs", "unregister", "audit", "resume",
+        "check-install", "certs", "superlink", "flwr-connection", "site-key", "fingerprint", "register",
+        "list-supernodes", "node-config", "site-status", "site-check", "supernode", "run", "run-log", "list-runs",
+        "unregister", "audit", "resume",
     }
     # The variables the tests set are exactly the ones the guide's settings define.
     assert set(g.settings["coordinator"]) == {
@@ -458,6 +464,7 @@ def test_guide_commands_and_settings_are_complete():
         "FLWR_HOME", "FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK",
     }
     assert set(g.settings["run"]) == {"RUN_CONFIG"} and set(g.settings["audit"]) == {"LEDGERS"}
+    assert set(g.settings["registration"]) == {"SITE_NAME", "NODE_ID"}
     # The example run config uses real run-config keys and an absolute output-dir.
     from fedlora.run_config import default_run_config
 
@@ -486,6 +493,7 @@ def federation(pki, procs, tiny_bert, tmp_path_factory) -> Outcome:
         fed.site(name, site_rows(seed))
     fed.site("site-d", pd.DataFrame({"text": ["chest pain", "dry cough"] * 10, "diagnosis": ["cardio", "pulmo"] * 10}))
     doomed = fed.site("site-e", site_rows(4))
+    preflight = run_command(command("site-check"), fed.sites["site-a"].env, check=False, timeout=180)
     for site in fed.sites.values():
         fed.start_site(site)
     fed.wait_online(5)
@@ -498,7 +506,7 @@ def federation(pki, procs, tiny_bert, tmp_path_factory) -> Outcome:
     wait_for("site-e to receive round 2", lambda: doomed.trainings_received() >= 2, 420, 0.2, run.output)
     fed.procs.stop(doomed.service)
     run_id = fed.finish(run, timeout=420)
-    return Outcome(fed, out, [run_id])
+    return Outcome(fed, out, [run_id], preflight)
 
 
 @pytest.mark.usefixtures("federation")
@@ -578,14 +586,47 @@ class TestFederation:
         fed.cli("unregister", {"NODE_ID": str(gone)})
         assert nodes(fed.cli("list-supernodes").stdout).get(gone, "unregistered") == "unregistered"
 
-    def test_a_supernode_with_an_unregistered_key_is_refused(self, federation):
+    def test_each_site_sees_every_round_in_its_own_log_and_its_budget(self, federation, pki):
+        """The site's operator sees what each message cost and what is left; the coordinator's
+        streamed log names each site's outcome every round; the site's budget and its key's
+        fingerprint read the same at both ends."""
+        fed = federation.federation
+        site = fed.sites["site-a"]
+        log = site.service.output()
+        for round_ in (1, 2):
+            line = next(line for line in log.splitlines() if f"site-a round {round_}: trained" in line)
+            assert "this message" in line and "left of max-epsilon 8" in line and "of its 2.0000" in line, line
+        status = run_command(command("site-status"), site.env).stdout
+        assert "spent      epsilon" in status and "next run   may spend up to" in status, status
+        streamed = fed.runs[0].output()
+        for round_ in (1, 2):
+            for name in HEALTHY:
+                assert f"round {round_}: {name} aggregated" in streamed, streamed[-3000:]
+        assert pki.fingerprints["site-a"] in fed.cli("fingerprint", {"SITE_NAME": "site-a"}).stdout
+
+    def test_the_preflight_check_of_a_registered_site_passes(self, federation, pki):
+        check = federation.preflight
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "ok   reachable" in check.stdout and "ok   TLS" in check.stdout
+        assert f"ok   key accepted: the key {pki.fingerprints['site-a']} is registered" in check.stdout
+
+    def test_a_supernode_with_an_unregistered_key_is_refused(self, federation, pki):
+        """The site's pre-flight says in plain words that its key is not registered, and the
+        coordinator's log names the key by the fingerprint the site printed."""
         fed = federation.federation
         intruder = fed.site("intruder", site_rows(9), register=False)
+        check = run_command(command("site-check"), intruder.env, check=False, timeout=180)
+        assert check.returncode == 1 and "ok   TLS" in check.stdout, check.stdout + check.stderr
+        assert (f"FAILED  key accepted: the coordinator has not registered this key ({pki.fingerprints['intruder']})"
+                in check.stdout), check.stdout
         service = fed.start_site(intruder)
         wait_for("the unregistered SuperNode to be refused", lambda: not service.alive(), 60, 1, service.output)
         assert service.proc.returncode != 0
         assert "Failed to activate SuperNode" in service.output(), service.output()
-        assert "No SuperNode found with the given public key" in fed.superlink.output()
+        coordinator = fed.superlink.output()
+        assert "No SuperNode found with the given public key" in coordinator
+        assert f"public key {pki.fingerprints['intruder']} [no key in {fed.coord / 'site-keys'} has it]" in coordinator
+        assert "BEGIN PUBLIC KEY" not in coordinator
         listed = nodes(fed.cli("list-supernodes").stdout)
         assert set(listed) <= {s.node_id for s in fed.sites.values() if s.node_id}, listed
 

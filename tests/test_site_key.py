@@ -139,3 +139,40 @@ def test_cli_prints_next_commands_and_refuses_a_second_run(
     captured = capsys.readouterr()
     assert "already exists" in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_the_fingerprint_is_the_same_in_every_form_and_the_superlink_log_names_the_site(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the site prints, what ``ssh-keygen -lf`` prints (SHA256 of the OpenSSH key blob),
+    and what the coordinator's SuperLink logs for the PEM bytes Flower sends, are one string."""
+    import base64
+    import hashlib
+    import logging
+
+    from cryptography.hazmat.primitives import serialization
+
+    from fedlora.key_fingerprint import fingerprint
+    from server.superlink import KeyFingerprints
+
+    assert site_main(["--out", str(tmp_path / "site"), "--name", "clinic"]) == 0
+    printed = capsys.readouterr().out.split("Fingerprint: ")[1].split()[0]
+    line = (tmp_path / "site" / "clinic.pub").read_bytes()
+    blob = base64.b64decode(line.split()[1])
+    assert printed == "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    key = serialization.load_ssh_public_key(line)
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert fingerprint(pem) == fingerprint(line) == printed
+
+    keys = tmp_path / "site-keys"
+    keys.mkdir()
+    record = logging.LogRecord("flwr", logging.ERROR, __file__, 1, "%s",
+                               (f"[/fleet][ApiError:1] Attempted to register SuperNode with public key: {pem!r}, "
+                                "exception: No SuperNode found with the given public key.",), None)
+    assert KeyFingerprints(keys).filter(record)
+    assert record.getMessage().startswith(f"[/fleet][ApiError:1] Attempted to register SuperNode with public key {printed} "
+                                          f"[no key in {keys} has it], exception")
+    (keys / "clinic.pub").write_bytes(line)  # the coordinator saves the site's key
+    record.msg, record.args = f"public key: {pem!r}", None
+    KeyFingerprints(keys).filter(record)
+    assert record.getMessage() == f"public key {printed} [site clinic ({keys / 'clinic.pub'})]"

@@ -38,7 +38,9 @@ def test_status_shows_spent_left_each_run_the_refusals_and_the_next_allowance(le
     assert status["runs"][0]["epsilon"] == pytest.approx(epsilon_for(RUN_1, DELTA))
     assert [r["reason"] for r in status["refusals"]] == ["training: budget-exhausted (max-epsilon-per-run)"]
 
-    assert main(["site", "status", "--ledger", str(ledger), "--node-config", "max-epsilon=8 max-epsilon-per-run=0.5"]) == 0
+    node_config = ledger.with_name("node-config.toml")  # as the SuperNode reads it
+    node_config.write_text("max-epsilon = 8.0\nmax-epsilon-per-run = 0.5\ndata-path = '/srv/data.csv'\n")
+    assert main(["site", "status", "--ledger", str(ledger), "--node-config", str(node_config)]) == 0
     out = capsys.readouterr().out
     assert "next run   may spend up to 0.5000 (max-epsilon-per-run 0.5)" in out
     assert "refused: run run-2 round 2" in out
