@@ -269,6 +269,8 @@ class Site:
         try:
             return phases, plan_run(dp, phases, release_sigma).noise_multiplier
         except BudgetExhausted as err:
+            if dp.target_epsilon == dp.run_allowance:  # the site's budget bound the target, not the run config
+                raise RefusedRound("budget-exhausted", "max-epsilon-per-run", str(err)) from err
             raise RefusedRound("policy-refused", "target-epsilon", str(err)) from err
 
     def _features(self, model, tokenizer, encoded: Encoded) -> torch.Tensor:
@@ -297,7 +299,7 @@ class Site:
             return ledger.charge(
                 charges, run_id=self.run_id, round=server_round, delta=dp.delta, accountant=ACCOUNTANT,
                 max_epsilon=dp.max_epsilon, rng_mode=rng_mode(device, dp.secure_noise), enforce_budget=dp.enabled,
-                max_run_epsilon=dp.max_epsilon_per_run,
+                max_run_epsilon=dp.run_allowance,
             )
         except BudgetExhausted as err:
             raise RefusedRound("budget-exhausted", err.setting, str(err)) from err
@@ -396,7 +398,7 @@ def _budget_line(before: Spent | None, after: Spent | None, dp: EffectiveDP) -> 
         return "no DP"
     return (f"epsilon +{after.total - before.total:.4f} this message, {after.total:.4f} in total, "
             f"{max(0.0, dp.max_epsilon - after.total):.4f} left of max-epsilon {dp.max_epsilon:g} "
-            f"(this run {after.this_run:.4f} of its {dp.max_epsilon_per_run:.4f})")
+            f"(this run {after.this_run:.4f} of its {dp.run_allowance:.4f})")
 
 
 def _fedavg_weight(dp: EffectiveDP, present: int, population: int) -> int:

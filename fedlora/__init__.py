@@ -2,7 +2,7 @@
 
 ``fedlora.load_adapter(PATH)`` returns a saved adapter on its base model, ready to use, and its
 tokenizer (``fedlora.saved_adapter``). It is imported on first use: ``fedlora certs`` and
-``fedlora site`` need neither torch nor transformers.
+``fedlora site key`` need neither torch nor transformers.
 """
 
 __all__ = ["load_adapter"]

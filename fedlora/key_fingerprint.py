@@ -19,9 +19,11 @@ from cryptography.hazmat.primitives import serialization
 def fingerprint(public_key: bytes) -> str:
     """The fingerprint of an OpenSSH, PEM or DER public key; ValueError if it is none of them."""
     key = None
-    for load in (serialization.load_ssh_public_key, serialization.load_pem_public_key, serialization.load_der_public_key):
+    text = public_key.strip()  # only the text forms: a DER key may end in whitespace bytes
+    for load, data in ((serialization.load_ssh_public_key, text), (serialization.load_pem_public_key, text),
+                       (serialization.load_der_public_key, public_key)):
         try:
-            key = load(public_key.strip())
+            key = load(data)
             break
         except (ValueError, TypeError, UnsupportedAlgorithm):
             continue

@@ -75,7 +75,7 @@ class LedgerAudit:
     epsilon_mismatches: list[str]
     budget_exceeded: list[str]
     anchor_problems: list[str] = field(default_factory=list)
-    refusals: list[str] = field(default_factory=list)  # messages the site declined: no spend, listed
+    refusals: list[dict[str, Any]] = field(default_factory=list)  # messages the site declined: no spend
 
     @property
     def ok(self) -> bool:
@@ -151,7 +151,8 @@ def audit_ledger(path: str | Path, tolerance: float = 1e-6) -> LedgerAudit:
                 budget_left=spend.max_epsilon - opacus,
             )
         )
-    refusals = [f"row {e.id}, run {e.run_id[-6:]}, round {e.round}: {e.reason}" for e in entries if e.kind == "refusal"]
+    refusals = [{"id": e.id, "run_id": e.run_id, "round": e.round, "recorded_at": e.recorded_at, "reason": e.reason}
+                for e in entries if e.kind == "refusal"]
     return LedgerAudit(
         path=str(path), site=Path(path).stem, head_hash=head_hash, rows=rows,
         chain_problems=chain_problems, epsilon_mismatches=mismatches, budget_exceeded=exceeded, refusals=refusals,
@@ -288,7 +289,8 @@ def _print_audit(console: Console, audit: LedgerAudit) -> None:
     console.print(table)
     console.print(f"head hash {audit.head_hash}")
     for refusal in audit.refusals:
-        console.print(f"refused (spent nothing): {escape(refusal)}", highlight=False)
+        console.print(f"refused (spent nothing): row {refusal['id']}, run {escape(refusal['run_id'][-6:])}, "
+                      f"round {refusal['round']}: {escape(refusal['reason'] or '')}", highlight=False)
     for heading, problems in (
         ("hash chain", audit.chain_problems),
         ("epsilon mismatch", audit.epsilon_mismatches),

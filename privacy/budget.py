@@ -24,11 +24,13 @@ when it is at least as strict as the policy and refuses it otherwise; it never s
 anything.
 
 **Budgets across runs.** ``max-epsilon`` is the site's lifetime budget over every run; a run's
-own spend (its rows of the ledger, composed alone) is capped by ``max-epsilon-per-run``, or by
-default by ``RUN_SHARE`` of what was left when the run began (``max-epsilon`` minus the epsilon
-of the ledger's other runs), so that no single run, a smoke test with the default target
-included, can use up a site's budget. A run's ``target-epsilon`` is capped to that allowance
-(:meth:`EffectiveDP.run_allowance`).
+own spend (its rows of the ledger, composed alone) is capped by its allowance
+(:func:`run_allowance`): ``max-epsilon-per-run``, or by default ``RUN_SHARE`` of what the
+ledger's other runs have left (``max-epsilon`` minus their epsilon), so that no single run, a
+smoke test with the default target included, uses up a site's budget by accident. A run's
+``target-epsilon`` is capped to the allowance (:meth:`EffectiveDP.for_run`). The allowance
+guards against accidents, not against the server: run ids are the server's, and many runs each
+take a share of what is left; only ``max-epsilon`` bounds what a server can obtain.
 """
 
 from __future__ import annotations
@@ -106,24 +108,29 @@ class EffectiveDP:
     target_epsilon: float | None
     min_noise_multiplier: float = 0.0
     secure_noise: bool = False
-    max_epsilon_per_run: float | None = None
+    max_epsilon_per_run: float | None = None  # the site's cap on one run (None: RUN_SHARE)
+    run_allowance: float | None = None  # what this run may spend, once known (:meth:`for_run`)
 
     def at_least_the_floor(self, sigma: float) -> float:
         """The site's noise floor applies to every sigma, calibrated ones included."""
         return max(sigma, self.min_noise_multiplier)
 
     def for_run(self, spent_in_other_runs: float) -> EffectiveDP:
-        """These settings for one run, given what the site's other runs spent: the run may
-        spend (its own rows, composed alone) ``max-epsilon-per-run``, or ``RUN_SHARE`` of what
-        is left, never more than what is left; that allowance becomes ``max_epsilon_per_run``
-        and caps ``target_epsilon``. BudgetExhausted when nothing is left."""
-        left = max(0.0, self.max_epsilon - spent_in_other_runs)
-        allowance = min(left, self.max_epsilon_per_run or RUN_SHARE * left)
+        """These settings for one run, given what the site's other runs spent: ``run_allowance``
+        set, ``target_epsilon`` capped to it. BudgetExhausted when nothing is left."""
+        allowance = run_allowance(self.max_epsilon, self.max_epsilon_per_run, spent_in_other_runs)
         if not allowance > 0:
             raise BudgetExhausted(f"budget exhausted: earlier runs spent epsilon {spent_in_other_runs:.4f} "
                                   f"of max-epsilon {self.max_epsilon:.4f}")
         target = None if self.target_epsilon is None else min(self.target_epsilon, allowance)
-        return replace(self, max_epsilon_per_run=allowance, target_epsilon=target)
+        return replace(self, run_allowance=allowance, target_epsilon=target)
+
+
+def run_allowance(max_epsilon: float, max_epsilon_per_run: float | None, spent_in_other_runs: float) -> float:
+    """What a run may spend (its own rows, composed alone): ``max-epsilon-per-run``, or
+    ``RUN_SHARE`` of what the other runs have left, never more than what they have left."""
+    left = max(0.0, max_epsilon - spent_in_other_runs)
+    return min(left, max_epsilon_per_run or RUN_SHARE * left)
 
 
 def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:

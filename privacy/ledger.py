@@ -62,7 +62,6 @@ COLUMNS = (
 )
 # Added after the first release; NULL in older rows, and then not hashed (see the module doc).
 EXTENSION_COLUMNS = ("mechanism", "privacy_unit", "reason")
-KINDS = ("spend", "confirm", "refusal")
 
 _TABLE = """CREATE TABLE IF NOT EXISTS ledger (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -198,18 +197,17 @@ class PrivacyLedger:
             if not read_only:
                 for statement in (_TABLE, *_TRIGGERS):
                     self._db.execute(statement)
-                if not self._current():
-                    self._upgrade()
             columns = tuple(r[1] for r in self._db.execute("PRAGMA table_info(ledger)"))
+            # Any version's columns: the first release's, then the extensions, in order.
+            if columns != COLUMNS[: len(columns)] or len(columns) < len(COLUMNS) - len(EXTENSION_COLUMNS):
+                self._db.close()
+                raise LedgerError(f"{self.path} is not a privacy ledger (no table 'ledger' with the expected columns)")
+            if not read_only and not self._current():
+                self._upgrade()
+                columns = COLUMNS
         except sqlite3.DatabaseError as err:
             self._db.close()
             raise LedgerError(f"{self.path} is not a privacy ledger: {err}") from err
-        if columns[: len(COLUMNS) - len(EXTENSION_COLUMNS)] != COLUMNS[: len(COLUMNS) - len(EXTENSION_COLUMNS)] \
-                or not set(columns) <= set(COLUMNS):
-            self._db.close()
-            raise LedgerError(
-                f"{self.path} is not a privacy ledger (no table 'ledger' with the expected columns)"
-            )
         self._columns = columns
         if not read_only and (problems := self.verify_chain()):
             self._db.close()

@@ -8,7 +8,8 @@ come from the site's node config, given as the SuperNode is given it:
 
     fedlora site status --ledger PATH [--node-config node-config.toml | 'max-epsilon=8 ...'] [--json]
 
-Exit code 0; 2 when the ledger cannot be read or the node config is not a valid policy.
+A ledger that does not exist yet is a site that has spent nothing. Exit code 0; 2 when the
+ledger cannot be read or the node config is not a valid policy.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from privacy.budget import RUN_SHARE, PolicyViolation, site_policy
+from privacy.budget import RUN_SHARE, PolicyViolation, run_allowance, site_policy
 from privacy.ledger import LedgerError, PrivacyLedger
 from privacy.plan import ACCOUNTANT
 from privacy.accountant import epsilon_for
@@ -30,8 +31,10 @@ from privacy.accountant import epsilon_for
 def site_status(ledger_path: str, node_config: Mapping[str, Any]) -> dict[str, Any]:
     """The site's budget as its ledger and node config define it."""
     policy = site_policy(node_config)
-    with PrivacyLedger(ledger_path, read_only=True) as ledger:
-        spends, refusals = ledger.spends(), ledger.refusals()
+    spends, refusals = [], []
+    if Path(ledger_path).exists():  # else a new site: nothing spent yet
+        with PrivacyLedger(ledger_path, read_only=True) as ledger:
+            spends, refusals = ledger.spends(), ledger.refusals()
     runs: dict[str, list] = {}
     for entry in spends:
         runs.setdefault(entry.run_id, []).append(entry)
@@ -43,7 +46,8 @@ def site_status(ledger_path: str, node_config: Mapping[str, Any]) -> dict[str, A
         "max_epsilon": policy.max_epsilon,
         "spent": spent,
         "left": left,
-        "next_run_allowance": min(left, policy.max_epsilon_per_run or RUN_SHARE * left),
+        "next_run_allowance": run_allowance(policy.max_epsilon, policy.max_epsilon_per_run, spent),
+        "ledger_exists": Path(ledger_path).exists(),
         "max_epsilon_per_run": policy.max_epsilon_per_run,
         "runs": [
             {"run_id": run_id, "rounds": len({e.round for e in rows}), "first": rows[0].recorded_at,
@@ -58,7 +62,8 @@ def site_status(ledger_path: str, node_config: Mapping[str, Any]) -> dict[str, A
 def print_status(status: dict[str, Any]) -> None:
     rule = (f"max-epsilon-per-run {status['max_epsilon_per_run']:g}" if status["max_epsilon_per_run"]
             else f"{RUN_SHARE:.0%} of what is left")
-    print(f"ledger {status['ledger']} (delta {status['delta']:g})")
+    print(f"ledger {status['ledger']} (delta {status['delta']:g})"
+          + ("" if status["ledger_exists"] else ": not there yet, so nothing is spent (check the path if this site trained)"))
     print(f"  spent      epsilon {status['spent']:.4f} of max-epsilon {status['max_epsilon']:g}")
     print(f"  left       {status['left']:.4f}")
     print(f"  next run   may spend up to {status['next_run_allowance']:.4f} ({rule}); "

@@ -67,6 +67,9 @@ class Federation:
         except TooFewUpdates as err:
             failure = str(err)
             log(WARNING, "%s; the global adapter is unchanged", failure)
+            for outcome in self.strategy.train_outcomes:
+                if outcome.outcome == "aggregated":  # a valid update, but its round was not aggregated
+                    outcome.outcome, outcome.reason = "valid", "round not aggregated (min-valid-updates)"
         clients = _client_entries(self.strategy.train_outcomes, bytes_down)
         self._learn_names(clients)
 

@@ -6,7 +6,8 @@ configured), ``bytes_up``/``bytes_down`` (adapter payloads), ``seconds``, ``fail
 round could not be aggregated, else null), ``central_epsilon`` and ``central_dp`` (the central-DP
 noise multiplier, clipping norm, sample size and delta this round released with; null when it
 released nothing) and ``clients``: one item per site sent work, with
-``client``, ``node_id``, ``outcome`` (aggregated / rejected / refused / failed / no-reply),
+``client``, ``node_id``, ``outcome`` (aggregated / valid, when its round had too few valid updates
+to aggregate / rejected / refused / failed / no-reply),
 ``reason``, ``num_examples``, ``train_loss``, ``epsilon``, ``bytes_up``, ``bytes_down``,
 ``ledger`` (the site's privacy-ledger anchor ``{"rows", "head"}`` after that message, or null),
 ``update_norm`` (‖update − global adapter‖₂ of a well-formed update, else null) and ``flagged``

@@ -59,19 +59,19 @@ def _points(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
 
 
 def _status(config: Mapping[str, Any], history: list[dict[str, Any]]) -> tuple[str, bool]:
-    """The run's status line, and whether it ended failed."""
+    """The run's status line, and whether it completed with an adapter."""
     done = bool(history) and history[-1]["round"] >= int(config["num-server-rounds"])
     failure = run_failure(history)
     if done and failure:
-        return f"**FAILED**: {failure}. No adapter was written.", True
+        return f"**FAILED**: {failure}. No adapter was written.", False
     if done:
-        return "completed", False
+        return "completed", True
     return f"stopped or running: {history[-1]['round'] if history else 0} of {config['num-server-rounds']} rounds done", False
 
 
-def _files(simulated: bool, failed: bool) -> list[str]:
+def _files(simulated: bool, completed: bool) -> list[str]:
     """What this output directory holds, for the person reading the report."""
-    files = [] if failed else ["`adapter/`: the final global adapter (PEFT format; `fedlora.load_adapter`, `fedlora predict`)"]
+    files = ["`adapter/`: the final global adapter (PEFT format; `fedlora.load_adapter`, `fedlora predict`)"] if completed else []
     files += [
         "`checkpoints/round-<r>/`: the adapter after each round (`--resume` continues from the newest)",
         "`history.json`: every round and every site's outcome; `config.json`: the resolved run config",
@@ -99,7 +99,7 @@ def write_report(out_dir: Path, config: Mapping[str, Any], history: list[dict[st
     simulated = (out_dir / SIMULATION_FILE).is_file()
     data = (f"`{config['data']}`, partition `{config['partition']}` over simulated sites" if simulated
             else "each site's own, which the coordinator never sees (a deployed run)")
-    status, failed = _status(config, history)
+    status, completed = _status(config, history)
     lines = [
         "# fedlora run report",
         "",
@@ -132,7 +132,7 @@ def write_report(out_dir: Path, config: Mapping[str, Any], history: list[dict[st
     if flagged:
         lines += ["", f"**Flagged sites** (update rejected {config['flag-after-rejections']} rounds running): "
                   + ", ".join(flagged)]
-    lines += ["", "## Files", ""] + [f"- {line}" for line in _files(simulated, failed)] + [""]
+    lines += ["", "## Files", ""] + [f"- {line}" for line in _files(simulated, completed)] + [""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -46,7 +46,7 @@ def simulated_site_plans(run_config: Mapping[str, Any], sites: Mapping[str, Any]
             continue
         plans.append(entry | {
             "dp": True, "noise_multiplier": plan.noise_multiplier, "metric_noise_multiplier": plan.release_noise_multiplier,
-            "delta": dp.delta, "max_epsilon": dp.max_epsilon, "run_allowance": dp.max_epsilon_per_run,
+            "delta": dp.delta, "max_epsilon": dp.max_epsilon, "run_allowance": dp.run_allowance,
             "target_epsilon": dp.target_epsilon, "epsilon_after_round": list(plan.epsilon_after_round),
         })
     return plans

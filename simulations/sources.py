@@ -75,7 +75,7 @@ def load_file(
 def _load_cached(source, task, text_col, label_col, prompt_col, response_col, labels, seed, site_col, unit_col):
     if source == EMBEDDED_DATA:
         if task != "classification":
-            raise ValueError(f"{EMBEDDED_DATA} is a classification corpus; give --data for causal-lm")
+            raise DataError(f"{EMBEDDED_DATA} is a classification corpus; give --data for causal-lm", setting="data")
         from simulations.corpus import generate_clinical_corpus
 
         corpus = generate_clinical_corpus(seed=seed)
@@ -83,6 +83,10 @@ def _load_cached(source, task, text_col, label_col, prompt_col, response_col, la
         if missing:
             raise DataError(f"{EMBEDDED_DATA} has no column {missing[0]!r}; columns: {', '.join(corpus.column_names)}",
                             setting="partition" if missing[0] == site_col else "privacy-unit-column")
+        unknown = sorted(set(corpus["label"]) - set(labels))
+        if unknown:
+            raise DataError(f"{EMBEDDED_DATA} has labels {', '.join(unknown)} that label-names ({', '.join(labels)}) "
+                            "does not list", setting="label-names")
         return corpus.map(lambda row: {"label": labels.index(row["label"])})
     config = {
         "task": task, "text-column": text_col, "label-column": label_col,

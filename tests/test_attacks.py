@@ -165,3 +165,18 @@ def test_simulated_attack_end_to_end(kind, tiny_bert, classification_csv, tmp_pa
             assert seen[f"site-{site}"] == ("rejected", seen[f"site-{site}"][1]) and "update-norm-ratio" in seen[f"site-{site}"][1]
     if kind == "label-flip":
         assert (out / "attack" / f"site-{site}.csv").is_file()
+
+
+def test_a_round_with_too_few_valid_updates_aggregates_none_and_says_so(config, initial):
+    """min-valid-updates = 2 and one of two sites attacks: the honest update is valid but the
+    round is not aggregated, so it is recorded as ``valid``, never ``aggregated``, and the run,
+    in which no round aggregated, fails."""
+    from server.history import run_failure
+
+    sites = {1: FakeSite("honest", 100, honest(1)), 2: attacker("nan")}
+    final, history = run_federation(build_strategy(apply_overrides(config, {"min-valid-updates": 2})), FakeGrid(sites),
+                                    initial, rounds=1)
+    assert outcomes(history[0])["honest"] == ("valid", "round not aggregated (min-valid-updates)")
+    assert outcomes(history[0])["attacker"][0] == "rejected" and history[0]["failure"]
+    assert all(np.array_equal(final[k], initial[k]) for k in initial)
+    assert run_failure(history) == "no round aggregated an update (1 round(s) ran)"

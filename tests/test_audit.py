@@ -70,7 +70,9 @@ def test_refusals_are_listed_and_the_table_fits_120_columns(ledger_path, capsys)
     assert max(len(line) for line in out.splitlines()) <= 120
     assert audit_main([str(ledger_path), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert len(document["ledgers"][0]["refusals"]) == 1 and len(document["ledgers"][0]["rows"]) == 3
+    (refusal,) = document["ledgers"][0]["refusals"]
+    assert refusal["run_id"] == "run-2" and refusal["reason"].endswith("(max-epsilon-per-run)")
+    assert len(document["ledgers"][0]["rows"]) == 3
 
 
 def test_json_output_structure(ledger_path, capsys):

@@ -201,13 +201,13 @@ def test_check_budget():
 
 def test_a_run_may_spend_its_allowance_of_what_is_left():
     dp = resolve(POLICY, request(target_epsilon=8.0))
-    assert dp.for_run(0.0).target_epsilon == 8.0 and dp.for_run(0.0).max_epsilon_per_run == 8.0  # 80% of 10
-    assert dp.for_run(5.0).max_epsilon_per_run == pytest.approx(4.0) and dp.for_run(5.0).target_epsilon == pytest.approx(4.0)
+    assert dp.for_run(0.0).target_epsilon == 8.0 and dp.for_run(0.0).run_allowance == 8.0  # 80% of 10
+    assert dp.for_run(5.0).run_allowance == pytest.approx(4.0) and dp.for_run(5.0).target_epsilon == pytest.approx(4.0)
     capped = resolve(replace(POLICY, max_epsilon_per_run=3.0), request(target_epsilon=8.0))
     assert capped.for_run(0.0).target_epsilon == 3.0
-    assert capped.for_run(9.5).max_epsilon_per_run == pytest.approx(0.5)  # never more than is left
+    assert capped.for_run(9.5).run_allowance == pytest.approx(0.5)  # never more than is left
     fixed_sigma = resolve(POLICY, request(noise_multiplier=1.0)).for_run(2.0)
-    assert fixed_sigma.target_epsilon is None and fixed_sigma.max_epsilon_per_run == pytest.approx(6.4)
+    assert fixed_sigma.target_epsilon is None and fixed_sigma.run_allowance == pytest.approx(6.4)
     with pytest.raises(BudgetExhausted, match="earlier runs spent epsilon 10.0000"):
         dp.for_run(10.0)
 

@@ -84,3 +84,5 @@ def test_predict_continues_a_prompt_with_a_causal_lm_adapter(tiny_run_config, ti
     assert main([*argv, "--base-model", tiny_llama]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert result["text"] == "Summarise: fever" and isinstance(result["generated"], str)
+    assert main(["evaluate", "--adapter", str(adapter), "--data", "embedded:clinical-notes", "--base-model", tiny_llama]) == 2
+    assert "embedded:clinical-notes is a classification corpus" in capsys.readouterr().err

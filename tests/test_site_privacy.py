@@ -195,6 +195,16 @@ def test_the_default_allowance_is_a_share_of_what_is_left(run_config, global_arr
     assert dict(refused.content["status"]) == {"status": "budget-exhausted", "setting": "max-epsilon-per-run"}
 
 
+def test_an_allowance_too_small_for_the_plan_is_the_sites_budget_not_the_run_config(run_config, global_arrays, site_files):
+    """The target is capped to an allowance that the metric releases alone exceed: the site's
+    budget is at fault (budget-exhausted, max-epsilon-per-run), not the server's target."""
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(site_files / "tiny.db"),
+            "max-epsilon-per-run": 0.01}
+    config = apply_overrides(run_config, {"noise-multiplier": 0.0, "target-epsilon": 8.0})
+    reply = train_round(config, node, 1, global_arrays)
+    assert dict(reply.content["status"]) == {"status": "budget-exhausted", "setting": "max-epsilon-per-run"}
+
+
 @pytest.mark.parametrize(
     ("setting", "request_"),
     [

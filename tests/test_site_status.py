@@ -46,8 +46,12 @@ def test_status_shows_spent_left_each_run_the_refusals_and_the_next_allowance(le
     assert "refused: run run-2 round 2" in out
 
 
-def test_status_of_a_missing_ledger_or_a_bad_policy_is_one_line(ledger, tmp_path, capsys):
-    assert main(["site", "status", "--ledger", str(tmp_path / "none.db")]) == 2
-    assert "privacy ledger not found" in capsys.readouterr().err
+def test_a_new_site_has_spent_nothing_and_a_bad_policy_is_one_line(ledger, tmp_path, capsys):
+    assert main(["site", "status", "--ledger", str(tmp_path / "none.db"), "--node-config", "max-epsilon=8", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["spent"] == 0 and status["next_run_allowance"] == pytest.approx(6.4) and not status["ledger_exists"]
+    (tmp_path / "bad.db").write_text("not a database")
+    assert main(["site", "status", "--ledger", str(tmp_path / "bad.db")]) == 2
+    assert "is not a privacy ledger" in capsys.readouterr().err
     assert main(["site", "status", "--ledger", str(ledger), "--node-config", "max-epsilon=8 max-epsilon-per-run=9"]) == 2
     assert "max-epsilon-per-run must be in (0, max-epsilon 8]" in capsys.readouterr().err
