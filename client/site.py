@@ -39,6 +39,7 @@ from client.training import MAX_ROWS_PER_UNIT, DPSettings, TrainSettings, train
 from fedlora.adapters import adapter_state, attach_adapter, load_adapter_state
 from fedlora.data import DataError
 from fedlora.evaluation import per_example_scores
+from fedlora.lora_ranks import lora_rank_of, truncate_to_rank
 from fedlora.model import ModelError, load_base_model, load_tokenizer, select_device
 from fedlora.run_config import LoraSettings, freezes_lora_a
 from fedlora.tasks import encode
@@ -50,7 +51,6 @@ from privacy.ledger import Anchor, Charge, LedgerError, PrivacyLedger, Spent, sp
 from privacy.plan import ACCOUNTANT, PROBE, Phase, choose_schedule, phase_of, plan_run, public_population
 from privacy.release import eval_charge, noised_evaluation, noised_train_loss, per_unit_means, train_loss_charge
 from simulations.sources import parse_label_names, resolve_label_names
-from strategies.hetero_rank import lora_rank_of, truncate_to_rank
 
 @dataclass(frozen=True)
 class TrainOutcome:

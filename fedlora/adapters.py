@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedlora.lora_ranks import is_lora_a
 from fedlora.model import ModelError, check_task
 
 METADATA_FILE = "fedlora.json"
@@ -53,7 +54,7 @@ def attach_adapter(base: PreTrainedModel, config: LoraConfig, freeze_lora_a: boo
         ) from err
     if freeze_lora_a:
         for name, param in model.named_parameters():
-            if "lora_A" in name:
+            if is_lora_a(name):
                 param.requires_grad_(False)
     return model
 
@@ -63,11 +64,18 @@ def adapter_state(model: PeftModel, trainable_only: bool = False) -> dict[str, t
 
     ``trainable_only`` drops tensors the site did not train (FFA-LoRA's frozen ``A``).
     """
-    state = get_peft_model_state_dict(model)
+    state = _peft_state(model)
     if trainable_only:
         trained = {_state_key(n) for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trained}
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
+
+
+def _peft_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter's state dict. The vocabulary is never resized here, so the full embedding
+    layers never belong in it, and peft need not look the base model up (on the hub, by its
+    portable name) to find out."""
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
 def _state_key(param_name: str) -> str:
@@ -77,7 +85,7 @@ def _state_key(param_name: str) -> str:
 
 def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
     """Load adapter tensors into ``model``; a key mismatch is an error, not a partial load."""
-    expected = set(get_peft_model_state_dict(model))
+    expected = set(_peft_state(model))
     unexpected = sorted(set(state) - expected)
     if unexpected:
         raise ValueError(f"adapter has unexpected tensors: {', '.join(unexpected[:5])}")
@@ -105,8 +113,7 @@ def save_adapter(
         config.base_model_name_or_path = base_name
     base = model.get_base_model()
     base.name_or_path = base.config.name_or_path = base_name  # what peft's model card reads
-    # Embeddings are never a target, so peft need not look the base model up (on the hub).
-    model.save_pretrained(out, save_embedding_layers=False)
+    model.save_pretrained(out, save_embedding_layers=False)  # as _peft_state
     tokenizer.save_pretrained(out)
     (out / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
     return out

@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from strategies.screening import ReplyOutcome, ScreenedStrategy, TooFewUpdates
+from strategies.screening import ReplyOutcome, ScreenedStrategy
+from strategies.validation import TooFewUpdates
 
 RoundCallback = Callable[[int, ArrayRecord, list[dict[str, Any]]], None]
 

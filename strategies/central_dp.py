@@ -63,7 +63,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import GaussianPrivacyEvent, Grid, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
-from strategies.screening import TooFewUpdates
+from strategies.validation import TooFewUpdates
 
 
 class CentralDP(DifferentialPrivacyServerSideFixedClipping):

@@ -9,7 +9,7 @@
 | ``trimmed-mean`` | ``FedTrimmedAvg`` (``trim-beta``) | a few sites may send outliers (broken data, bugs): per coordinate, drop the ``trim-beta`` fraction at each end, average the rest. |
 | ``median`` | ``FedMedian`` | as ``trimmed-mean``, stronger: the per-coordinate median tolerates up to half the sites being bad. |
 | ``krum`` | ``Krum`` / ``MultiKrum`` (``krum-byzantine``, ``krum-select``) | up to f = ``krum-byzantine`` adversarial sites (needs n > 2f + 2): keep the ``krum-select`` updates closest to their n − f − 2 nearest neighbours. |
-| ``ffa-lora`` | ``FedAvg`` on B (``strategies.freeze_a``) | DP and/or non-IID sites: A stays at its seeded value, only B (+ head) trains and is sent; the mean is exact and uploads halve. |
+| ``ffa-lora`` | ``FedAvg`` on B (``strategies.ffa_lora``) | DP and/or non-IID sites: A stays at its seeded value, only B (+ head) trains and is sent; the mean is exact and uploads halve. |
 | ``ffa-lora+NAME`` | NAME's class on B | FFA-LoRA with another aggregation of B, e.g. ``ffa-lora+median``; NAME is any row above except ``ffa-lora``. |
 | ``hetlora`` | ``HetLoRA`` (``strategies.hetlora``) | sites of different compute: each sets ``lora-rank`` (<= the run's) in its node config; zero-padded rank-aware mean. |
 
@@ -52,7 +52,7 @@ from flwr.serverapp.strategy import (
 )
 
 from strategies.central_dp import CentralDP
-from strategies.freeze_a import FreezeA, ffa_upload
+from strategies.ffa_lora import FreezeA, ffa_upload
 from strategies.hetlora import HetLoRA
 from strategies.norm_screen import NormScreen
 from strategies.screening import ScreenedStrategy

@@ -4,22 +4,30 @@ The server keeps the global adapter at the maximum rank R (run config ``lora-ran
 may set a lower rank r_i in its node config. Each round:
 
 1. ``configure_train`` / ``configure_evaluate`` send each node the first r_i components of
-   the global adapter (``hetero_rank.truncate_to_rank``): one message per rank. A node whose
+   the global adapter (``fedlora.lora_ranks.truncate_to_rank``): one message per rank. A node whose
    rank is not known yet (round 1, or it sent no valid update last round) gets the rank-R
    adapter and truncates it itself, so round 1 needs no knowledge of the ranks.
 2. ``aggregate_train`` reads each node's rank off the shapes of its update (the tensors it
    actually trained, not a claim in its metrics) and aggregates with the rank-aware weighted
-   mean of ``hetero_rank.aggregate_hetero``: component k of A and B is averaged over the
+   mean of :func:`aggregate_hetero`: component k of A and B is averaged over the
    sites with r_i > k only, weights n_i; components nobody trained keep their global value.
 
 The global adapter stays a plain rank-R PEFT adapter, so checkpoints and
 ``PeftModel.from_pretrained`` work as for every other strategy. Screening must accept lower
 ranks: wrap this strategy in ``ScreenedStrategy(rank_flexible=True)``.
+
+Why zero padding (HetLoRA, Cho et al. 2024) rather than stacking (FLoRA, Wang et al.
+2024): stacking concatenates the clients' A's and B's, which makes the aggregate of
+``Σ_i B_i A_i`` exact but grows the global rank with the number of clients (Σ_i r_i).
+That stacked adapter cannot be sent back to a site as the same-shape rank-r_i adapter it
+trains (FLoRA has to merge it into the base weights and re-initialise the adapter each
+round), nor stay a fixed-shape PEFT adapter for checkpoints. Zero padding keeps every
+round's global adapter a plain rank-R PEFT adapter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO
 from typing import Any
 
@@ -29,7 +37,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.hetero_rank import aggregate_hetero, lora_rank_of, truncate_to_rank
+from fedlora.lora_ranks import lora_rank_of, pad_to_rank, rank_axis, truncate_to_rank
 
 
 class HetLoRA(FedAvg):
@@ -94,3 +102,66 @@ class HetLoRA(FedAvg):
         # Keys in the global adapter's order, so the result loads as the PEFT state dict it was.
         arrays = ArrayRecord({name: Array(np.ascontiguousarray(aggregated[name])) for name in self._global})
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+def aggregate_hetero(
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+    max_rank: int,
+    global_arrays: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Rank-aware weighted mean of adapters of different ranks, at rank ``max_rank``.
+
+    With client i of rank r_i and weight w_i (its number of examples), after padding
+    every adapter to R = ``max_rank``, component k of each LoRA tensor is
+
+        A[k, :] = Σ_{i: r_i > k} w_i A_i[k, :] / Σ_{i: r_i > k} w_i
+        B[:, k] = Σ_{i: r_i > k} w_i B_i[:, k] / Σ_{i: r_i > k} w_i
+
+    A client of rank r_i <= k never had component k: its padded zeros are absent values,
+    not a vote for zero. A plain weighted mean over all clients would shrink component k
+    by the factor Σ_{r_i>k} w_i / Σ_i w_i. Non-LoRA tensors (modules_to_save, e.g. the
+    classifier head) are shared by all clients: plain weighted mean Σ_i w_i X_i / Σ_i w_i.
+
+    As in FedAvg on LoRA, A and B are averaged separately, so the aggregate of the
+    products B_i A_i is approximate (see ``strategies.ffa_lora``).
+
+    Components no client trained this round (k >= max_i r_i, or zero total weight) keep
+    their value in ``global_arrays`` when given, else they are zero. Pass the current
+    global adapter: zero rows of A together with zero columns of B have zero gradient,
+    so a zeroed component could never be trained again.
+    """
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    weights = np.array([weight for _, weight in updates], dtype=np.float64)
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError(f"weights must be finite, >= 0, not all zero; got {weights.tolist()}")
+    keys = list(updates[0][0].keys())
+    for arrays, _ in updates:
+        if set(arrays.keys()) != set(keys):
+            raise ValueError("updates have different tensor names")
+
+    ranks = np.array([lora_rank_of(arrays) for arrays, _ in updates])
+    if np.any(ranks > max_rank):
+        raise ValueError(f"client ranks {ranks.tolist()} exceed max_rank {max_rank}")
+    padded = [pad_to_rank(arrays, max_rank) for arrays, _ in updates]
+
+    # trained_weight[i, k] = w_i if client i has component k, else 0.
+    trained_weight = weights[:, None] * (np.arange(max_rank)[None, :] < ranks[:, None])
+
+    aggregated: dict[str, np.ndarray] = {}
+    for name in keys:
+        stacked = np.stack([arrays[name] for arrays in padded]).astype(np.float64)
+        axis = rank_axis(name)
+        if axis is None:
+            mean = np.tensordot(weights, stacked, axes=1) / weights.sum()
+        else:
+            # Shape the per-component weights to broadcast along this tensor's rank axis.
+            shape = [1] * stacked.ndim
+            shape[0], shape[1 + axis] = len(updates), max_rank
+            component_weight = trained_weight.reshape(shape)
+            total = component_weight.sum(axis=0)
+            mean = (component_weight * stacked).sum(axis=0) / np.where(total > 0, total, 1.0)
+            if global_arrays is not None:
+                mean = np.where(total > 0, mean, global_arrays[name])
+        aggregated[name] = mean.astype(updates[0][0][name].dtype)
+    return aggregated

@@ -30,14 +30,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from strategies.norm_screen import NormScreen
-from strategies.validation import spec_from_arrays, update_norm, validate_update
+from strategies.validation import TooFewUpdates, spec_from_arrays, update_norm, validate_update
 
 if TYPE_CHECKING:
     from strategies.central_dp import CentralDP
-
-
-class TooFewUpdates(RuntimeError):
-    """Fewer valid updates than the configured minimum: the round cannot be aggregated."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord
 
-from strategies.hetero_rank import rank_axis
+from fedlora.lora_ranks import rank_axis
 
 _MAX_NAMED = 5
 
@@ -37,6 +37,11 @@ class UpdateSpec:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
     rank_flexible: bool = False
+
+
+class TooFewUpdates(RuntimeError):
+    """Fewer valid updates than the round needs (``min-valid-updates``, or central DP's fixed
+    sample size): the round cannot be aggregated."""
 
 
 def spec_from_arrays(arrays: ArrayRecord, rank_flexible: bool = False) -> UpdateSpec:
@@ -80,7 +85,7 @@ def _reference_for(
     """The tensor the site started from, or None if unknown.
 
     A rank-r site received the first r components of the global adapter
-    (``hetero_rank.truncate_to_rank``), so a lower-rank reply is compared with that
+    (``fedlora.lora_ranks.truncate_to_rank``), so a lower-rank reply is compared with that
     prefix of the reference rather than skipped: skipping would let a low-rank site send
     an unbounded update.
     """

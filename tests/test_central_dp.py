@@ -25,7 +25,8 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from fedlora.run_config import apply_overrides, default_run_config
 from strategies.central_dp import CentralDP
 from strategies.factory import build_strategy
-from strategies.screening import ScreenedStrategy, TooFewUpdates
+from strategies.screening import ScreenedStrategy
+from strategies.validation import TooFewUpdates
 from tests.fake_grid import FakeGrid, record
 
 DIM = 640

@@ -3,13 +3,8 @@
 import numpy as np
 import pytest
 
-from strategies.hetero_rank import (
-    aggregate_hetero,
-    lora_rank_of,
-    pad_to_rank,
-    rank_axis,
-    truncate_to_rank,
-)
+from fedlora.lora_ranks import lora_rank_of, pad_to_rank, rank_axis, truncate_to_rank
+from strategies.hetlora import aggregate_hetero
 
 A = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
 B = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"

@@ -22,7 +22,7 @@ from server.federation import Federation
 from server.global_model import GlobalModel
 from simulations.simulate import run_simulation
 from strategies.factory import build_strategy
-from strategies.hetero_rank import is_lora_a, lora_rank_of, pad_to_rank, rank_axis, truncate_to_rank
+from fedlora.lora_ranks import is_lora_a, lora_rank_of, pad_to_rank, rank_axis, truncate_to_rank
 from tests.fake_grid import FakeGrid, decode, record
 from tests.conftest import LABELS
 

@@ -86,3 +86,16 @@ def test_predict_continues_a_prompt_with_a_causal_lm_adapter(tiny_run_config, ti
     assert result["text"] == "Summarise: fever" and isinstance(result["generated"], str)
     assert main(["evaluate", "--adapter", str(adapter), "--data", "embedded:clinical-notes", "--base-model", tiny_llama]) == 2
     assert "embedded:clinical-notes is a classification corpus" in capsys.readouterr().err
+
+
+def test_after_saving_the_server_never_looks_its_base_model_up(tiny_run_config, tmp_path):
+    """The portable name is no path on this machine: reading the adapter's tensors afterwards
+    (every round) must not make peft look it up on the hub."""
+    import warnings
+
+    server = GlobalModel.load(tiny_run_config)
+    server.save(tmp_path / "adapter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        server.arrays()
+    assert not [w for w in caught if "config file" in str(w.message)], [str(w.message) for w in caught]

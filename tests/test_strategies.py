@@ -30,8 +30,7 @@ from server.global_model import GlobalModel
 from simulations.simulate import run_simulation
 from simulations.sources import load_file
 from strategies.factory import STRATEGIES, build_strategy
-from strategies.ffa_lora import is_frozen_key
-from strategies.freeze_a import ffa_upload
+from strategies.ffa_lora import ffa_upload, is_frozen_key
 from tests.fake_grid import Arrays, FakeGrid, FakeSite, changed, decode, honest, outcomes, record, run_federation, server_run_config
 from tests.conftest import LABELS
 
