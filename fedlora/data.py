@@ -21,6 +21,9 @@ import datasets
 import pyarrow.parquet as pq
 from flwr.common.logger import log
 
+# Reading a site's file is one step of a round, not a task worth a progress bar in its log.
+datasets.disable_progress_bars()
+
 SUPPORTED_EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
 
 # Hub ids are `name` or `owner/name`; anything with more structure, or with a
