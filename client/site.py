@@ -17,12 +17,10 @@ Timings, the true row count and the training loss stay in the site's log.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -32,17 +30,17 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 
+from client.encoding import Encoded, encode_split
 from client.local_data import SiteData, load_site_data
 from client.probe import FeatureCache, FeatureHead, ProbeError, classification_head, stack_features
 from client.refusals import RefusedRound
+from client.site_model import at_rank, warm_model
 from client.training import MAX_ROWS_PER_UNIT, DPSettings, TrainSettings, train
-from fedlora.adapters import adapter_state, attach_adapter, load_adapter_state
+from fedlora.adapters import adapter_state, load_adapter_state
 from fedlora.data import DataError
 from fedlora.evaluation import per_example_scores
-from fedlora.lora_ranks import lora_rank_of, truncate_to_rank
-from fedlora.model import ModelError, load_base_model, load_tokenizer, select_device
+from fedlora.model import ModelError, select_device
 from fedlora.run_config import LoraSettings, freezes_lora_a
-from fedlora.tasks import encode
 from privacy.budget import (
     BudgetExhausted, EffectiveDP, PolicyViolation, SitePolicy, check_delta, dp_request, resolve, site_policy,
 )
@@ -63,18 +61,6 @@ class TrainOutcome:
 class EvalOutcome:
     metrics: dict[str, float | int]
     anchor: Anchor | None
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """A split's model inputs and each one's privacy unit (rows that failed to encode dropped)."""
-
-    examples: list[dict[str, list[int]]]
-    units: list[int]
-
-    @property
-    def num_units(self) -> int:
-        return len(set(self.units))
 
 
 class Site:
@@ -351,31 +337,8 @@ class Site:
             raise RefusedRound("data-error", "", str(err)) from err
 
     def _encode(self, split, units: list[int], tokenizer, what: str) -> Encoded:
-        """Tokenise a split once per process (a warm site re-reads its data every round, but the
-        same rows under the same tokenizer come from ``_ENCODED``); a row that fails to encode is
-        dropped with a local warning."""
-        task, max_length = str(self.run["task"]), int(self.run["max-seq-length"])
-        key = (tokenizer.name_or_path, task, max_length, _content_digest(split))  # units derive from the rows
-        if key not in _ENCODED:
-            while len(_ENCODED) >= _ENCODED_KEPT:
-                del _ENCODED[next(iter(_ENCODED))]  # the oldest
-            _ENCODED[key] = self._encode_rows(split, units, tokenizer, what, task, max_length)
-        return _ENCODED[key]
-
-    def _encode_rows(self, split, units: list[int], tokenizer, what: str, task: str, max_length: int) -> Encoded:
-        try:
-            examples = encode(split, tokenizer, task, max_length)
-            kept = list(range(len(examples)))
-        except Exception:  # a tokenizer failure on some row: find it, keep the others
-            examples, kept = [], []
-            for index in range(split.num_rows):
-                try:
-                    examples += encode(split.select([index]), tokenizer, task, max_length)
-                    kept.append(index)
-                except Exception as err:  # noqa: BLE001 - any failure drops the row, locally noted
-                    log(WARNING, "%s: %s row %s could not be encoded (%s); dropped", self.name, what, index, type(err).__name__)
-        nonempty = [(e, i) for e, i in zip(examples, kept) if e["input_ids"]]
-        return Encoded([e for e, _ in nonempty], [units[i] for _, i in nonempty])
+        return encode_split(split, units, tokenizer, str(self.run["task"]), int(self.run["max-seq-length"]),
+                            f"{self.name}: {what}")
 
     def _model(self, global_adapter: ArrayRecord):
         task = str(self.run["task"])
@@ -385,8 +348,8 @@ class Site:
             raise RefusedRound("data-error", "label-names", str(err)) from err
         lora = LoraSettings.from_run_config(self.run, rank=self.lora_rank)
         try:
-            model, tokenizer = _cached_model(str(self.run["model"]), task, labels, lora, str(self.run["pooling"]))
-            load_adapter_state(model, _at_rank(global_adapter, self.lora_rank))
+            model, tokenizer = warm_model(str(self.run["model"]), task, labels, lora, str(self.run["pooling"]))
+            load_adapter_state(model, at_rank(global_adapter, self.lora_rank))
         except (ModelError, ValueError) as err:
             raise RefusedRound("model-error", "model", str(err)) from err
         return model, tokenizer
@@ -418,35 +381,6 @@ class _NoLedger:
 
 
 _FEATURES = FeatureCache()
-_ENCODED: dict[tuple, Encoded] = {}
-_ENCODED_KEPT = 256  # splits: a simulation worker serves many sites, each a train and an eval split
-
-
-def _content_digest(split: datasets.Dataset) -> str:
-    """A digest of every value of ``split``: the rows themselves key the tokenisation cache, so
-    a file edited between rounds is tokenised afresh."""
-    # Not repr(split[name]): datasets' Column shows only its first values.
-    return hashlib.sha256(repr(sorted(split.to_dict().items())).encode()).hexdigest()
-
-
-@lru_cache(maxsize=2)
-def _cached_model(model_name: str, task: str, labels: tuple[str, ...], lora: LoraSettings, pooling: str):
-    """Base model + adapter kept across rounds in one process; each round overwrites the
-    adapter tensors with the global ones, so no state leaks from round to round."""
-    base = load_base_model(model_name, task, list(labels) or None, pooling)
-    return attach_adapter(base, lora.peft_config(task), freeze_lora_a=lora.freeze_a), load_tokenizer(model_name)
-
-
-def _at_rank(adapter: ArrayRecord, rank: int) -> dict[str, torch.Tensor]:
-    """The received adapter at this site's LoRA rank: its first ``rank`` components when it is
-    larger (a HetLoRA server sends the full rank until it has seen this site's rank)."""
-    arrays = {name: array.numpy() for name, array in adapter.items()}
-    received = lora_rank_of(arrays)
-    if received < rank:
-        raise RefusedRound("model-error", "lora-rank", f"the server sent a rank-{received} adapter; this site trains rank {rank} (node config lora-rank)")
-    if received > rank:
-        arrays = truncate_to_rank(arrays, rank)
-    return {name: torch.from_numpy(value) for name, value in arrays.items()}
 
 
 def _site_name(node_config: Mapping[str, Any], node_id: int) -> str:

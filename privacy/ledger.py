@@ -11,11 +11,9 @@ noised metric, :mod:`privacy.release`), and its **privacy unit**: ``row`` or
 ``user:<column>`` (user-level DP, one user = all rows sharing that column's value). Every
 mechanism is a (subsampled) Gaussian, so all rows compose in one accountant.
 
-Tamper evidence: row n stores ``hash_n = sha256(hash_{n-1} + canonical_json(row_n))`` with
-``hash_0 = "0" * 64``, where the canonical JSON covers every other column (``id`` included, so
-rows cannot be reordered) with sorted keys. Editing, deleting or inserting a row breaks the
-chain from there on. Triggers also abort UPDATE and DELETE, against accidents; a determined
-editor can drop them, which is what the chain is for. The chain is verified whenever a ledger
+Tamper evidence: each row's hash covers the previous one (:mod:`privacy.ledger_rows`), so
+editing, deleting or inserting a row breaks the chain from there on. Triggers also abort UPDATE
+and DELETE, against accidents; a determined editor can drop them, which is what the chain is for. The chain is verified whenever a ledger
 is opened for writing: a site never trains on top of a broken record. The hash has no key, so
 a forger who rewrites every later row's hash, or truncates the tail, leaves a consistent chain:
 that is why each site reports its ledger's :meth:`PrivacyLedger.anchor` (row count and head
@@ -36,145 +34,21 @@ hash, so their chain still verifies.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from privacy.accountant import History, epsilon_for
 from privacy.budget import check_budget
-
-GENESIS_HASH = "0" * 64
-VERSIONED_PACKAGES = ("torch", "opacus", "peft", "transformers", "flwr")
-
-# Columns in table order; all but `hash` enter the row's hash.
-COLUMNS = (
-    "id", "kind", "run_id", "round", "recorded_at", "noise_multiplier", "sample_rate", "steps",
-    "max_grad_norm", "delta", "accountant", "epsilon", "max_epsilon", "versions", "rng_mode",
-    "refers_to", "prev_hash", "hash", "mechanism", "privacy_unit", "reason",
+from privacy.ledger_rows import (
+    COLUMNS, EXTENSION_COLUMNS, GENESIS_HASH, TABLE, TRIGGERS, Anchor, Charge, LedgerEntry, LedgerError, Spent,
+    entry_of, package_versions, row_hash,
 )
-# Added after the first release; NULL in older rows, and then not hashed (see the module doc).
-EXTENSION_COLUMNS = ("mechanism", "privacy_unit", "reason")
-
-_TABLE = """CREATE TABLE IF NOT EXISTS ledger (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind             TEXT    NOT NULL CHECK (kind IN ('spend', 'confirm', 'refusal')),
-    run_id           TEXT    NOT NULL,
-    round            INTEGER NOT NULL,
-    recorded_at      TEXT    NOT NULL,
-    noise_multiplier REAL    NOT NULL,
-    sample_rate      REAL    NOT NULL,
-    steps            INTEGER NOT NULL,
-    max_grad_norm    REAL    NOT NULL,
-    delta            REAL    NOT NULL,
-    accountant       TEXT    NOT NULL,
-    epsilon          REAL    NOT NULL,
-    max_epsilon      REAL    NOT NULL,
-    versions         TEXT    NOT NULL,
-    rng_mode         TEXT    NOT NULL,
-    refers_to        INTEGER,
-    prev_hash        TEXT    NOT NULL,
-    hash             TEXT    NOT NULL,
-    mechanism        TEXT,
-    privacy_unit     TEXT,
-    reason           TEXT
-)"""
-_TRIGGERS = (
-    """CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
-    BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: UPDATE refused'); END""",
-    """CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
-    BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: DELETE refused'); END""",
-)
-
-
-class LedgerError(Exception):
-    """The file is not a readable privacy ledger, or an append was refused."""
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One row. A confirm row repeats its spend row's parameters and epsilon and points at it
-    with ``refers_to``; ``versions`` maps package name to version (None: not installed)."""
-
-    id: int
-    kind: str
-    run_id: str
-    round: int
-    recorded_at: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    max_grad_norm: float
-    delta: float
-    accountant: str
-    epsilon: float
-    max_epsilon: float
-    versions: dict[str, str | None]
-    rng_mode: str
-    refers_to: int | None
-    prev_hash: str
-    hash: str
-    mechanism: str | None = None
-    privacy_unit: str | None = None
-    reason: str | None = None
-
-    @property
-    def charge(self) -> Charge:
-        """What this row paid for (a release is computed from exactly that)."""
-        return Charge(
-            self.mechanism or "dp-sgd", self.noise_multiplier, self.sample_rate, self.steps,
-            self.max_grad_norm, self.privacy_unit or "row",
-        )
-
-
-@dataclass(frozen=True)
-class Charge:
-    """One mechanism of a round, as the accountant sees it: ``steps`` applications of the
-    Gaussian mechanism with ``noise_multiplier`` on a Poisson sample at ``sample_rate``,
-    whose L2 sensitivity (stored in the ``max_grad_norm`` column) is ``sensitivity``."""
-
-    mechanism: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    sensitivity: float
-    privacy_unit: str = "row"
-
-
-@dataclass(frozen=True)
-class Spent:
-    """A site's epsilon at one delta: this run's rows alone, every other run's, and all."""
-
-    this_run: float
-    other_runs: float
-    total: float
-
-
-@dataclass(frozen=True)
-class Anchor:
-    """What a site tells the server about its ledger each round: the number of rows and the
-    hash of the last one. A later ledger must still have that row with that hash."""
-
-    rows: int
-    head: str
-
-
-def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
-    """sha256 hex of ``prev_hash`` + the canonical JSON of ``row``'s columns other than
-    ``hash`` and ``prev_hash``; ``versions`` enters as its stored JSON text."""
-    body = {
-        k: v for k, v in row.items()
-        if k not in ("hash", "prev_hash") and not (k in EXTENSION_COLUMNS and v is None)
-    }
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
 
 
 class PrivacyLedger:
@@ -195,7 +69,7 @@ class PrivacyLedger:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         try:
             if not read_only:
-                for statement in (_TABLE, *_TRIGGERS):
+                for statement in (TABLE, *TRIGGERS):
                     self._db.execute(statement)
             columns = tuple(r[1] for r in self._db.execute("PRAGMA table_info(ledger)"))
             # Any version's columns: the first release's, then the extensions, in order.
@@ -343,7 +217,7 @@ class PrivacyLedger:
 
     def entries(self) -> list[LedgerEntry]:
         """All rows, oldest first."""
-        return [_entry(row) for row in self._raw_rows()]
+        return [entry_of(row) for row in self._raw_rows()]
 
     def spends(self) -> list[LedgerEntry]:
         return [e for e in self.entries() if e.kind == "spend"]
@@ -439,7 +313,7 @@ class PrivacyLedger:
             self._db.execute("ALTER TABLE ledger RENAME TO ledger_before_upgrade")
             self._db.execute("DROP TRIGGER IF EXISTS ledger_no_update")
             self._db.execute("DROP TRIGGER IF EXISTS ledger_no_delete")
-            for statement in (_TABLE, *_TRIGGERS):
+            for statement in (TABLE, *TRIGGERS):
                 self._db.execute(statement)
             kept = ", ".join(c for c in COLUMNS if c in present)
             self._db.execute(f"INSERT INTO ledger ({kept}) SELECT {kept} FROM ledger_before_upgrade ORDER BY id")
@@ -472,7 +346,7 @@ class PrivacyLedger:
         row: dict[str, Any] = {
             "id": last[0] + 1 if last else 1,
             "recorded_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-            "versions": json.dumps(_versions(), sort_keys=True),
+            "versions": json.dumps(package_versions(), sort_keys=True),
             **dict.fromkeys(EXTENSION_COLUMNS),  # NULL unless given: then not hashed
             **values,
             "prev_hash": last[1] if last else GENESIS_HASH,
@@ -482,7 +356,7 @@ class PrivacyLedger:
             f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
             [row[c] for c in COLUMNS],
         )
-        return _entry(row)
+        return entry_of(row)
 
 
 def spent_in_other_runs(path: Path | None, run_id: str, delta: float, accountant: str) -> float:
@@ -503,21 +377,3 @@ def ledger_anchor(path: str | Path | None) -> Anchor | None:
             return ledger.anchor()
     except (LedgerError, sqlite3.Error):
         return None
-
-
-def _entry(row: dict[str, Any]) -> LedgerEntry:
-    try:
-        versions = json.loads(row["versions"])
-    except (TypeError, ValueError) as err:
-        raise LedgerError(f"row {row['id']}: versions is not JSON: {row['versions']!r}") from err
-    return LedgerEntry(**{**row, "versions": versions})
-
-
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions

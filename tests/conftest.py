@@ -115,6 +115,6 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(autouse=True)
 def cold_site_process():
     """Every test starts as a fresh site process: no split tokenised by an earlier test."""
-    from client import site
+    from client import encoding
 
-    site._ENCODED.clear()
+    encoding._ENCODED.clear()

@@ -93,9 +93,10 @@ class _PinnedSecrets:
 
 def pinned_run(config: dict, files: Path, run: str, monkeypatch) -> Path:
     from client import site as site_module
+    from client.site_model import warm_model
 
     monkeypatch.setattr(site_module, "secrets", _PinnedSecrets)
-    site_module._cached_model.cache_clear()  # each run loads the model, using the same draws
+    warm_model.cache_clear()  # each run loads the model, using the same draws
     torch.manual_seed(0)  # the server's fresh head and Opacus' noise: the same both runs
     random.seed(0)  # Flower's sampling of nodes, hence the order the sites draw noise in
     return run_federation(config, sites(files, run), files / f"out-{run}")

@@ -105,10 +105,10 @@ def test_a_probe_round_trains_the_head_alone_and_is_charged_as_planned(tiny_bert
 
 
 def test_a_warm_site_tokenises_its_rows_once_and_an_edited_file_afresh(tiny_bert, tmp_path, monkeypatch):
-    import client.site
+    import client.encoding
 
     calls = []
-    monkeypatch.setattr(client.site, "encode", lambda split, *args: calls.append(split.num_rows) or encode(split, *args))
+    monkeypatch.setattr(client.encoding, "encode", lambda split, *args: calls.append(split.num_rows) or encode(split, *args))
     data = _write_notes(tmp_path / "notes.csv", rows=60)
     config = apply_overrides(privacy_run_config(tiny_bert, data), {"probe-rounds": 1, "probe-steps": 5, "local-steps": 2})
     node = {"data-path": str(data), "num-examples": 60, "ledger-path": str(tmp_path / "ledger.db")}

@@ -1,0 +1,49 @@
+"""The shape of the code: small files, and no import cycles between its modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("fedlora", "client", "server", "strategies", "privacy", "simulations")
+MAX_LINES = 400
+
+
+def sources() -> list[Path]:
+    return sorted(p for package in (*PACKAGES, "benchmarks") for p in (REPO / package).glob("*.py"))
+
+
+def module_imports(path: Path) -> set[str]:
+    """The project modules ``path`` imports when it is loaded (``TYPE_CHECKING`` blocks and
+    imports inside functions, which run later, left out)."""
+    imported = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names if alias.name.split(".")[0] in PACKAGES}
+    return imported
+
+
+def test_no_source_file_is_over_400_lines():
+    long = {str(p.relative_to(REPO)): n for p in sources() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+def test_no_import_cycles():
+    graph = {".".join(p.relative_to(REPO).with_suffix("").parts): module_imports(p) for p in sources()}
+    cycles = []
+
+    def visit(module: str, path: list[str], done: set[str]) -> None:
+        for imported in graph.get(module, ()):
+            if imported in path:
+                cycles.append(path[path.index(imported):] + [imported])
+            elif imported not in done:
+                done.add(imported)
+                visit(imported, path + [imported], done)
+
+    for module in graph:
+        visit(module, [module], {module})
+    assert not cycles, cycles[:3]
+    assert len(graph) > 40 and graph["client.site"], "the graph was read"
