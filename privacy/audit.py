@@ -290,7 +290,7 @@ def _print_audit(console: Console, audit: LedgerAudit) -> None:
     console.print(f"head hash {audit.head_hash}")
     for refusal in audit.refusals:
         console.print(f"refused (spent nothing): row {refusal['id']}, run {escape(refusal['run_id'][-6:])}, "
-                      f"round {refusal['round']}: {escape(refusal['reason'] or '')}", highlight=False)
+                      f"round {refusal['round']}: {escape(refusal['reason'] or '')}", highlight=False, soft_wrap=True)
     for heading, problems in (
         ("hash chain", audit.chain_problems),
         ("epsilon mismatch", audit.epsilon_mismatches),
@@ -298,6 +298,6 @@ def _print_audit(console: Console, audit: LedgerAudit) -> None:
         ("history anchor", audit.anchor_problems),
     ):
         for problem in problems:
-            console.print(f"[red]{heading}:[/] {escape(problem)}", highlight=False)
+            console.print(f"[red]{heading}:[/] {escape(problem)}", highlight=False, soft_wrap=True)  # one line each
     console.print("[green]OK[/]" if audit.ok else "[red]FAILED[/]")
     console.print()

@@ -192,8 +192,9 @@ def test_cli_prints_superlink_flags_and_refuses_a_second_run(
     assert certs_main(["--out", str(out), "--host", "10.0.0.5", "--days", "30"]) == 0
     printed = capsys.readouterr().out
     assert (
-        f"flower-superlink --ssl-ca-certfile {out / 'ca.crt'} "
-        f"--ssl-certfile {out / 'server.pem'} --ssl-keyfile {out / 'server.key'}"
+        f"fedlora superlink --site-keys {out.parent / 'site-keys'} --ssl-ca-certfile {out / 'ca.crt'} "
+        f"--ssl-certfile {out / 'server.pem'} --ssl-keyfile {out / 'server.key'} --enable-supernode-auth "
+        f"--database {out.parent / 'superlink.db'}"
     ) in printed
     san = (
         _load(out / "server.pem")

@@ -25,9 +25,10 @@ def finished_run(tmp_path_factory, tiny_bert):
     data = root / "notes.csv"
     pd.DataFrame(make_classification_rows(120, seed=3)).to_csv(data, index=False)
     out = root / "out"
-    # site-2's own budget fits this run's 2 planned rounds (target epsilon 8) but not a third.
+    # site-2's own budget fits this run's 2 planned rounds (target epsilon 8; it allows a run all
+    # of it) but not a third.
     sites = root / "sites.toml"
-    sites.write_text("[site-2]\nmax-epsilon = 8.001\n")
+    sites.write_text("[site-2]\nmax-epsilon = 8.001\nmax-epsilon-per-run = 8.001\n")
     argv = [
         "simulate", "--num-clients", "3", "--rounds", "2", "--data", str(data), "--model", tiny_bert,
         "--output", str(out), "--partition", "dirichlet:1.0",
@@ -49,7 +50,7 @@ def test_simulation_writes_every_result_file(finished_run):
     assert config["num-server-rounds"] == 2 and config["dp"] is True
     sites = json.loads((out / "simulation.json").read_text())
     assert sites["num-clients"] == 3 and sites["node-config"] == {"max-epsilon": 20, "delta": 1e-5}
-    assert sites["site-config"] == {"2": {"max-epsilon": 8.001}}
+    assert sites["site-config"] == {"2": {"max-epsilon": 8.001, "max-epsilon-per-run": 8.001}}
 
 
 def test_history_has_rounds_and_per_client_entries(finished_run):
@@ -122,14 +123,16 @@ def test_resume_continues_and_an_exhausted_site_is_refused_while_others_train(fi
     assert outcomes["site-0"]["outcome"] == outcomes["site-1"]["outcome"] == "aggregated"
     # The ledgers continue across the restart: one DP-SGD spend per training actually run, each
     # with its train-loss release, every spend confirmed.
-    for site, trainings in ((0, 3), (1, 3), (2, 2)):
+    # site-2's refusals of round 3 (training and evaluation) are rows that spend nothing.
+    for site, trainings, refused in ((0, 3, 0), (1, 3, 0), (2, 2, 2)):
         with PrivacyLedger(out / "privacy" / f"site-{site}.db", read_only=True) as ledger:
-            spends, entries = ledger.spends(), ledger.entries()
+            spends, entries, refusals = ledger.spends(), ledger.entries(), ledger.refusals()
         mechanisms = [spend.mechanism for spend in spends]
         # Round 1 is the probe phase (the head on cached features), later rounds fine-tune.
         assert [m for m in mechanisms if m.startswith("dp-sgd")] == ["dp-sgd:probe"] + ["dp-sgd"] * (trainings - 1)
         assert mechanisms.count("release:train-loss") == trainings
-        assert len(entries) == 2 * len(spends)
+        assert len(refusals) == refused and all(r.round == 3 and "budget-exhausted" in r.reason for r in refusals)
+        assert len(entries) == 2 * len(spends) + refused
     report = json.loads((out / "privacy_report.json").read_text())
     assert "site-2" in json.dumps(report) and "budget-exhausted" in json.dumps(report)
     assert (out / "plots" / "epsilon.png").is_file()

@@ -556,7 +556,7 @@ def test_a_data_problem_under_dp_is_told_to_the_site_not_the_server(run_config, 
 
 def test_a_row_that_fails_to_encode_is_dropped_locally(run_config, global_arrays, site_files, monkeypatch, caplog):
     """A tokenizer failure on one row must not fail the round or travel in a reply."""
-    from client import site as site_module
+    from client import encoding as site_module
 
     real_encode = site_module.encode
 
