@@ -23,7 +23,7 @@ from fedlora.evaluation import evaluate
 from fedlora.model import EMBEDDED_MODEL, load_base_model, load_tokenizer
 from fedlora.tasks import encode
 from privacy.accountant import calibrate_noise
-from simulations.corpus import CLINICAL_LABELS, generate_clinical_corpus
+from fedlora.corpus import CLINICAL_LABELS, generate_clinical_corpus
 
 EPOCHS, TEST_SIZE = 3, 300
 

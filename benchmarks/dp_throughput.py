@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/dp_throughput.py [--steps 20] [--repeats 3] [--json results.json]
 
 Embedded MiniLM-L6 (``embedded:all-MiniLM-L6-v2``) with LoRA on ``query``/``value`` (r=8) and
-the classifier head, classifying generated clinical notes (``simulations.corpus``), batch 32,
+the classifier head, classifying generated clinical notes (``fedlora.corpus``), batch 32,
 64 tokens: the project's defaults. Every run trains the same adapter for ``--steps`` steps with
 ``client.training.train``, the code a site runs. The runs are interleaved (no-DP, DP, then DP,
 no-DP, ...) so that a change in machine load hits both modes alike.
@@ -28,7 +28,7 @@ from client.training import DPSettings, TrainSettings, train
 from fedlora.adapters import attach_adapter, lora_config
 from fedlora.model import EMBEDDED_MODEL, load_base_model, load_tokenizer, select_device
 from fedlora.tasks import encode
-from simulations.corpus import CLINICAL_LABELS, generate_clinical_corpus
+from fedlora.corpus import CLINICAL_LABELS, generate_clinical_corpus
 
 TASK = "classification"
 

@@ -7,7 +7,7 @@ scored every round by the server on notes that no site holds (``central-eval-dat
     strategy in {fedavg, trimmed-mean, median, krum, ffa-lora}
     x  attack in {none, nan, scale:1e6, sign-flip, gaussian:1, wrong-shape, label-flip, free-rider}
 
-Both corpora are generated (``simulations/corpus.py``): ``--notes`` training notes (seed 7) split
+Both corpora are generated (``fedlora/corpus.py``): ``--notes`` training notes (seed 7) split
 over the sites, and ``--held-out`` fresh notes (seed 123). Krum runs with ``krum-byzantine=1``.
 Reported per cell: final accuracy, in how many rounds the attacker's update was rejected, wall
 time. Writes ``results.json``, ``results.md`` and ``accuracy.png`` under ``--out``; an
@@ -31,7 +31,7 @@ SITES = 5
 
 
 def write_corpora(out: Path, notes: int, held_out: int) -> tuple[Path, Path]:
-    from simulations.corpus import generate_clinical_corpus
+    from fedlora.corpus import generate_clinical_corpus
 
     paths = out / "train.csv", out / "held_out.csv"
     for path, size, seed in zip(paths, (notes, held_out), (7, 123)):

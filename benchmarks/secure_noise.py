@@ -36,12 +36,12 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedlora.adapters import attach_adapter
+from fedlora.adapters import attach_adapter, lora_config
 from fedlora.model import EMBEDDED_MODEL, load_base_model, load_tokenizer
-from fedlora.run_config import LoraSettings, default_run_config
+from fedlora.run_config import RunSettings, default_run_config
 from fedlora.tasks import collate, encode, forward_logits, per_example_loss
 from privacy.secure_noise import attach_secure_noise, secure_gaussian
-from simulations.corpus import CLINICAL_LABELS, generate_clinical_corpus
+from fedlora.corpus import CLINICAL_LABELS, generate_clinical_corpus
 
 TASK = "classification"
 SOURCES = ("default", "secure")
@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_average = os.getloadavg()
-    lora = LoraSettings.from_run_config(default_run_config())
+    shape = RunSettings.parse(default_run_config()).model
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    model = attach_adapter(load_base_model(EMBEDDED_MODEL, TASK, list(CLINICAL_LABELS)), lora.peft_config(TASK))
+    model = attach_adapter(load_base_model(EMBEDDED_MODEL, TASK, list(CLINICAL_LABELS)), lora_config(TASK, shape.lora_rank, shape.lora_alpha, shape.lora_dropout, shape.lora_target_modules))
     model.train()
     corpus = generate_clinical_corpus(num_samples=args.batch_size, seed=0)
     corpus = corpus.map(lambda row: {"label": CLINICAL_LABELS.index(row["label"])})

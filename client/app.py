@@ -1,22 +1,26 @@
 """fedlora's ClientApp: what runs at a partner site (a Flower SuperNode) or a simulated one.
 
-Each training round: check the server's DP request against the site's own policy, load the
-site's data, charge the privacy ledger *before* training, train the adapter with DP-SGD,
-release the noised metrics, confirm the charges, and send back only adapter tensors, public
-scalars and the ledger's anchor. A site that cannot or will not train replies with a
-``status`` record (a code and a setting name, ``client.refusals``) and no weights; the full
-reason goes to the site's own log, the code and setting to its ledger (a row that spends
-nothing), and the federation goes on without it.
+Each training round: read the run config (once, here, into ``fedlora.run_config.RunSettings``),
+check the server's DP request against the site's own policy, load the site's data, charge the
+privacy ledger *before* training, train the adapter with DP-SGD, release the noised metrics,
+confirm the charges, and send back only adapter tensors, public scalars and the ledger's anchor.
+A site that cannot or will not train replies with a ``status`` record (a code and a setting
+name, ``client.refusals``) and no weights; the full reason goes to the site's own log, the code
+and setting to its ledger (a row that spends nothing), and the federation goes on without it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.outgoing_guard import outgoing_guard
-from client.refusals import RefusedRound
-from client.site import Site
+from client.refusals import SETTINGS, RefusedRound
+from client.site import Site, record_refusal, site_name
+from fedlora.run_config import ConfigError, RunSettings
 from privacy.ledger import Anchor, ledger_anchor
 
 app = ClientApp(mods=[outgoing_guard])
@@ -24,44 +28,63 @@ app = ClientApp(mods=[outgoing_guard])
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    site = Site(context)
+    return train_site(msg, context, context.run_config)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return evaluate_site(msg, context, context.run_config)
+
+
+def train_site(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    """A training round under ``run_config``: the SuperLink's for a deployed site (the context's),
+    the simulation's for a simulated one."""
     config = msg.content["config"]
     server_round = int(config["server-round"])
     try:
+        site = Site(context, _settings(run_config))
         proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx only
         outcome = site.train(msg.content["arrays"], server_round, proximal_mu)
     except RefusedRound as refusal:
-        site.refused(refusal, server_round, "training")
-        return _status_reply(msg, site, refusal)
+        record_refusal(context, refusal, server_round, "training")
+        return _status_reply(msg, context, refusal)
     content = RecordDict(
         {
             "arrays": ArrayRecord(outcome.adapter),
             "metrics": MetricRecord(outcome.metrics),
-            "site": _site_record(site),
+            "site": _site_record(context),
             **_ledger_record(outcome.anchor),
         }
     )
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    site = Site(context)
+def evaluate_site(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     try:
+        site = Site(context, _settings(run_config))
         outcome = site.evaluate(msg.content["arrays"], server_round)
     except RefusedRound as refusal:
-        site.refused(refusal, server_round, "evaluation")
-        return _status_reply(msg, site, refusal)
+        record_refusal(context, refusal, server_round, "evaluation")
+        return _status_reply(msg, context, refusal)
     content = RecordDict(
-        {"metrics": MetricRecord(outcome.metrics), "site": _site_record(site), **_ledger_record(outcome.anchor)}
+        {"metrics": MetricRecord(outcome.metrics), "site": _site_record(context), **_ledger_record(outcome.anchor)}
     )
     return Message(content=content, reply_to=msg)
 
 
-def _site_record(site: Site) -> ConfigRecord:
+def _settings(run_config: Mapping[str, Any]) -> RunSettings:
+    """The server's run config, typed; one that cannot be read is refused, naming its key (a
+    key this site does not know is the server's own, and goes back as no setting)."""
+    try:
+        return RunSettings.parse(run_config)
+    except ConfigError as err:
+        raise RefusedRound("config-error", err.setting if err.setting in SETTINGS else "", str(err)) from err
+
+
+def _site_record(context: Context) -> ConfigRecord:
     """The site's chosen display name (node config ``site-name``), for the server's reports."""
-    return ConfigRecord({"name": site.name})
+    return ConfigRecord({"name": site_name(context)})
 
 
 def _ledger_record(anchor: Anchor | None) -> dict[str, ConfigRecord]:
@@ -70,8 +93,8 @@ def _ledger_record(anchor: Anchor | None) -> dict[str, ConfigRecord]:
     return {} if anchor is None else {"ledger": ConfigRecord({"rows": anchor.rows, "head": anchor.head})}
 
 
-def _status_reply(msg: Message, site: Site, refusal: RefusedRound) -> Message:
+def _status_reply(msg: Message, context: Context, refusal: RefusedRound) -> Message:
     """No weights and no metrics: only a code and a setting name (and the ledger's anchor)."""
-    anchor = ledger_anchor(site.node.get("ledger-path"))
-    content = RecordDict({"status": refusal.record(), "site": _site_record(site), **_ledger_record(anchor)})
+    anchor = ledger_anchor(context.node_config.get("ledger-path"))
+    content = RecordDict({"status": refusal.record(), "site": _site_record(context), **_ledger_record(anchor)})
     return Message(content=content, reply_to=msg)

@@ -1,10 +1,10 @@
 """A site's own data, found through its node config only.
 
-Deployment: ``data-path`` in the SuperNode's ``--node-config`` names the site's file or folder;
-the server can never point a site at other data. Simulation: Flower gives each virtual site a
-``partition-id`` of ``num-partitions``, and the site takes that partition of the run's dataset.
-Either way the site keeps ``eval-fraction`` of its rows as a held-out split for federated
-evaluation; training never sees them.
+``data-path`` in the site's node config (``flower-supernode --node-config``) names its file or
+folder; the server can never point a site at other data. A simulated site is no different: the
+simulation partitions the data first and hands each virtual site its own file
+(``simulations.site_files``). The site keeps ``eval-fraction`` of its rows as a held-out split
+for federated evaluation; training never sees them.
 
 Each row belongs to one **privacy unit**: itself, or, with ``privacy-unit-column`` in the node
 config (user-level DP), every row sharing that column's value. ``units`` numbers them.
@@ -12,16 +12,17 @@ config (user-level DP), every row sharing that column's value. ``units`` numbers
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import datasets
 
 from fedlora.data import DataError
-from simulations.partitioning import partition_dataset, split_train_eval
-from simulations.sources import load_file, load_source, resolve_label_names
+from fedlora.run_config import DataSettings
+from fedlora.sources import load_file, resolve_label_names
 
 
 UNIT_COLUMN = "privacy_unit"
@@ -42,29 +43,44 @@ class SiteData:
         return [numbers.setdefault(value, len(numbers)) for value in split[UNIT_COLUMN]]
 
 
-def load_site_data(node_config: Mapping[str, Any], run_config: Mapping[str, Any], unit_column: str | None = None) -> SiteData:
-    labels = resolve_label_names(run_config) if run_config["task"] == "classification" else None
-    if "data-path" in node_config:
-        source = str(node_config["data-path"])
-        table = load_file(source, run_config, labels, drop_bad_rows=True, extra_columns=(unit_column,) if unit_column else ())
-        if unit_column:
-            table = table.rename_column(unit_column, UNIT_COLUMN)
-    elif "partition-id" in node_config:
-        pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        source = f"{run_config['data']} (partition {pid} of {parts}, {run_config['partition']})"
-        dataset = load_source(run_config, unit_column)
-        table = _partitions(dataset, str(run_config["partition"]), parts, int(run_config["seed"]))[pid]
-        if unit_column:
-            table = table.rename_column(unit_column, UNIT_COLUMN)
-    else:
+def load_site_data(node_config: Mapping[str, Any], data: DataSettings, seed: int, unit_column: str | None = None) -> SiteData:
+    """The site's rows, split into training and held-out ones (``split_train_eval`` with the
+    run's ``seed``)."""
+    if "data-path" not in node_config:
         raise DataError("this site has no 'data-path' in its node config (flower-supernode --node-config)", setting="data-path")
-    train, held_out = split_train_eval(
-        table, float(run_config["eval-fraction"]), int(run_config["seed"]), UNIT_COLUMN if unit_column else None
-    )
+    labels = resolve_label_names(data) if data.task == "classification" else None
+    source = str(node_config["data-path"])
+    table = load_file(source, data, labels, drop_bad_rows=True, extra_columns=(unit_column,) if unit_column else ())
+    if unit_column:
+        table = table.rename_column(unit_column, UNIT_COLUMN)
+    train, held_out = split_train_eval(table, data.eval_fraction, seed, UNIT_COLUMN if unit_column else None)
     return SiteData(train=train, eval=held_out, source=source)
 
 
-@lru_cache(maxsize=2)
-def _partitions(dataset: datasets.Dataset, spec: str, parts: int, seed: int) -> list[datasets.Dataset]:
-    """All partitions at once, kept for the process: a simulation worker serves many sites."""
-    return partition_dataset(dataset, spec, parts, "label", seed)
+def split_train_eval(
+    dataset: datasets.Dataset, eval_fraction: float, seed: int, key_column: str | None = None
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Hold out about ``eval_fraction`` of a site's rows for evaluation, **row by row**.
+
+    Row r is held out iff ``sha256(seed, key_r)`` read as a number in [0, 1) is below
+    ``eval_fraction``, where ``key_r`` is the row's content (or its ``key_column`` value, e.g.
+    the user of user-level DP, so that a user's rows stay together). No row's split depends on
+    any other row: adding or removing one record changes one side of the split by that record
+    and nothing else. DP accounting needs that: a shuffle-based split would move other
+    records between training and evaluation when one record is added, and then "neighbouring
+    datasets" would differ in many training rows.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    keys = dataset[key_column] if key_column else [
+        json.dumps(row, sort_keys=True, default=str) for row in dataset
+    ]
+    held_out = [_uniform(seed, key) < eval_fraction for key in keys]
+    train = [i for i, out in enumerate(held_out) if not out]
+    evaluation = [i for i, out in enumerate(held_out) if out]
+    return dataset.select(train, keep_in_memory=True), dataset.select(evaluation, keep_in_memory=True)
+
+
+def _uniform(seed: int, key: object) -> float:
+    digest = hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

@@ -17,10 +17,13 @@ from logging import WARNING
 from flwr.app import ConfigRecord
 from flwr.common.logger import log
 
+from fedlora.run_config import all_keys
+
 STATUS_CODES = frozenset(
     {
         "budget-exhausted",  # the round would take the site past its max-epsilon
         "policy-refused",  # the run config asks for less privacy than the site's policy
+        "config-error",  # the run config cannot be read: an unknown key, a wrong type, a value out of range
         "data-error",  # the site's data cannot be used with the run's settings
         "model-error",  # the model or the received adapter cannot be used
         "ledger-error",  # the privacy ledger cannot be read or its hash chain is broken
@@ -34,17 +37,14 @@ STATUS_CODES = frozenset(
 SETTINGS = frozenset(
     {
         "",  # none in particular
-        # run config
-        "data", "model", "partition", "label-names", "text-column", "label-column",
-        "prompt-column", "response-column", "eval-fraction", "dp", "noise-multiplier",
-        "target-epsilon", "delta", "max-grad-norm", "max-epsilon", "secure-noise", "probe-rounds",
+        *all_keys(),  # the run config's keys, as this site's code knows them
         # node config
         "data-path", "ledger-path", "num-examples", "max-epsilon-per-run", "min-noise-multiplier", "report-metrics",
         "metric-noise-multiplier", "privacy-unit-column", "lora-rank", "device",
     }
 )
-"""The setting names a refusal may carry: fixed here, never taken from the (server-chosen)
-run config, so that a setting name cannot smuggle a value out."""
+"""The setting names a refusal may carry: fixed by this code, never taken from the
+(server-chosen) run config, so that a setting name cannot smuggle a value out."""
 
 
 class RefusedRound(Exception):

@@ -40,15 +40,14 @@ from fedlora.adapters import adapter_state, load_adapter_state
 from fedlora.data import DataError
 from fedlora.evaluation import per_example_scores
 from fedlora.model import ModelError, select_device
-from fedlora.run_config import LoraSettings, freezes_lora_a
+from fedlora.run_config import RunSettings
 from privacy.budget import (
-    BudgetExhausted, EffectiveDP, PolicyViolation, SitePolicy, check_delta, dp_request, resolve, site_policy,
+    BudgetExhausted, EffectiveDP, PolicyViolation, SitePolicy, check_delta, resolve, site_policy,
 )
 from privacy.dp_sgd import poisson_batches, rng_mode
 from privacy.ledger import Anchor, Charge, LedgerError, PrivacyLedger, Spent, spent_in_other_runs
 from privacy.plan import ACCOUNTANT, PROBE, Phase, choose_schedule, phase_of, plan_run, public_population
 from privacy.release import eval_charge, noised_evaluation, noised_train_loss, per_unit_means, train_loss_charge
-from simulations.sources import parse_label_names, resolve_label_names
 
 @dataclass(frozen=True)
 class TrainOutcome:
@@ -64,15 +63,15 @@ class EvalOutcome:
 
 
 class Site:
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, settings: RunSettings) -> None:
         self.node: Mapping[str, Any] = context.node_config
-        self.run: Mapping[str, Any] = context.run_config
+        self.run = settings
         self.run_id = str(context.run_id)
-        self.name = _site_name(self.node, context.node_id)
+        self.name = site_name(context)
 
     @property
     def lora_rank(self) -> int:
-        return int(self.node.get("lora-rank", self.run["lora-rank"]))
+        return int(self.node.get("lora-rank", self.run.model.lora_rank))
 
     @property
     def device(self) -> torch.device:
@@ -83,7 +82,7 @@ class Site:
         policy, dp = self._privacy()
         data = self._data(policy, dp)
         model, tokenizer = self._model(global_adapter)
-        task = str(self.run["task"])
+        task = self.run.data.task
         encoded = self._encode(data.train, data.units(data.train), tokenizer, "training")
         if not encoded.examples:
             if not dp.enabled:
@@ -100,7 +99,7 @@ class Site:
             device=self.device,
             # DP: sampling and noise must be secret from the server, so never seed them from
             # the run config. Without DP, the run's seed makes local training reproducible.
-            seed=secrets.randbits(63) if dp.enabled else int(self.run["seed"]) + server_round,
+            seed=secrets.randbits(63) if dp.enabled else self.run.seed + server_round,
         )
         q, steps = phase.sample_rate, phase.steps_per_round
         unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
@@ -157,7 +156,7 @@ class Site:
         else:  # nothing is private here, and every report says so
             metrics |= {"train-loss": result.loss, "seconds": result.seconds,
                         "examples-per-second": result.examples_per_second}
-        adapter = adapter_state(model, trainable_only=freezes_lora_a(self.run))
+        adapter = adapter_state(model, trainable_only=self.run.strategy.freezes_lora_a)
         return TrainOutcome(adapter=adapter, metrics=metrics, anchor=anchor)
 
     def evaluate(self, global_adapter: ArrayRecord, server_round: int) -> EvalOutcome:
@@ -169,7 +168,7 @@ class Site:
         model, tokenizer = self._model(global_adapter)
         encoded = self._encode(data.eval, data.units(data.eval), tokenizer, "evaluation")
         losses, correct, counted = per_example_scores(
-            model, encoded.examples, str(self.run["task"]), tokenizer.pad_token_id, device=self.device
+            model, encoded.examples, self.run.data.task, tokenizer.pad_token_id, device=self.device
         )
         accuracies = correct / counted.clamp(min=1)
         if not dp.enabled:
@@ -195,21 +194,6 @@ class Site:
         weight = _fedavg_weight(dp, encoded.num_units, population)
         return EvalOutcome({"num-examples": weight, **metrics, "epsilon": spend.epsilon, "dp": 1}, anchor)
 
-    def refused(self, refusal: RefusedRound, server_round: int, event: str) -> None:
-        """A refusal, seen by the site: one line with the full reason in its log, and its code
-        and setting as a ledger row that spends nothing (``privacy.ledger``). Not for a ledger
-        that cannot be written, nor for report-metrics = none, a standing choice."""
-        refusal.log_locally(self.name, f"round {server_round} {event}")
-        path = self.node.get("ledger-path")
-        if not path or refusal.code in ("ledger-error", "metrics-withheld"):
-            return
-        try:
-            with PrivacyLedger(Path(str(path)).expanduser()) as ledger:
-                ledger.record_refusal(run_id=self.run_id, round=server_round,
-                                      reason=f"{event}: {refusal.code} ({refusal.setting or 'no setting'})")
-        except (LedgerError, OSError, sqlite3.Error) as err:
-            log(WARNING, "%s: the refusal could not be recorded in the ledger: %s", self.name, err)
-
     # -- privacy ------------------------------------------------------------------------------
 
     def _privacy(self) -> tuple[SitePolicy, EffectiveDP]:
@@ -218,7 +202,7 @@ class Site:
         per-run cap it trains under, and a target epsilon no larger."""
         try:
             policy = site_policy(self.node)
-            dp = resolve(policy, dp_request(self.run))
+            dp = resolve(policy, self.run.dp)
             if dp.enabled:
                 check_delta(dp.delta, policy.declared_examples)
         except PolicyViolation as err:
@@ -242,7 +226,7 @@ class Site:
         could probe by choosing them). Without DP, the units present."""
         if not dp.enabled:
             return max(1, present)
-        return public_population(policy.declared_examples, float(self.run["eval-fraction"]), held_out)
+        return public_population(policy.declared_examples, self.run.data.eval_fraction, held_out)
 
     def _plan(self, policy: SitePolicy, dp: EffectiveDP, population: int) -> tuple[tuple[Phase, ...], float]:
         """The run's phases (``privacy.plan.choose_schedule``) and its one sigma: given or
@@ -261,7 +245,7 @@ class Site:
 
     def _features(self, model, tokenizer, encoded: Encoded) -> torch.Tensor:
         """The head's input for each training example, computed once per encoder state."""
-        identity = (self.run_id, self.name, str(self.run["model"]), str(self.run["pooling"]))
+        identity = (self.run_id, self.name, self.run.model.model, self.run.model.pooling)
         try:
             return _FEATURES.get(model, encoded.examples, tokenizer.pad_token_id, self.device, identity)
         except ProbeError as err:
@@ -300,7 +284,7 @@ class Site:
         (sampled,) = poisson_batches(len(groups), spend.sample_rate, 1, generator) if groups else ([],)
         rows = [i for u in sampled for i in groups[u][:MAX_ROWS_PER_UNIT]]
         losses, _, _ = per_example_scores(
-            model, [encoded.examples[i] for i in rows], str(self.run["task"]), tokenizer.pad_token_id, device=self.device
+            model, [encoded.examples[i] for i in rows], self.run.data.task, tokenizer.pad_token_id, device=self.device
         )
         unit_losses = per_unit_means(losses, [encoded.units[i] for i in rows]) if rows else torch.zeros(0)
         return noised_train_loss(unit_losses, population, spend.charge, dp.secure_noise)
@@ -323,32 +307,26 @@ class Site:
             return SiteData(train=empty, eval=empty, source=str(self.node.get("data-path", "")))
 
     def _load_data(self, policy: SitePolicy) -> SiteData:
-        classification = self.run["task"] == "classification"
-        if classification and "data-path" in self.node and not parse_label_names(str(self.run["label-names"])):
+        if self.run.data.task == "classification" and not self.run.data.label_names:
             # Else the labels would be read from the run's ``data``: a path on this machine
             # that the server chose, and whether it can be read would be the answer to a probe.
-            raise RefusedRound("policy-refused", "label-names", "the run config gives no label-names; a site with "
-                               "its own data-path never reads the server's 'data' to find them")
+            raise RefusedRound("policy-refused", "label-names", "the run config gives no label-names; a site never "
+                               "reads the server's 'data' to find them")
         try:
-            return load_site_data(self.node, self.run, policy.privacy_unit_column)
+            return load_site_data(self.node, self.run.data, self.run.seed, policy.privacy_unit_column)
         except DataError as err:
             raise RefusedRound("data-error", err.setting, str(err)) from err
         except ValueError as err:
             raise RefusedRound("data-error", "", str(err)) from err
 
     def _encode(self, split, units: list[int], tokenizer, what: str) -> Encoded:
-        return encode_split(split, units, tokenizer, str(self.run["task"]), int(self.run["max-seq-length"]),
+        return encode_split(split, units, tokenizer, self.run.data.task, self.run.data.max_seq_length,
                             f"{self.name}: {what}")
 
     def _model(self, global_adapter: ArrayRecord):
-        task = str(self.run["task"])
+        task = self.run.data.task
         try:
-            labels = tuple(resolve_label_names(self.run)) if task == "classification" else ()
-        except DataError as err:
-            raise RefusedRound("data-error", "label-names", str(err)) from err
-        lora = LoraSettings.from_run_config(self.run, rank=self.lora_rank)
-        try:
-            model, tokenizer = warm_model(str(self.run["model"]), task, labels, lora, str(self.run["pooling"]))
+            model, tokenizer = warm_model(self.run.model, task, self.run.data.label_names, self.lora_rank, self.run.strategy.freezes_lora_a)
             load_adapter_state(model, at_rank(global_adapter, self.lora_rank))
         except (ModelError, ValueError) as err:
             raise RefusedRound("model-error", "model", str(err)) from err
@@ -383,9 +361,23 @@ class _NoLedger:
 _FEATURES = FeatureCache()
 
 
-def _site_name(node_config: Mapping[str, Any], node_id: int) -> str:
-    if "site-name" in node_config:
-        return str(node_config["site-name"])
-    if "partition-id" in node_config:
-        return f"site-{node_config['partition-id']}"
-    return f"node-{node_id}"
+def site_name(context: Context) -> str:
+    """The site's chosen display name (node config ``site-name``), else its Flower node id."""
+    return str(context.node_config.get("site-name", f"node-{context.node_id}"))
+
+
+def record_refusal(context: Context, refusal: RefusedRound, server_round: int, event: str) -> None:
+    """A refusal, seen by the site: one line with the full reason in its log, and its code
+    and setting as a ledger row that spends nothing (``privacy.ledger``). Not for a ledger
+    that cannot be written, nor for report-metrics = none, a standing choice."""
+    name = site_name(context)
+    refusal.log_locally(name, f"round {server_round} {event}")
+    path = context.node_config.get("ledger-path")
+    if not path or refusal.code in ("ledger-error", "metrics-withheld"):
+        return
+    try:
+        with PrivacyLedger(Path(str(path)).expanduser()) as ledger:
+            ledger.record_refusal(run_id=str(context.run_id), round=server_round,
+                                  reason=f"{event}: {refusal.code} ({refusal.setting or 'no setting'})")
+    except (LedgerError, OSError, sqlite3.Error) as err:
+        log(WARNING, "%s: the refusal could not be recorded in the ledger: %s", name, err)

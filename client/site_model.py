@@ -9,18 +9,20 @@ import torch
 from flwr.app import ArrayRecord
 
 from client.refusals import RefusedRound
-from fedlora.adapters import attach_adapter
+from fedlora.adapters import attach_adapter, lora_config
 from fedlora.lora_ranks import lora_rank_of, truncate_to_rank
 from fedlora.model import load_base_model, load_tokenizer
-from fedlora.run_config import LoraSettings
+from fedlora.run_config import ModelSettings
 
 
 @lru_cache(maxsize=2)
-def warm_model(model_name: str, task: str, labels: tuple[str, ...], lora: LoraSettings, pooling: str):
-    """Base model + adapter kept across rounds in one process; each round overwrites the
-    adapter tensors with the global ones, so no state leaks from round to round."""
-    base = load_base_model(model_name, task, list(labels) or None, pooling)
-    return attach_adapter(base, lora.peft_config(task), freeze_lora_a=lora.freeze_a), load_tokenizer(model_name)
+def warm_model(model: ModelSettings, task: str, labels: tuple[str, ...], rank: int, freeze_a: bool):
+    """Base model + an adapter of ``rank`` (FFA-LoRA: ``freeze_a``), kept across rounds in one
+    process; each round overwrites the adapter tensors with the global ones, so no state leaks
+    from round to round."""
+    base = load_base_model(model.model, task, list(labels) or None, model.pooling)
+    lora = lora_config(task, rank, model.lora_alpha, model.lora_dropout, model.lora_target_modules)
+    return attach_adapter(base, lora, freeze_lora_a=freeze_a), load_tokenizer(model.model)
 
 
 def at_rank(adapter: ArrayRecord, rank: int) -> dict[str, torch.Tensor]:

@@ -14,10 +14,14 @@ import shlex
 import sys
 import time
 import tomllib
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.history import SIMULATION_FILE, RunFailed
+
+if TYPE_CHECKING:
+    from fedlora.run_config import RunSettings
 
 SIMULATE_OPTIONS = {
     "rounds": "num-server-rounds",
@@ -76,11 +80,11 @@ def load_site_configs(path: str | None) -> dict[int, dict[str, Any]]:
     return configs
 
 
-def resolve_simulation(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+def resolve_simulation(args: argparse.Namespace) -> tuple[RunSettings, dict[str, Any]]:
     """The run config and the simulated sites' settings that ``simulate`` (and ``privacy plan``)
     options describe; nothing is written. The simulation's own keys (``attack``...,
     ``simulations.attacks``) go into the sites' settings, never into the run config."""
-    from fedlora.run_config import apply_overrides, default_run_config
+    from fedlora.run_config import ConfigError, RunSettings, apply_overrides, default_run_config
     from simulations.attacks import ATTACK_KEYS, Attack
 
     overrides: dict[str, Any] = {}
@@ -100,47 +104,52 @@ def resolve_simulation(args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
     if args.no_dp:
         overrides["dp"] = False
     try:
-        config = apply_overrides(default_run_config(), overrides)
+        settings = RunSettings.parse(apply_overrides(default_run_config(), overrides))
     except KeyError as err:
         raise UsageError(err.args[0]) from err
+    except ConfigError as err:
+        raise UsageError(str(err)) from err
     if args.num_clients is not None:
         sites["num-clients"] = args.num_clients
     sites["node-config"] |= parse_assignments(args.node_config or [])
     if args.site_config:
         sites["site-config"] = {str(k): v for k, v in load_site_configs(args.site_config).items()}
+    unknown = sorted(int(k) for k in sites["site-config"] if int(k) >= int(sites["num-clients"]))
+    if unknown:
+        raise UsageError(f"--site-config names site(s) {unknown}, but sites are 0..{int(sites['num-clients']) - 1}")
     if attack_settings:
         try:
-            attack = Attack.from_settings(attack_settings, int(sites["num-clients"]), int(config["seed"]))
+            attack = Attack.from_settings(attack_settings, int(sites["num-clients"]), settings.seed)
         except ValueError as err:
             raise UsageError(str(err)) from err
         sites["attack"] = attack.record()
-        if attack.kind == "label-flip" and config["task"] != "classification":
+        if attack.kind == "label-flip" and settings.data.task != "classification":
             raise UsageError("attack: label-flip needs task = classification")
-    if not config["dp"]:
+    if not settings.dp.dp:
         # Turning DP off is explicit at both ends: the simulated sites allow it too.
         sites["node-config"].setdefault("dp", False)
     for key in ("min-train-nodes", "min-evaluate-nodes"):
         # Else the server would wait a whole round-timeout for sites that never come.
-        if int(config[key]) > int(sites["num-clients"]):
-            raise UsageError(f"{key} = {config[key]} but the simulation has {sites['num-clients']} site(s): "
+        minimum = getattr(settings.strategy, key.replace("-", "_"))
+        if minimum > int(sites["num-clients"]):
+            raise UsageError(f"{key} = {minimum} but the simulation has {sites['num-clients']} site(s): "
                              f"add --set {key}={sites['num-clients']}")
-    return config, sites
+    return settings, sites
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.attacks import Attack
     from simulations.simulate import run_simulation
 
-    config, sites = resolve_simulation(args)
-    out_dir = _output_dir(config, resume=bool(args.resume))
-    config["output-dir"] = str(out_dir)
+    settings, sites = resolve_simulation(args)
+    out_dir = _output_dir(settings.output_dir, resume=bool(args.resume))
     out_dir.mkdir(parents=True, exist_ok=True)
     # What the virtual sites were given, so that --resume brings back the same sites.
     (out_dir / SIMULATION_FILE).write_text(json.dumps(sites, indent=2))
     failure = None
     try:
         run_simulation(
-            config,
+            replace(settings, output_dir=str(out_dir)),
             int(sites["num-clients"]),
             node_config=sites["node-config"],
             per_site={int(k): v for k, v in sites["site-config"].items()},
@@ -160,12 +169,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_dir(config: dict[str, Any], resume: bool) -> Path:
+def _output_dir(given: str, resume: bool) -> Path:
     """A new timestamped folder under ``outputs/`` unless one is given. A fresh run never
     writes into a folder that already holds a run: its sites' ledgers belong to that run."""
-    if not config["output-dir"]:
+    if not given:
         return (DEFAULT_OUTPUTS / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    out = Path(str(config["output-dir"])).expanduser().resolve()
+    out = Path(given).expanduser().resolve()
     if not resume and ((out / "history.json").exists() or (out / "privacy").exists()):
         raise UsageError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --output")
     return out
@@ -175,12 +184,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """``fedlora privacy plan``: each simulated site's DP plan for the run, before it trains."""
     from simulations.site_plans import print_plans, simulated_site_plans
 
-    config, sites = resolve_simulation(args)
-    plans = simulated_site_plans(config, sites)
+    settings, sites = resolve_simulation(args)
+    plans = simulated_site_plans(settings, sites)
     if args.json:
         print(json.dumps(plans, indent=2))
     else:
-        print_plans(plans, int(config["num-server-rounds"]))
+        print_plans(plans, settings.num_server_rounds)
     return 0
 
 

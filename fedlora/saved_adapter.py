@@ -57,16 +57,17 @@ def evaluate_saved_adapter(
 ) -> dict[str, Any]:
     """Loss and accuracy on ``data``: any form ``fedlora simulate --data`` takes (the embedded
     corpus is generated with ``seed``; another seed than the run's gives notes it never saw)."""
-    from simulations.sources import load_source
+    from fedlora.run_config import DataSettings
+    from fedlora.sources import load_source
 
     meta = read_metadata(adapter_dir)
     model, tokenizer = load_adapter(adapter_dir, base_model)
-    source = {
-        "data": data, "task": meta["task"], "text-column": text_column, "label-column": label_column,
-        "prompt-column": "prompt", "response-column": "response", "label-names": ",".join(meta["label_names"]),
-        "seed": seed, "partition": "iid",
-    }
-    examples = encode(load_source(source), tokenizer, meta["task"], int(meta["max_seq_length"]))
+    source = DataSettings(
+        data=data, task=meta["task"], text_column=text_column, label_column=label_column, prompt_column="prompt",
+        response_column="response", label_names=tuple(meta["label_names"]), partition="iid", eval_fraction=0.0,
+        max_seq_length=int(meta["max_seq_length"]),
+    )
+    examples = encode(load_source(source, seed), tokenizer, meta["task"], source.max_seq_length)
     result = evaluate(model, examples, meta["task"], tokenizer.pad_token_id, batch_size, model.device)
     return {
         "adapter": str(adapter_dir),

@@ -19,7 +19,7 @@ A site states its policy in its Flower **node config**, which only the site cont
     secure-noise             true: DP noise from the OS CSPRNG              (default false)
 
 The server's **run config** (``dp``, ``noise-multiplier``, ``target-epsilon``, ``delta``,
-``max-grad-norm``, ``max-epsilon``, ``secure-noise``) is a request. :func:`resolve` applies it
+``max-grad-norm``, ``max-epsilon``, ``secure-noise``: ``fedlora.run_config.DPRequest``) is a request. :func:`resolve` applies it
 when it is at least as strict as the policy and refuses it otherwise; it never silently loosens
 anything.
 
@@ -40,6 +40,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from fedlora.run_config import DPRequest
 
 REPORT_METRICS = ("noised", "none")
 RUN_SHARE = 0.8
@@ -80,19 +82,6 @@ class SitePolicy:
     privacy_unit_column: str | None = None
     secure_noise: bool = False
     max_epsilon_per_run: float | None = None  # None: RUN_SHARE of what is left when a run begins
-
-
-@dataclass(frozen=True)
-class DPRequest:
-    """What the server's run config asks for; 0 means "not given" for the optional numbers."""
-
-    dp: bool
-    noise_multiplier: float
-    target_epsilon: float
-    delta: float
-    max_grad_norm: float
-    max_epsilon: float
-    secure_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,31 +161,6 @@ def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
         secure_noise=_flag(node_config, "secure-noise", False, "node config"),
         max_epsilon_per_run=per_run,
     )
-
-
-def dp_request(run_config: Mapping[str, Any]) -> DPRequest:
-    """The server's DP request from its run config; PolicyViolation names any bad key."""
-    request = DPRequest(
-        dp=_flag(run_config, "dp", True, "run config"),
-        noise_multiplier=_number(run_config, "noise-multiplier", 0.0, "run config"),
-        target_epsilon=_number(run_config, "target-epsilon", 0.0, "run config"),
-        delta=_number(run_config, "delta", 0.0, "run config"),
-        max_grad_norm=_number(run_config, "max-grad-norm", 1.0, "run config"),
-        max_epsilon=_number(run_config, "max-epsilon", 0.0, "run config"),
-        secure_noise=_flag(run_config, "secure-noise", False, "run config"),
-    )
-    for key, value in (
-        ("noise-multiplier", request.noise_multiplier),
-        ("target-epsilon", request.target_epsilon),
-        ("max-epsilon", request.max_epsilon),
-    ):
-        if value < 0:
-            raise PolicyViolation(key, f"run config {key} must be >= 0 (0 = not given), got {value!r}")
-    if not 0 <= request.delta < 1:
-        raise PolicyViolation("delta", f"run config delta must be in [0, 1) (0 = not given), got {request.delta!r}")
-    if not request.max_grad_norm > 0:
-        raise PolicyViolation("max-grad-norm", f"run config max-grad-norm must be > 0, got {request.max_grad_norm!r}")
-    return request
 
 
 def resolve(policy: SitePolicy, request: DPRequest) -> EffectiveDP:

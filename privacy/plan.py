@@ -48,10 +48,9 @@ exactly the plan computed here.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
+from fedlora.run_config import RunSettings
 from privacy.accountant import History, calibrate_noise, epsilon_for
 from privacy.budget import EffectiveDP
 
@@ -109,24 +108,24 @@ def public_population(declared: int, eval_fraction: float, held_out: bool = Fals
     return max(1, round(declared * (eval_fraction if held_out else 1 - eval_fraction)))
 
 
-def choose_schedule(run_config: Mapping[str, Any], population: int, private: bool) -> tuple[Phase, ...]:
+def choose_schedule(settings: RunSettings, population: int, private: bool) -> tuple[Phase, ...]:
     """The phases of a run for a site of ``population`` training units (see the module doc)."""
-    rounds = int(run_config["num-server-rounds"])
-    probing = run_config["task"] == "classification"
-    probe_rounds = min(max(0, int(run_config["probe-rounds"])), rounds) if probing else 0
+    rounds, given = settings.num_server_rounds, settings.schedule
+    probing = settings.data.task == "classification"
+    probe_rounds = min(given.probe_rounds, rounds) if probing else 0
     phases = []
     if probe_rounds:
-        batch = int(run_config["probe-batch-size"]) or _clamp(population // 8, 8, 64)
-        steps = int(run_config["probe-steps"]) or math.ceil(PROBE_STEPS / probe_rounds)
-        rate = float(run_config["probe-learning-rate"]) or PROBE_LEARNING_RATE
+        batch = given.probe_batch_size or _clamp(population // 8, 8, 64)
+        steps = given.probe_steps or math.ceil(PROBE_STEPS / probe_rounds)
+        rate = given.probe_learning_rate or PROBE_LEARNING_RATE
         phases.append(Phase(PROBE, 1, probe_rounds, batch, _rate(batch, population), steps, rate))
     if probe_rounds < rounds or not phases:
         default_batch = _clamp(population // 4, 16, 128) if private else min(32, population)
-        batch = int(run_config["batch-size"]) or default_batch
-        epochs = int(run_config["local-epochs"])
+        batch = given.batch_size or default_batch
+        epochs = given.local_epochs
         planned = (epochs or FINE_TUNE_EPOCHS[private]) * math.ceil(population / batch)
-        steps = int(run_config["local-steps"]) or (planned if epochs else min(planned, MAX_PLANNED_STEPS))
-        rate = float(run_config["learning-rate"]) or FINE_TUNE_LEARNING_RATE
+        steps = given.local_steps or (planned if epochs else min(planned, MAX_PLANNED_STEPS))
+        rate = given.learning_rate or FINE_TUNE_LEARNING_RATE
         phases.append(Phase(FINE_TUNE, probe_rounds + 1, max(rounds, probe_rounds + 1), batch, _rate(batch, population), steps, rate))
     return tuple(phases)
 

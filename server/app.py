@@ -15,6 +15,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora.run_config import RunSettings
 from server.checkpoints import check_resumable, latest_checkpoint, restore, save_checkpoint
 from server.federation import Federation
 from server.global_model import GlobalModel
@@ -29,29 +30,32 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_config = dict(context.run_config)
-    out_dir = Path(str(run_config["output-dir"]) or f"outputs/run-{context.run_id}").expanduser().resolve()
-    global_model = GlobalModel.load(run_config)
-    strategy = build_strategy(run_config)
+    run_server(grid, context.run_id, RunSettings.parse(context.run_config))
+
+
+def run_server(grid: Grid, run_id: int, settings: RunSettings) -> None:
+    """The whole run: rounds, checkpoints, the adapter and the reports."""
+    out_dir = Path(settings.output_dir or f"outputs/run-{run_id}").expanduser().resolve()
+    global_model = GlobalModel.load(settings)
+    strategy = build_strategy(settings)
     start_round, history = 1, []
-    if run_config["resume"] and (checkpoint := latest_checkpoint(out_dir)) is not None:
-        check_resumable(out_dir, run_config)
+    if settings.resume and (checkpoint := latest_checkpoint(out_dir)) is not None:
+        check_resumable(out_dir, settings)
         restore(global_model.model, checkpoint)
         load_optimizer_state(strategy, checkpoint.server_optimizer())
         start_round, history = checkpoint.round + 1, checkpoint.history
         log(INFO, "resuming %s from round %s", out_dir, checkpoint.round)
-    write_json(out_dir / "config.json", {**run_config, "output-dir": str(out_dir)})
+    write_json(out_dir / "config.json", {**settings.as_dict(), "output-dir": str(out_dir)})
 
-    central_data = str(run_config["central-eval-data"])
     federation = Federation(
         grid=grid,
         strategy=strategy,
-        num_rounds=int(run_config["num-server-rounds"]),
-        timeout=float(run_config["round-timeout"]),
+        num_rounds=settings.num_server_rounds,
+        timeout=settings.round_timeout,
         train_config={},
         evaluate_config={},
-        central_eval=global_model.central_evaluator(central_data) if central_data else None,
-        flag_after=int(run_config["flag-after-rejections"]),
+        central_eval=global_model.central_evaluator(settings.central_eval_data) if settings.central_eval_data else None,
+        flag_after=settings.strategy.flag_after_rejections,
     )
 
     def on_round(server_round, arrays, rounds) -> None:
@@ -59,8 +63,8 @@ def main(grid: Grid, context: Context) -> None:
         save_checkpoint(out_dir, server_round, global_model.model, global_model.tokenizer, global_model.metadata, rounds,
                         optimizer_state(strategy))
         save_history(out_dir, rounds)
-        write_report(out_dir, run_config, rounds)
-        write_privacy_report(out_dir, run_config, rounds)
+        write_report(out_dir, settings, rounds)
+        write_privacy_report(out_dir, settings, rounds)
 
     arrays = federation.run(global_model.arrays(), start_round, history, on_round)
     failure = run_failure(history)
@@ -68,8 +72,8 @@ def main(grid: Grid, context: Context) -> None:
         global_model.set_arrays(arrays)
         global_model.save(out_dir / "adapter")
     save_history(out_dir, history)
-    write_report(out_dir, run_config, history)
-    write_privacy_report(out_dir, run_config, history)
+    write_report(out_dir, settings, history)
+    write_privacy_report(out_dir, settings, history)
     if failure is not None:
         log(ERROR, "run failed: %s; no adapter written, see %s", failure, out_dir / "report.md")
         raise RunFailed(failure)  # Flower ends the run as failed

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapters import load_adapter_state, save_adapter
+from fedlora.run_config import RunSettings
 from server.history import write_json
 
 CHECKPOINTS = "checkpoints"
@@ -87,12 +87,12 @@ def restore(model: PeftModel, checkpoint: Checkpoint) -> None:
 RESUME_KEYS = ("model", "task", "label-names", "lora-rank", "lora-target-modules", "strategy")
 
 
-def check_resumable(out_dir: Path, run_config: Mapping[str, Any]) -> None:
+def check_resumable(out_dir: Path, settings: RunSettings) -> None:
     """Refuse to resume ``out_dir`` with settings that do not match its saved ``config.json``."""
     saved_path = out_dir / "config.json"
     if not saved_path.is_file():
         return
-    saved = json.loads(saved_path.read_text())
-    changed = [f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != run_config.get(k)]
+    saved, current = json.loads(saved_path.read_text()), settings.as_dict()
+    changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_KEYS if saved.get(k) != current[k]]
     if changed:
         raise ValueError(f"cannot resume {out_dir} with different settings ({'; '.join(changed)}); use a new output-dir")

@@ -4,7 +4,6 @@ weights never travel; only adapter tensors do."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,31 +13,31 @@ from flwr.app import ArrayRecord
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.adapters import adapter_state, attach_adapter, load_adapter_state, save_adapter
+from fedlora.adapters import adapter_state, attach_adapter, load_adapter_state, lora_config, save_adapter
 from fedlora.evaluation import evaluate
 from fedlora.model import load_base_model, load_tokenizer, portable_model_name
-from fedlora.run_config import LoraSettings
+from fedlora.run_config import RunSettings
 from fedlora.tasks import encode
-from simulations.sources import load_file, resolve_label_names
+from fedlora.sources import load_file, resolve_label_names
 
 
 @dataclass
 class GlobalModel:
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
-    run_config: Mapping[str, Any]
+    settings: RunSettings
     label_names: list[str]
 
     @classmethod
-    def load(cls, run_config: Mapping[str, Any]) -> "GlobalModel":
-        task = str(run_config["task"])
-        labels = resolve_label_names(run_config) if task == "classification" else []
+    def load(cls, settings: RunSettings) -> "GlobalModel":
+        data, model = settings.data, settings.model
+        labels = resolve_label_names(data) if data.task == "classification" else []
         # The seed fixes the initial adapter (and FFA-LoRA's frozen A) for the whole run.
-        torch.manual_seed(int(run_config["seed"]))
-        base = load_base_model(str(run_config["model"]), task, labels or None, str(run_config["pooling"]))
-        lora = LoraSettings.from_run_config(run_config)
-        model = attach_adapter(base, lora.peft_config(task), freeze_lora_a=lora.freeze_a)
-        return cls(model, load_tokenizer(str(run_config["model"])), run_config, labels)
+        torch.manual_seed(settings.seed)
+        base = load_base_model(model.model, data.task, labels or None, model.pooling)
+        lora = lora_config(data.task, model.lora_rank, model.lora_alpha, model.lora_dropout, model.lora_target_modules)
+        peft_model = attach_adapter(base, lora, freeze_lora_a=settings.strategy.freezes_lora_a)
+        return cls(peft_model, load_tokenizer(model.model), settings, labels)
 
     def arrays(self) -> ArrayRecord:
         return ArrayRecord(adapter_state(self.model))
@@ -49,10 +48,10 @@ class GlobalModel:
     @property
     def metadata(self) -> dict[str, Any]:
         return {
-            "base_model": portable_model_name(str(self.run_config["model"])),
-            "task": str(self.run_config["task"]),
+            "base_model": portable_model_name(self.settings.model.model),
+            "task": self.settings.data.task,
             "label_names": self.label_names,
-            "max_seq_length": int(self.run_config["max-seq-length"]),
+            "max_seq_length": self.settings.data.max_seq_length,
             # The head's input (fedlora.pooling), resolved: the adapter is only right with it.
             "pooling": getattr(self.model.get_base_model().config, "fedlora_pooling", None),
         }
@@ -62,12 +61,12 @@ class GlobalModel:
 
     def central_evaluator(self, path: str):
         """Evaluate the global adapter on a server-side labelled file after each round."""
-        task = str(self.run_config["task"])
-        data = load_file(path, self.run_config, self.label_names or None)
-        examples = encode(data, self.tokenizer, task, int(self.run_config["max-seq-length"]))
+        data = self.settings.data
+        rows = load_file(path, data, self.label_names or None)
+        examples = encode(rows, self.tokenizer, data.task, data.max_seq_length)
 
         def central_eval(arrays: ArrayRecord) -> dict[str, float]:
             self.set_arrays(arrays)
-            return evaluate(self.model, examples, task, self.tokenizer.pad_token_id)
+            return evaluate(self.model, examples, data.task, self.tokenizer.pad_token_id)
 
         return central_eval

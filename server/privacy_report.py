@@ -10,30 +10,28 @@ the site's budget is its ``max-epsilon``. The server cannot verify it: the site'
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedlora.run_config import RunSettings, StrategySettings
 from server.history import write_json
 from server.report import plot_series
 
-RUN_DP_KEYS = ("dp", "target-epsilon", "noise-multiplier", "max-grad-norm", "delta", "max-epsilon")
-CENTRAL_DP_KEYS = ("central-dp-noise-multiplier", "central-dp-clipping-norm", "central-dp-delta")
 # history.json client entry "privacy" key -> report key
 _ROUND_PRIVACY = {"noise-multiplier": "noise_multiplier", "sample-rate": "sample_rate", "steps": "steps",
                   "delta": "delta", "max-epsilon": "max_epsilon", "user-level": "user_level"}
 
 
-def write_privacy_report(out_dir: Path, run_config: Mapping[str, Any], history: list[dict]) -> dict:
+def write_privacy_report(out_dir: Path, settings: RunSettings, history: list[dict]) -> dict:
     """Write the three files under ``out_dir`` and return the JSON document."""
-    report = privacy_summary(run_config, history)
+    report = privacy_summary(settings, history)
     write_json(out_dir / "privacy_report.json", report)
     (out_dir / "privacy_report.md").write_text(_markdown(report))
     _plot_epsilon(out_dir / "plots" / "epsilon.png", report)
     return report
 
 
-def privacy_summary(run_config: Mapping[str, Any], history: list[dict]) -> dict[str, Any]:
+def privacy_summary(settings: RunSettings, history: list[dict]) -> dict[str, Any]:
     """The JSON document: ``dp`` (the run's requested settings), ``sites`` (per site: every
     round it was sent work, its latest epsilon and privacy parameters, its refusals) and
     ``central`` (server-side DP, null unless the history records carry ``central_epsilon``)."""
@@ -53,12 +51,13 @@ def privacy_summary(run_config: Mapping[str, Any], history: list[dict]) -> dict[
                     **{new: privacy.get(old) for old, new in _ROUND_PRIVACY.items()},
                 }
             )
-    dp = {key: run_config.get(key) for key in RUN_DP_KEYS}
-    dp["dp"] = bool(dp["dp"])
+    request = settings.dp
+    dp = {"dp": request.dp, "target-epsilon": request.target_epsilon, "noise-multiplier": request.noise_multiplier,
+          "max-grad-norm": request.max_grad_norm, "delta": request.delta, "max-epsilon": request.max_epsilon}
     return {
         "dp": dp,
         "sites": {name: _site_summary(rounds) for name, rounds in sorted(rounds_by_site.items())},
-        "central": _central_summary(run_config, history),
+        "central": _central_summary(settings.strategy, history),
     }
 
 
@@ -87,7 +86,7 @@ def _site_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _central_summary(run_config: Mapping[str, Any], history: list[dict]) -> dict[str, Any] | None:
+def _central_summary(strategy: StrategySettings, history: list[dict]) -> dict[str, Any] | None:
     points = [
         {"round": r["round"], "epsilon": r["central_epsilon"]}
         for r in history if r.get("central_epsilon") is not None
@@ -97,7 +96,9 @@ def _central_summary(run_config: Mapping[str, Any], history: list[dict]) -> dict
     return {
         "epsilon_per_round": points,
         "latest_epsilon": points[-1]["epsilon"],
-        **{key.removeprefix("central-dp-").replace("-", "_"): run_config.get(key) for key in CENTRAL_DP_KEYS},
+        "noise_multiplier": strategy.central_dp_noise_multiplier,
+        "clipping_norm": strategy.central_dp_clipping_norm,
+        "delta": strategy.central_dp_delta,
     }
 
 

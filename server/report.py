@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # headless: coordinators and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedlora.run_config import RunSettings  # noqa: E402
 from server.history import SIMULATION_FILE, run_failure  # noqa: E402
 
 
@@ -58,15 +59,15 @@ def _points(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     return [(r["round"], r[key]) for r in history if r.get(key) is not None]
 
 
-def _status(config: Mapping[str, Any], history: list[dict[str, Any]]) -> tuple[str, bool]:
+def _status(settings: RunSettings, history: list[dict[str, Any]]) -> tuple[str, bool]:
     """The run's status line, and whether it completed with an adapter."""
-    done = bool(history) and history[-1]["round"] >= int(config["num-server-rounds"])
+    done = bool(history) and history[-1]["round"] >= settings.num_server_rounds
     failure = run_failure(history)
     if done and failure:
         return f"**FAILED**: {failure}. No adapter was written.", False
     if done:
         return "completed", True
-    return f"stopped or running: {history[-1]['round'] if history else 0} of {config['num-server-rounds']} rounds done", False
+    return f"stopped or running: {history[-1]['round'] if history else 0} of {settings.num_server_rounds} rounds done", False
 
 
 def _files(simulated: bool, completed: bool) -> list[str]:
@@ -84,7 +85,7 @@ def _files(simulated: bool, completed: bool) -> list[str]:
     return files
 
 
-def write_report(out_dir: Path, config: Mapping[str, Any], history: list[dict[str, Any]]) -> Path:
+def write_report(out_dir: Path, settings: RunSettings, history: list[dict[str, Any]]) -> Path:
     plots = out_dir / "plots"
     plot_series(plots / "loss.png", "Loss per round", "loss", {
         "train (sites)": _points(history, "train_loss"),
@@ -95,18 +96,18 @@ def write_report(out_dir: Path, config: Mapping[str, Any], history: list[dict[st
         "eval (sites' held-out)": _points(history, "eval_accuracy"),
         "central test set": _points(history, "central_accuracy"),
     })
-    dp = "ON" if config.get("dp") else "**OFF — training was not differentially private**"
+    dp = "ON" if settings.dp.dp else "**OFF — training was not differentially private**"
     simulated = (out_dir / SIMULATION_FILE).is_file()
-    data = (f"`{config['data']}`, partition `{config['partition']}` over simulated sites" if simulated
+    data = (f"`{settings.data.data}`, partition `{settings.data.partition}` over simulated sites" if simulated
             else "each site's own, which the coordinator never sees (a deployed run)")
-    status, completed = _status(config, history)
+    status, completed = _status(settings, history)
     lines = [
         "# fedlora run report",
         "",
         f"- status: {status}",
-        f"- model: `{config['model']}` ({config['task']}), LoRA rank {config['lora-rank']}",
+        f"- model: `{settings.model.model}` ({settings.data.task}), LoRA rank {settings.model.lora_rank}",
         f"- data: {data}",
-        f"- strategy: `{config['strategy']}`, rounds: {config['num-server-rounds']}",
+        f"- strategy: `{settings.strategy.strategy}`, rounds: {settings.num_server_rounds}",
         f"- differential privacy: {dp}",
         "",
         "## Rounds",
@@ -130,7 +131,7 @@ def write_report(out_dir: Path, config: Mapping[str, Any], history: list[dict[st
     lines += ["", "## Sites that did not contribute", ""] + (problems or ["None: every site sent a valid update every round."])
     flagged = sorted({c["client"] for r in history for c in r["clients"] if c.get("flagged")})
     if flagged:
-        lines += ["", f"**Flagged sites** (update rejected {config['flag-after-rejections']} rounds running): "
+        lines += ["", f"**Flagged sites** (update rejected {settings.strategy.flag_after_rejections} rounds running): "
                   + ", ".join(flagged)]
     lines += ["", "## Files", ""] + [f"- {line}" for line in _files(simulated, completed)] + [""]
     path = out_dir / "report.md"

@@ -28,7 +28,6 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -124,16 +123,6 @@ class Attack:
         return attacking
 
 
-def write_flipped_partition(
-    table: datasets.Dataset, label_names: list[str], text_column: str, label_column: str, path: Path
-) -> Path:
-    """Write a site's rows (``text``/``label`` index columns) to ``path`` as CSV under the run's
-    column names, each label k of K replaced by K−1−k."""
-    count = len(label_names)
-    flipped = datasets.Dataset.from_dict({
-        text_column: table["text"],
-        label_column: [label_names[count - 1 - int(label)] for label in table["label"]],
-    })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flipped.to_csv(str(path), index=False)
-    return path
+def flip_labels(rows: datasets.Dataset, num_labels: int) -> datasets.Dataset:
+    """A site's rows (``text``/``label`` index columns) with each label k of K replaced by K−1−k."""
+    return rows.map(lambda row: {"label": num_labels - 1 - int(row["label"])})

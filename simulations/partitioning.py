@@ -9,8 +9,6 @@ Partition specs:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import warnings
 
@@ -94,35 +92,6 @@ def partition_dataset(
                 "use a larger alpha or fewer clients"
             )
     return partitions
-
-
-def split_train_eval(
-    dataset: datasets.Dataset, eval_fraction: float, seed: int, key_column: str | None = None
-) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Hold out about ``eval_fraction`` of a site's rows for evaluation, **row by row**.
-
-    Row r is held out iff ``sha256(seed, key_r)`` read as a number in [0, 1) is below
-    ``eval_fraction``, where ``key_r`` is the row's content (or its ``key_column`` value, e.g.
-    the user of user-level DP, so that a user's rows stay together). No row's split depends on
-    any other row: adding or removing one record changes one side of the split by that record
-    and nothing else. DP accounting needs that: a shuffle-based split would move other
-    records between training and evaluation when one record is added, and then "neighbouring
-    datasets" would differ in many training rows.
-    """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    keys = dataset[key_column] if key_column else [
-        json.dumps(row, sort_keys=True, default=str) for row in dataset
-    ]
-    held_out = [_uniform(seed, key) < eval_fraction for key in keys]
-    train = [i for i, out in enumerate(held_out) if not out]
-    evaluation = [i for i, out in enumerate(held_out) if out]
-    return dataset.select(train, keep_in_memory=True), dataset.select(evaluation, keep_in_memory=True)
-
-
-def _uniform(seed: int, key: object) -> float:
-    digest = hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _parse_alpha(spec: str, argument: str) -> float:

@@ -13,28 +13,30 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from privacy.budget import RUN_SHARE, BudgetExhausted, PolicyViolation, dp_request, resolve, site_policy
+from fedlora.run_config import RunSettings
+from privacy.budget import RUN_SHARE, BudgetExhausted, PolicyViolation, resolve, site_policy
 from privacy.ledger import LedgerError, spent_in_other_runs
 from privacy.plan import ACCOUNTANT, choose_schedule, plan_run, public_population
 from simulations.simulate import site_node_configs
+from simulations.site_files import assign_site_files
 
 
-def simulated_site_plans(run_config: Mapping[str, Any], sites: Mapping[str, Any]) -> list[dict[str, Any]]:
+def simulated_site_plans(settings: RunSettings, sites: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One entry per simulated site: its plan, or why it would not train (``refused``)."""
-    nodes = site_node_configs(
-        Path("OUT"), int(sites["num-clients"]), sites["node-config"],
-        {int(k): v for k, v in sites["site-config"].items()}, run_config,
-    )
+    out = Path("OUT")
+    nodes = site_node_configs(out, int(sites["num-clients"]), sites["node-config"],
+                              {int(k): v for k, v in sites["site-config"].items()})
+    assign_site_files(nodes, settings, out, write=False)
     plans = []
     for node in nodes.values():
         entry: dict[str, Any] = {"site": node["site-name"], "num-examples": node.get("num-examples")}
         try:
             policy = site_policy(node)
-            dp = resolve(policy, dp_request(run_config))
+            dp = resolve(policy, settings.dp)
             if dp.enabled:  # a site that kept its ledger from earlier runs has less to spend
                 dp = dp.for_run(spent_in_other_runs(policy.ledger_path, "", dp.delta, ACCOUNTANT))
-            population = public_population(policy.declared_examples, float(run_config["eval-fraction"]))
-            phases = choose_schedule(run_config, population, dp.enabled)
+            population = public_population(policy.declared_examples, settings.data.eval_fraction)
+            phases = choose_schedule(settings, population, dp.enabled)
             entry["phases"] = [asdict(phase) for phase in phases]
             if not dp.enabled:
                 plans.append(entry | {"dp": False})

@@ -36,7 +36,6 @@ the aggregator averages.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from flwr.serverapp.strategy import (
@@ -51,6 +50,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from fedlora.run_config import ConfigError, RunSettings, StrategySettings
 from strategies.central_dp import CentralDP
 from strategies.ffa_lora import FreezeA, ffa_upload
 from strategies.hetlora import HetLoRA
@@ -64,51 +64,52 @@ STRATEGIES = (*AGGREGATORS, FFA_LORA, *(f"{FFA_LORA}+{name}" for name in AGGREGA
 _PLAIN_MEAN = ("fedavg", "fedprox")
 
 
-def build_strategy(run_config: Mapping[str, Any]) -> ScreenedStrategy:
-    name = str(run_config["strategy"])
+def build_strategy(settings: RunSettings) -> ScreenedStrategy:
+    given = settings.strategy
+    name = given.strategy
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+        raise ConfigError("strategy", f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     common = dict(
-        fraction_train=float(run_config["fraction-train"]),
-        fraction_evaluate=float(run_config["fraction-evaluate"]),
-        min_train_nodes=int(run_config["min-train-nodes"]),
-        min_evaluate_nodes=int(run_config["min-evaluate-nodes"]),
-        min_available_nodes=int(run_config["min-train-nodes"]),
+        fraction_train=given.fraction_train,
+        fraction_evaluate=given.fraction_evaluate,
+        min_train_nodes=given.min_train_nodes,
+        min_evaluate_nodes=given.min_evaluate_nodes,
+        min_available_nodes=given.min_train_nodes,
     )
-    ffa = name == FFA_LORA or name.startswith(f"{FFA_LORA}+")
+    ffa = given.freezes_lora_a
     aggregator = (name.partition("+")[2] or "fedavg") if ffa else name
 
     central_dp = None
     if aggregator == "hetlora":
-        inner: Strategy = HetLoRA(max_rank=int(run_config["lora-rank"]), **common)
+        inner: Strategy = HetLoRA(max_rank=settings.model.lora_rank, **common)
     else:
-        inner = _aggregator(aggregator, run_config, common)
-    if run_config["central-dp"]:
+        inner = _aggregator(aggregator, given, settings.schedule.learning_rate, common)
+    if given.central_dp:
         if aggregator not in _PLAIN_MEAN:
-            raise ValueError(
+            raise ConfigError(
+                "central-dp",
                 f"central-dp works with a plain mean of the updates (fedavg, fedprox, ffa-lora, "
-                f"ffa-lora+fedprox), not with {name!r}: its noise is calibrated to that mean's sensitivity"
+                f"ffa-lora+fedprox), not with {name!r}: its noise is calibrated to that mean's sensitivity",
             )
-        sampled = int(run_config["num-sampled-clients"])
-        if sampled < 1:
-            raise ValueError("central-dp needs num-sampled-clients: the number of sites sampled per round")
+        if given.num_sampled_clients < 1:
+            raise ConfigError("num-sampled-clients", "central-dp needs num-sampled-clients: the number of sites sampled per round")
         inner = central_dp = CentralDP(
             inner,
-            noise_multiplier=float(run_config["central-dp-noise-multiplier"]),
-            clipping_norm=float(run_config["central-dp-clipping-norm"]),
-            num_sampled_clients=sampled,
-            delta=float(run_config["central-dp-delta"]),
+            noise_multiplier=given.central_dp_noise_multiplier,
+            clipping_norm=given.central_dp_clipping_norm,
+            num_sampled_clients=given.num_sampled_clients,
+            delta=given.central_dp_delta,
         )
     if ffa:
         inner = FreezeA(inner)
     # Under central DP every update is clipped to central-dp-clipping-norm, which bounds its
     # influence already; a relative rejection there would only fail the round (it needs exactly
     # num-sampled-clients updates), handing any one site a veto over every round.
-    ratio = 0.0 if run_config["central-dp"] else float(run_config["update-norm-ratio"])
-    norm_screen = NormScreen(ratio=ratio, max_norm=float(run_config["max-update-norm"]) or None)
+    ratio = 0.0 if given.central_dp else given.update_norm_ratio
+    norm_screen = NormScreen(ratio=ratio, max_norm=given.max_update_norm or None)
     return ScreenedStrategy(
         inner,
-        min_valid=int(run_config.get("min-valid-updates", 1)),
+        min_valid=given.min_valid_updates,
         norm_screen=norm_screen,
         rank_flexible=aggregator == "hetlora",
         expected_upload=ffa_upload if ffa else (lambda arrays: arrays),
@@ -116,28 +117,22 @@ def build_strategy(run_config: Mapping[str, Any]) -> ScreenedStrategy:
     )
 
 
-def _aggregator(name: str, run_config: Mapping[str, Any], common: dict[str, Any]) -> FedAvg:
+def _aggregator(name: str, given: StrategySettings, learning_rate: float, common: dict[str, Any]) -> FedAvg:
     """The Flower strategy that turns the sites' (screened) updates into the new global one."""
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
-        return FedProx(**common, proximal_mu=float(run_config["proximal-mu"]))
+        return FedProx(**common, proximal_mu=given.proximal_mu)
     if name in ("fedadam", "fedyogi"):
         server_opt = FedAdam if name == "fedadam" else FedYogi
-        return server_opt(
-            **common,
-            eta=float(run_config["server-learning-rate"]),
-            # eta_l is only logged by Flower; the sites' learning rate is the run's.
-            eta_l=float(run_config["learning-rate"]),
-            tau=float(run_config["server-tau"]),
-        )
+        # eta_l is only logged by Flower; the sites' learning rate is the run's.
+        return server_opt(**common, eta=given.server_learning_rate, eta_l=learning_rate, tau=given.server_tau)
     if name == "trimmed-mean":
-        return FedTrimmedAvg(**common, beta=float(run_config["trim-beta"]))
+        return FedTrimmedAvg(**common, beta=given.trim_beta)
     if name == "median":
         return FedMedian(**common)
     if name == "krum":
-        byzantine, select = int(run_config["krum-byzantine"]), int(run_config["krum-select"])
-        if select == 1:
-            return Krum(**common, num_malicious_nodes=byzantine)
-        return MultiKrum(**common, num_malicious_nodes=byzantine, num_nodes_to_select=select)
-    raise ValueError(f"unknown aggregator {name!r}")
+        if given.krum_select == 1:
+            return Krum(**common, num_malicious_nodes=given.krum_byzantine)
+        return MultiKrum(**common, num_malicious_nodes=given.krum_byzantine, num_nodes_to_select=given.krum_select)
+    raise ConfigError("strategy", f"unknown aggregator {name!r}")

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from fedlora.model import EMBEDDED_MODEL, resolve_model_path
-from fedlora.run_config import apply_overrides, default_run_config
+from fedlora.run_config import RunSettings, apply_overrides, default_run_config
 
 LABELS = ["cardio", "pulmo", "gastro"]
 _WORDS = {
@@ -88,6 +88,11 @@ def instruction_jsonl(tmp_path) -> Path:
     path = tmp_path / "instructions.jsonl"
     pd.DataFrame(make_instruction_rows(60)).to_json(path, orient="records", lines=True)
     return path
+
+
+def settings_of(config: dict) -> RunSettings:
+    """A test's flat run config, typed as fedlora's edges type it."""
+    return RunSettings.parse(config)
 
 
 @pytest.fixture

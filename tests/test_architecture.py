@@ -47,3 +47,39 @@ def test_no_import_cycles():
         visit(module, [module], {module})
     assert not cycles, cycles[:3]
     assert len(graph) > 40 and graph["client.site"], "the graph was read"
+
+
+def all_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at load time or later (inside functions)."""
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+    return imported
+
+
+def test_only_the_cli_reaches_the_simulation_package():
+    """A partner site's process, the server and the libraries never depend on ``simulations``:
+    a simulated site reads its own file exactly as a deployed one does."""
+    deployed = [p for package in ("client", "server", "strategies", "privacy", "fedlora") for p in (REPO / package).glob("*.py")]
+    offenders = {str(p.relative_to(REPO)) for p in deployed if p.name != "cli.py"
+                 and any(m.split(".")[0] == "simulations" for m in all_imports(p))}
+    assert not offenders, offenders
+    assert any(m.startswith("simulations") for m in all_imports(REPO / "fedlora" / "cli.py")), "the scan sees imports"
+
+
+def test_no_private_flower_entry_point_is_used():
+    """Public Flower APIs only: no ``flwr`` module or name that starts with an underscore, and
+    no Flower module looked up by name (which would hide one)."""
+    private = []
+    for path in sources():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flwr"):
+                names = [node.module, *(alias.name for alias in node.names)]
+                private += [f"{path.name}: {n}" for n in names if any(part.startswith("_") for part in n.split("."))]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("flwr."):
+                private.append(f"{path.name}: {node.value}")  # a Flower module looked up by name
+    assert not private, private

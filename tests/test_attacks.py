@@ -12,9 +12,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedlora.cli import UsageError, main, resolve_simulation
 from fedlora.run_config import apply_overrides
 from server.global_model import GlobalModel
-from simulations.attacks import Attack, write_flipped_partition
+from simulations.attacks import Attack, flip_labels
 from strategies.factory import STRATEGIES, build_strategy
-from tests.conftest import LABELS
+from tests.conftest import LABELS, settings_of
 from tests.fake_grid import Arrays, FakeGrid, FakeSite, decode, honest, outcomes, record, run_federation, server_run_config
 
 import datasets
@@ -32,7 +32,7 @@ def config(tiny_bert, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def initial(config) -> Arrays:
-    return decode(GlobalModel.load(config).arrays())
+    return decode(GlobalModel.load(settings_of(config)).arrays())
 
 
 def attacker(kind: str, ffa: bool = False, seed: int = 99) -> FakeSite:
@@ -64,7 +64,7 @@ EXPECTED = {
 @pytest.mark.parametrize("kind", EXPECTED)
 def test_each_update_attack_is_rejected_or_bounded_as_documented(kind, config, initial):
     sites = {n: FakeSite(f"honest-{n}", 100, honest(n)) for n in range(1, 5)} | {9: attacker(kind)}
-    final, history = run_federation(build_strategy(config), FakeGrid(sites), initial, rounds=2)
+    final, history = run_federation(build_strategy(settings_of(config)), FakeGrid(sites), initial, rounds=2)
     outcome, reason = EXPECTED[kind]
     for entry in history:
         seen = outcomes(entry)
@@ -79,7 +79,7 @@ def test_the_default_bound_works_with_two_sites_and_every_strategy(name, config,
     run_config = apply_overrides(config, {"strategy": name})
     ffa = name.startswith("ffa-lora")
     sites = {1: FakeSite("honest", 100, honest(1, ffa=ffa)), 2: attacker("scale:1e6", ffa=ffa)}
-    final, history = run_federation(build_strategy(run_config), FakeGrid(sites), initial, rounds=2)
+    final, history = run_federation(build_strategy(settings_of(run_config)), FakeGrid(sites), initial, rounds=2)
     for entry in history:
         assert entry["failure"] is None
         assert outcomes(entry)["attacker"][0] == "rejected" and outcomes(entry)["honest"][0] == "aggregated"
@@ -94,7 +94,7 @@ def test_under_central_dp_the_clip_bounds_a_boosted_update(config, initial):
     rejection would hand any one site a veto over every round."""
     run_config = apply_overrides(config, {"central-dp": True, "num-sampled-clients": 2, "central-dp-noise-multiplier": 0.01})
     sites = {1: FakeSite("honest", 100, honest(1)), 2: attacker("scale:1e6")}
-    final, history = run_federation(build_strategy(run_config), FakeGrid(sites), initial, rounds=2)
+    final, history = run_federation(build_strategy(settings_of(run_config)), FakeGrid(sites), initial, rounds=2)
     assert all(outcomes(entry)["attacker"][0] == "aggregated" for entry in history)
     # Two rounds of at most C / m = 0.5 each, plus tiny noise: the 1e6-times update is gone.
     change = sum(float(np.sum((final[k] - initial[k]).astype(np.float64) ** 2)) for k in initial) ** 0.5
@@ -103,7 +103,7 @@ def test_under_central_dp_the_clip_bounds_a_boosted_update(config, initial):
 
 def test_a_site_rejected_rounds_running_is_flagged(config, initial):
     sites = {1: FakeSite("a", 100, honest(1)), 2: FakeSite("b", 100, honest(2)), 3: attacker("scale:1e6")}
-    _, history = run_federation(build_strategy(config), FakeGrid(sites), initial, rounds=3)
+    _, history = run_federation(build_strategy(settings_of(config)), FakeGrid(sites), initial, rounds=3)
     flagged = [[c["client"] for c in r["clients"] if c["flagged"]] for r in history]
     assert flagged == [[], [], ["attacker"]]
 
@@ -130,20 +130,19 @@ def test_attack_keys_stay_out_of_the_run_config(tiny_bert):
 
     args = build_parser().parse_args(["simulate", "--num-clients", "5", "--model", tiny_bert,
                                       "--set", "attack=sign-flip", "--set", "attackers=1"])
-    run_config, sites = resolve_simulation(args)
-    assert not any(key.startswith("attack") for key in run_config)
+    settings, sites = resolve_simulation(args)
+    assert not any(key.startswith("attack") for key in settings.as_dict())
     assert sites["attack"]["kind"] == "sign-flip" and len(sites["attack"]["sites"]) == 1
     args = build_parser().parse_args(["simulate", "--set", "attack=nan", "--set", "attackers=4"])
     with pytest.raises(UsageError, match="attackers"):
         resolve_simulation(args)
 
 
-def test_label_flip_reverses_every_label(tmp_path):
+def test_label_flip_reverses_every_label():
     rows = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, len(LABELS) - 1]})
-    path = write_flipped_partition(rows, LABELS, "note", "diagnosis", tmp_path / "flipped.csv")
-    written = datasets.Dataset.from_csv(str(path))
-    assert written["note"] == ["a", "b", "c"]
-    assert written["diagnosis"] == [LABELS[-1], LABELS[-2], LABELS[0]]
+    flipped = flip_labels(rows, len(LABELS))
+    assert flipped["text"] == ["a", "b", "c"]
+    assert flipped["label"] == [len(LABELS) - 1, len(LABELS) - 2, 0]
 
 
 @pytest.mark.parametrize("kind", ["scale:1e6", "label-flip"])
@@ -164,7 +163,7 @@ def test_simulated_attack_end_to_end(kind, tiny_bert, classification_csv, tmp_pa
         else:
             assert seen[f"site-{site}"] == ("rejected", seen[f"site-{site}"][1]) and "update-norm-ratio" in seen[f"site-{site}"][1]
     if kind == "label-flip":
-        assert (out / "attack" / f"site-{site}.csv").is_file()
+        assert (out / "attack" / "sites" / f"site-{site}.parquet").is_file()
 
 
 def test_a_round_with_too_few_valid_updates_aggregates_none_and_says_so(config, initial):
@@ -174,7 +173,7 @@ def test_a_round_with_too_few_valid_updates_aggregates_none_and_says_so(config, 
     from server.history import run_failure
 
     sites = {1: FakeSite("honest", 100, honest(1)), 2: attacker("nan")}
-    final, history = run_federation(build_strategy(apply_overrides(config, {"min-valid-updates": 2})), FakeGrid(sites),
+    final, history = run_federation(build_strategy(settings_of(apply_overrides(config, {"min-valid-updates": 2}))), FakeGrid(sites),
                                     initial, rounds=1)
     assert outcomes(history[0])["honest"] == ("valid", "round not aggregated (min-valid-updates)")
     assert outcomes(history[0])["attacker"][0] == "rejected" and history[0]["failure"]

@@ -12,7 +12,6 @@ from privacy.budget import (
     SitePolicy,
     check_budget,
     check_delta,
-    dp_request,
     resolve,
     site_policy,
 )
@@ -80,30 +79,6 @@ def test_bad_node_config_rejected(key, value, message):
     assert caught.value.setting == key
     assert text.startswith(f"node config {key} ")
     assert message in text and repr(value) in text
-
-
-def test_dp_request_from_run_config():
-    run = {"dp": True, "noise-multiplier": 0.0, "target-epsilon": 8.0, "delta": 1e-5,
-           "max-grad-norm": 1.0, "max-epsilon": 0.0, "num-server-rounds": 3}
-    assert dp_request(run) == request(target_epsilon=8.0, delta=1e-5)
-    assert dp_request({}) == request()
-
-
-@pytest.mark.parametrize(
-    "key, value, message",
-    [
-        ("max-grad-norm", 0.0, "must be > 0"),
-        ("delta", 1.5, "must be in [0, 1)"),
-        ("noise-multiplier", -1.0, "must be >= 0"),
-        ("target-epsilon", "8", "must be a number"),
-        ("dp", 1, "must be true or false"),
-    ],
-)
-def test_bad_run_config_rejected(key, value, message):
-    with pytest.raises(PolicyViolation) as caught:
-        dp_request({key: value})
-    assert str(caught.value).startswith(f"run config {key} ")
-    assert message in str(caught.value) and caught.value.setting == key
 
 
 @pytest.mark.parametrize(

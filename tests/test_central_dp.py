@@ -28,6 +28,7 @@ from strategies.factory import build_strategy
 from strategies.screening import ScreenedStrategy
 from strategies.validation import TooFewUpdates
 from tests.fake_grid import FakeGrid, record
+from tests.conftest import settings_of
 
 DIM = 640
 THETA = np.linspace(-1.0, 1.0, DIM)  # the global model before the round
@@ -168,10 +169,10 @@ def test_noise_of_the_released_mean_is_centred_with_std_z_c_over_m(z, clip, m):
 
 
 def strategy(z: float, m: int = 2) -> ScreenedStrategy:
-    return build_strategy(apply_overrides(default_run_config(), {
+    return build_strategy(settings_of(apply_overrides(default_run_config(), {
         "strategy": "fedavg", "central-dp": True, "central-dp-noise-multiplier": z,
         "central-dp-clipping-norm": 1.0, "central-dp-delta": DELTA, "num-sampled-clients": m,
-    }))
+    })))
 
 
 def run_round(screened: ScreenedStrategy, server_round: int, sites: dict[int, Callable[[Message], Message]]) -> dict:
@@ -233,7 +234,7 @@ def test_resume_skips_failed_rounds_and_ignores_history_without_central_dp():
     resumed = strategy(3.0)
     resumed.restore(failed)
     assert resumed.central_epsilon == 0.0
-    plain = build_strategy(apply_overrides(default_run_config(), {"strategy": "fedavg"}))
+    plain = build_strategy(settings_of(apply_overrides(default_run_config(), {"strategy": "fedavg"})))
     plain.restore([{"round": 1, "failure": None, "central_epsilon": None}])
     assert plain.central_epsilon is None and plain.central_release() is None
 

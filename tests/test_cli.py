@@ -7,7 +7,8 @@ import pandas as pd
 from client.local_data import load_site_data
 from fedlora.cli import main, parse_assignments
 from fedlora.run_config import apply_overrides
-from tests.conftest import LABELS, make_classification_rows
+from simulations.site_files import assign_site_files
+from tests.conftest import LABELS, make_classification_rows, settings_of
 
 
 def test_assignments_parse_toml_values_and_bare_strings():
@@ -45,8 +46,29 @@ def test_column_partition_of_a_file_gives_one_site_per_value(tiny_run_config, tm
         row["hospital"] = f"h{i % 3}"
     path = tmp_path / "notes.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
-    config = apply_overrides(tiny_run_config, {"data": str(path), "partition": "column:hospital", "eval-fraction": 0.0})
-    sizes = [len(load_site_data({"partition-id": i, "num-partitions": 3}, config).train) for i in range(3)]
-    assert sizes == [20, 20, 20]
-    site = load_site_data({"partition-id": 1, "num-partitions": 3}, config)
-    assert set(site.train["hospital"]) == {"h1"} and set(site.train["label"]) <= set(range(len(LABELS)))
+    config = apply_overrides(tiny_run_config, {"data": str(path), "partition": "column:hospital", "eval-fraction": 0.0,
+                                               "label-names": ",".join(LABELS)})
+    sites = {i: {} for i in range(3)}
+    assign_site_files(sites, settings_of(config), tmp_path / "out")
+    assert [site["num-examples"] for site in sites.values()] == [20, 20, 20]
+    data = [load_site_data(site, settings_of(config).data, 0, "hospital") for site in sites.values()]
+    assert [len(site.train) for site in data] == [20, 20, 20]
+    assert set(data[1].train["privacy_unit"]) == {"h1"} and set(data[1].train["label"]) <= set(range(len(LABELS)))
+
+
+def test_a_simulated_site_reads_its_own_file_under_the_run_column_names(tiny_run_config, tmp_path):
+    """The simulation writes each partition as the file a deployed site would hold: the run's
+    column names, label names (not indices), and the rows of that partition only."""
+    rows = make_classification_rows(30)
+    path = tmp_path / "notes.csv"
+    pd.DataFrame(rows).rename(columns={"text": "note", "label": "diagnosis"}).to_csv(path, index=False)
+    config = apply_overrides(tiny_run_config, {"data": str(path), "text-column": "note", "label-column": "diagnosis",
+                                               "label-names": ",".join(LABELS)})
+    sites = {0: {}, 1: {}, 2: {"data-path": str(path)}}
+    partitions = assign_site_files(sites, settings_of(config), tmp_path / "out")
+    assert sorted(partitions) == [0, 1] and sites[2] == {"data-path": str(path)}  # its own file is kept
+    written = pd.read_parquet(sites[0]["data-path"])
+    assert list(written.columns) == ["note", "diagnosis"] and set(written["diagnosis"]) <= set(LABELS)
+    site = load_site_data(sites[0], settings_of(config).data, 0)
+    assert len(site.train) + len(site.eval) == sites[0]["num-examples"] == partitions[0].num_rows
+    assert sorted([*site.train["text"], *site.eval["text"]]) == sorted(partitions[0]["text"])

@@ -10,7 +10,7 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from fedlora.data import load_classification
-from simulations.corpus import CLINICAL_LABELS, generate_clinical_corpus, write_corpus
+from fedlora.corpus import CLINICAL_LABELS, generate_clinical_corpus, write_corpus
 
 
 @pytest.fixture(scope="module")

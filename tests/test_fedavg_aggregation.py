@@ -9,6 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.run_config import apply_overrides, default_run_config
 from strategies.factory import build_strategy
+from tests.conftest import settings_of
 
 KEYS = ("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight",
         "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight",
@@ -41,7 +42,7 @@ def reply(node_id: int, record: ArrayRecord, num_examples: int) -> Message:
 
 
 def test_weighted_fedavg_matches_hand_computation():
-    strategy = build_strategy(apply_overrides(default_run_config(), {"strategy": "fedavg"}))
+    strategy = build_strategy(settings_of(apply_overrides(default_run_config(), {"strategy": "fedavg"})))
     strategy._reference = arrays(0.0, 0.0, 0.0)
     # Sites with 10 and 30 examples: weights 1/4 and 3/4.
     aggregated, metrics = strategy.aggregate_train(1, [reply(1, arrays(1.0, 2.0, 4.0), 10), reply(2, arrays(5.0, -2.0, 0.0), 30)])

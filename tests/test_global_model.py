@@ -9,25 +9,25 @@ from peft import PeftModel
 
 from fedlora.model import load_base_model
 from server.global_model import GlobalModel
-from tests.conftest import LABELS
+from tests.conftest import LABELS, settings_of
 
 
 def test_initial_adapter_is_seeded_and_contains_only_adapter_tensors(tiny_run_config):
-    first, second = GlobalModel.load(tiny_run_config).arrays(), GlobalModel.load(tiny_run_config).arrays()
+    first, second = GlobalModel.load(settings_of(tiny_run_config)).arrays(), GlobalModel.load(settings_of(tiny_run_config)).arrays()
     assert list(first.keys()) == list(second.keys())
     assert all(torch.equal(torch.tensor(first[k].numpy()), torch.tensor(second[k].numpy())) for k in first)
     assert all("lora_" in k or "classifier" in k for k in first)
 
 
 def test_central_evaluation_on_a_server_side_file(tiny_run_config, classification_csv):
-    global_model = GlobalModel.load(tiny_run_config)
+    global_model = GlobalModel.load(settings_of(tiny_run_config))
     result = global_model.central_evaluator(str(classification_csv))(global_model.arrays())
     assert result["num-examples"] == 90
     assert 0.0 <= result["accuracy"] <= 1.0 and result["loss"] > 0
 
 
 def test_saved_adapter_loads_with_peft_from_pretrained(tiny_run_config, tiny_bert, tmp_path):
-    global_model = GlobalModel.load(tiny_run_config)
+    global_model = GlobalModel.load(settings_of(tiny_run_config))
     path = global_model.save(tmp_path / "adapter")
     assert json.loads((path / "fedlora.json").read_text())["label_names"] == LABELS
     loaded = PeftModel.from_pretrained(load_base_model(tiny_bert, "classification", LABELS), str(path))
@@ -45,6 +45,6 @@ def test_resume_with_other_adapter_settings_is_refused(tiny_run_config, tmp_path
     from server.history import write_json
 
     write_json(tmp_path / "config.json", tiny_run_config)
-    check_resumable(tmp_path, tiny_run_config)  # same settings: fine
+    check_resumable(tmp_path, settings_of(tiny_run_config))  # same settings: fine
     with pytest.raises(ValueError, match="lora-rank: 8 -> 16"):
-        check_resumable(tmp_path, {**tiny_run_config, "lora-rank": 16})
+        check_resumable(tmp_path, settings_of({**tiny_run_config, "lora-rank": 16}))

@@ -24,7 +24,7 @@ from simulations.simulate import run_simulation
 from strategies.factory import build_strategy
 from fedlora.lora_ranks import is_lora_a, lora_rank_of, pad_to_rank, rank_axis, truncate_to_rank
 from tests.fake_grid import FakeGrid, decode, record
-from tests.conftest import LABELS
+from tests.conftest import LABELS, settings_of
 
 Arrays = dict[str, np.ndarray]
 GLOBAL_RANK = 8
@@ -72,14 +72,14 @@ def config(tiny_bert, tmp_path_factory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def initial(config) -> Arrays:
-    return decode(GlobalModel.load(config).arrays())
+    return decode(GlobalModel.load(settings_of(config)).arrays())
 
 
 def test_nodes_get_their_own_rank_from_round_2_and_aggregation_is_rank_aware(config, initial, tmp_path):
     ranks, weights = {1: 2, 2: 4, 3: 8}, {1: 10, 2: 30, 3: 60}
     grid = FakeGrid({n: rank_site(r, weights[n], seed=n) for n, r in ranks.items()})
 
-    final, history = run_federation(build_strategy(config), grid, initial, rounds=2)
+    final, history = run_federation(build_strategy(settings_of(config)), grid, initial, rounds=2)
 
     assert all(c["outcome"] == "aggregated" for entry in history for c in entry["clients"])
     received = [(int(m.content["config"]["server-round"]), m.metadata.message_type, m.metadata.dst_node_id,
@@ -106,7 +106,7 @@ def test_nodes_get_their_own_rank_from_round_2_and_aggregation_is_rank_aware(con
             expected = sum(weights[n] * replies[n][name].take(k, axis).astype(np.float64) for n in trained) / total
             np.testing.assert_allclose(final[name].take(k, axis), expected, rtol=1e-5, atol=1e-7)
 
-    global_model = GlobalModel.load(config)
+    global_model = GlobalModel.load(settings_of(config))
     global_model.set_arrays(record(final))
     model, _ = load_adapter(global_model.save(tmp_path / "adapter"), base_model=config["model"])  # PeftModel.from_pretrained
     assert model.peft_config["default"].r == GLOBAL_RANK
@@ -123,7 +123,7 @@ def test_screening_is_rank_flexible_but_bounded_by_the_global_rank(config, initi
         2: rank_site(8, 10, seed=2, tamper=lambda a: pad_to_rank(a, 16)),
         3: rank_site(4, 10, seed=3, tamper=inconsistent),
     })
-    _, history = run_federation(build_strategy(config), grid, initial, rounds=1)
+    _, history = run_federation(build_strategy(settings_of(config)), grid, initial, rounds=1)
     seen = {c["node_id"]: (c["outcome"], c["reason"]) for c in history[0]["clients"]}
     assert seen[1] == ("aggregated", "")
     assert seen[2][0] == "rejected" and "invalid LoRA rank 16" in seen[2][1]
@@ -132,7 +132,7 @@ def test_screening_is_rank_flexible_but_bounded_by_the_global_rank(config, initi
 
 def test_a_site_trains_at_its_own_rank_and_refuses_a_smaller_adapter(tiny_run_config, classification_csv, tmp_path):
     run_config = apply_overrides(tiny_run_config, {"strategy": "hetlora", "lora-rank": GLOBAL_RANK, "dp": False, "local-steps": 2})
-    sent = GlobalModel.load(run_config).arrays()
+    sent = GlobalModel.load(settings_of(run_config)).arrays()
 
     def train_at(rank: int) -> Message:
         node = {"data-path": str(classification_csv), "dp": False, "lora-rank": rank, "ledger-path": str(tmp_path / f"{rank}.db")}
@@ -151,8 +151,8 @@ def test_simulation_with_sites_of_rank_4_8_16(tiny_run_config):
         "strategy": "hetlora", "lora-rank": 16, "num-server-rounds": 2, "local-steps": 2, "noise-multiplier": 1.0,
     })
     ranks = {"site-0": 4, "site-1": 8, "site-2": 16}
-    initial = decode(GlobalModel.load(run_config).arrays())
-    out = run_simulation(run_config, 3, per_site={0: {"lora-rank": 4}, 1: {"lora-rank": 8}})
+    initial = decode(GlobalModel.load(settings_of(run_config)).arrays())
+    out = run_simulation(settings_of(run_config), 3, per_site={0: {"lora-rank": 4}, 1: {"lora-rank": 8}})
 
     history = json.loads((out / "history.json").read_text())
     at_rank = {site: record(truncate_to_rank(initial, r)).count_bytes() for site, r in ranks.items()}

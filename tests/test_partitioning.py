@@ -8,8 +8,9 @@ import datasets
 import pytest
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
-from simulations.corpus import CLINICAL_LABELS, generate_clinical_corpus
-from simulations.partitioning import make_partitioner, partition_dataset, split_train_eval
+from fedlora.corpus import CLINICAL_LABELS, generate_clinical_corpus
+from client.local_data import split_train_eval
+from simulations.partitioning import make_partitioner, partition_dataset
 
 
 @pytest.fixture(scope="module")

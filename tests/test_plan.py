@@ -9,6 +9,7 @@ from fedlora.run_config import apply_overrides, default_run_config
 from privacy.accountant import epsilon_for
 from privacy.budget import EffectiveDP
 from privacy.plan import FINE_TUNE, PROBE, Phase, choose_schedule, phase_of, plan_run, public_population
+from tests.conftest import settings_of
 
 
 def effective(**overrides) -> EffectiveDP:
@@ -36,7 +37,7 @@ def test_a_calibrated_plan_ends_at_the_target_with_its_releases_counted():
 
 
 def test_one_sigma_covers_both_phases_and_each_round_costs_what_its_phase_does():
-    phases = choose_schedule(config(), 400, private=True)
+    phases = choose_schedule(settings_of(config()), 400, private=True)
     assert [p.name for p in phases] == [PROBE, FINE_TUNE]
     plan = plan_run(effective(), phases, 10.0)
     sigma, (probe, tune) = plan.noise_multiplier, phases
@@ -56,22 +57,22 @@ def test_the_noise_floor_holds_in_the_plan():
 
 
 def test_the_schedule_takes_hundreds_of_probe_steps_at_a_small_rate_from_the_public_size():
-    probe, tune = choose_schedule(config(), 1032, private=True)
+    probe, tune = choose_schedule(settings_of(config()), 1032, private=True)
     assert (probe.first_round, probe.last_round, tune.first_round, tune.last_round) == (1, 1, 2, 3)
     assert probe.steps_per_round >= 200 and probe.sample_rate < 0.1
     assert tune.batch_size == 128 and tune.steps_per_round == 9  # one epoch of 1032 units
     # Without DP the fine-tune batch is small (no noise to average out) and it takes 3 epochs.
-    _, plain = choose_schedule(config(), 1032, private=False)
+    _, plain = choose_schedule(settings_of(config()), 1032, private=False)
     assert plain.batch_size == 32 and plain.steps_per_round == 3 * 33
     # One large site gets at most 100 planned steps a round, unless its epochs are set.
-    assert choose_schedule(config(), 3871, private=False)[1].steps_per_round == 100
-    assert choose_schedule(config(**{"local-epochs": 3}), 3871, private=False)[1].steps_per_round == 3 * 121
+    assert choose_schedule(settings_of(config()), 3871, private=False)[1].steps_per_round == 100
+    assert choose_schedule(settings_of(config(**{"local-epochs": 3})), 3871, private=False)[1].steps_per_round == 3 * 121
 
 
 def test_an_explicit_setting_wins_over_the_plan():
-    probe, tune = choose_schedule(config(**{"batch-size": 7, "local-steps": 5, "learning-rate": 0.1,
+    probe, tune = choose_schedule(settings_of(config(**{"batch-size": 7, "local-steps": 5, "learning-rate": 0.1,
                                             "probe-steps": 11, "probe-batch-size": 9, "probe-learning-rate": 0.2,
-                                            "probe-rounds": 2, "num-server-rounds": 4}), 500, private=True)
+                                            "probe-rounds": 2, "num-server-rounds": 4})), 500, private=True)
     assert (probe.batch_size, probe.steps_per_round, probe.learning_rate, probe.last_round) == (9, 11, 0.2, 2)
     assert (tune.batch_size, tune.steps_per_round, tune.learning_rate, tune.first_round) == (7, 5, 0.1, 3)
     assert tune.sample_rate == pytest.approx(7 / 500)
@@ -79,9 +80,9 @@ def test_an_explicit_setting_wins_over_the_plan():
 
 def test_probe_rounds_zero_and_causal_lm_fine_tune_throughout():
     for settings in ({"probe-rounds": 0}, {"task": "causal-lm"}):
-        (only,) = choose_schedule(config(**settings), 500, private=True)
+        (only,) = choose_schedule(settings_of(config(**settings)), 500, private=True)
         assert (only.name, only.first_round, only.last_round) == (FINE_TUNE, 1, 3)
-    (only,) = choose_schedule(config(**{"probe-rounds": 5}), 500, private=True)  # all 3 rounds probe
+    (only,) = choose_schedule(settings_of(config(**{"probe-rounds": 5})), 500, private=True)  # all 3 rounds probe
     assert (only.name, only.last_round) == (PROBE, 3)
     # A resumed run given more rounds than planned continues the last phase.
     assert phase_of((only,), 7) is only

@@ -17,7 +17,7 @@ from fedlora.adapters import read_metadata
 from fedlora.saved_adapter import load_adapter
 from fedlora.tasks import collate, forward_logits
 from server.global_model import GlobalModel
-from tests.conftest import LABELS
+from tests.conftest import LABELS, settings_of
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_a_saved_adapter_loads_back_with_its_pooling_and_scores_the_same(tiny_ru
     """Evaluate/load parity: the server's model, ``fedlora evaluate``'s loader and the
     documented snippet (fedlora's base model + ``PeftModel.from_pretrained``) agree."""
     config = apply_overrides(tiny_run_config, {"model": mean_pooled_bert})
-    server = GlobalModel.load(config)
+    server = GlobalModel.load(settings_of(config))
     with torch.no_grad():
         for param in server.model.parameters():
             if param.requires_grad:

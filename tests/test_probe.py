@@ -8,14 +8,15 @@ import torch
 from opacus import GradSampleModule
 
 from client.probe import FeatureCache, FeatureHead, classification_head, head_inputs, stack_features
-from fedlora.adapters import attach_adapter
+from fedlora.adapters import attach_adapter, lora_config
 from fedlora.model import load_base_model, load_tokenizer
-from fedlora.run_config import LoraSettings, apply_overrides
+from fedlora.run_config import apply_overrides
 from fedlora.tasks import encode, per_example_loss
 from privacy.ledger import PrivacyLedger
 from privacy.plan import choose_schedule, public_population
 from server.global_model import GlobalModel
 from tests.test_site_privacy import LABELS, _write_notes, privacy_run_config, train_round
+from tests.conftest import settings_of
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def model_and_examples(tiny_bert, tmp_path_factory):
     torch.manual_seed(0)
     config = privacy_run_config(tiny_bert, tmp_path_factory.mktemp("probe") / "unused.csv")
     model = attach_adapter(load_base_model(tiny_bert, "classification", list(LABELS)),
-                           LoraSettings.from_run_config(config).peft_config("classification"))
+                           lora_config("classification", int(config["lora-rank"]), float(config["lora-alpha"]), float(config["lora-dropout"])))
     tokenizer = load_tokenizer(tiny_bert)
     rows = datasets.Dataset.from_dict({"text": [f"patient note {i} " * (1 + i % 5) for i in range(20)],
                                        "label": [i % 3 for i in range(20)]})
@@ -84,10 +85,10 @@ def test_a_probe_round_trains_the_head_alone_and_is_charged_as_planned(tiny_bert
     data = _write_notes(tmp_path / "notes.csv", rows=60)
     config = apply_overrides(privacy_run_config(tiny_bert, data), {"probe-rounds": 1, "probe-steps": 40})
     node = {"data-path": str(data), "num-examples": 60, "ledger-path": str(tmp_path / "ledger.db"), "max-epsilon": 20.0}
-    sent = GlobalModel.load(config).arrays()
+    sent = GlobalModel.load(settings_of(config)).arrays()
     reply = train_round(config, node, 1, sent)
     assert not reply.has_error(), reply.error
-    probe, _ = choose_schedule(config, public_population(60, float(config["eval-fraction"])), private=True)
+    probe, _ = choose_schedule(settings_of(config), public_population(60, float(config["eval-fraction"])), private=True)
     with PrivacyLedger(node["ledger-path"], read_only=True) as ledger:
         spends, entries = ledger.spends(), ledger.entries()
     training = [s for s in spends if s.mechanism.startswith("dp-sgd")]
@@ -112,7 +113,7 @@ def test_a_warm_site_tokenises_its_rows_once_and_an_edited_file_afresh(tiny_bert
     data = _write_notes(tmp_path / "notes.csv", rows=60)
     config = apply_overrides(privacy_run_config(tiny_bert, data), {"probe-rounds": 1, "probe-steps": 5, "local-steps": 2})
     node = {"data-path": str(data), "num-examples": 60, "ledger-path": str(tmp_path / "ledger.db")}
-    sent = GlobalModel.load(config).arrays()
+    sent = GlobalModel.load(settings_of(config)).arrays()
     for server_round in (1, 2):
         assert not train_round(config, node, server_round, sent).has_error()
     assert len(calls) == 1  # the training split, tokenised in round 1 only

@@ -74,5 +74,5 @@ def test_the_readme_central_dp_command_builds_its_strategy():
     from strategies.factory import build_strategy
 
     (argv,) = [a for a in COMMANDS if "central-dp=true" in a]
-    config, _ = resolve_simulation(build_parser().parse_args(argv))
-    assert build_strategy(config).central_dp is not None
+    settings, _ = resolve_simulation(build_parser().parse_args(argv))
+    assert build_strategy(settings).central_dp is not None

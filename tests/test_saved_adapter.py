@@ -17,7 +17,8 @@ from fedlora.cli import main
 from fedlora.model import EMBEDDED_MODEL, portable_model_name, resolve_model_path
 from fedlora.run_config import default_run_config
 from server.global_model import GlobalModel
-from simulations.corpus import CLINICAL_LABELS
+from fedlora.corpus import CLINICAL_LABELS
+from tests.conftest import settings_of
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -26,7 +27,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def moved_adapter(tmp_path_factory) -> Path:
     """The main job's kind of adapter (embedded model and corpus), saved by the coordinator,
     then moved to another directory: the original is gone."""
-    saved = GlobalModel.load(default_run_config()).save(tmp_path_factory.mktemp("coordinator") / "adapter")
+    saved = GlobalModel.load(settings_of(default_run_config())).save(tmp_path_factory.mktemp("coordinator") / "adapter")
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     return Path(shutil.move(saved, elsewhere / "outputs" / "latest" / "adapter"))
 
@@ -79,7 +80,7 @@ def test_predict_continues_a_prompt_with_a_causal_lm_adapter(tiny_run_config, ti
     from fedlora.run_config import apply_overrides
 
     config = apply_overrides(tiny_run_config, {"model": tiny_llama, "task": "causal-lm"})
-    adapter = GlobalModel.load(config).save(tmp_path / "adapter")
+    adapter = GlobalModel.load(settings_of(config)).save(tmp_path / "adapter")
     argv = ["predict", "--adapter", str(adapter), "--text", "Summarise: fever", "--max-new-tokens", "5", "--json"]
     assert main([*argv, "--base-model", tiny_llama]) == 0
     (result,) = json.loads(capsys.readouterr().out)
@@ -93,7 +94,7 @@ def test_after_saving_the_server_never_looks_its_base_model_up(tiny_run_config, 
     (every round) must not make peft look it up on the hub."""
     import warnings
 
-    server = GlobalModel.load(tiny_run_config)
+    server = GlobalModel.load(settings_of(tiny_run_config))
     server.save(tmp_path / "adapter")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

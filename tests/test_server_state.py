@@ -13,7 +13,7 @@ from server.federation import Federation
 from server.global_model import GlobalModel
 from strategies.factory import build_strategy
 from strategies.server_state import load_optimizer_state, optimizer_state
-from tests.conftest import LABELS
+from tests.conftest import LABELS, settings_of
 from tests.fake_grid import FakeGrid, FakeSite, decode, honest, record, run_federation
 
 
@@ -37,11 +37,11 @@ def sites(ffa: bool) -> FakeGrid:
 def test_a_resumed_run_equals_an_uninterrupted_one(strategy, tiny_bert, tmp_path):
     config = run_config(tiny_bert, strategy)
     ffa = strategy.startswith("ffa-lora")
-    model = GlobalModel.load(config)
+    model = GlobalModel.load(settings_of(config))
     initial = decode(model.arrays())
-    straight, _ = run_federation(build_strategy(config), sites(ffa), initial, rounds=3)
+    straight, _ = run_federation(build_strategy(settings_of(config)), sites(ffa), initial, rounds=3)
 
-    first = build_strategy(config)
+    first = build_strategy(settings_of(config))
 
     def checkpoint_round(server_round, arrays, history):
         model.set_arrays(arrays)
@@ -51,9 +51,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(strategy, tiny_bert, tmp_path
 
     def resume(restore_moments: bool) -> dict[str, np.ndarray]:
         checkpoint = latest_checkpoint(tmp_path)
-        resumed_model = GlobalModel.load(config)
+        resumed_model = GlobalModel.load(settings_of(config))
         restore(resumed_model.model, checkpoint)
-        strategy_after_restart = build_strategy(config)
+        strategy_after_restart = build_strategy(settings_of(config))
         if restore_moments:
             load_optimizer_state(strategy_after_restart, checkpoint.server_optimizer())
         federation = Federation(sites(ffa), strategy_after_restart, 3, 10.0, {}, {})
@@ -66,7 +66,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(strategy, tiny_bert, tmp_path
         diff = np.concatenate([(final[k] - straight[k]).ravel() for k in straight])
         return float(np.linalg.norm(diff) / np.linalg.norm(step))
 
-    model_after_two = GlobalModel.load(config)
+    model_after_two = GlobalModel.load(settings_of(config))
     restore(model_after_two.model, latest_checkpoint(tmp_path))
     two_rounds = decode(model_after_two.arrays())
     assert third_step_error(resume(restore_moments=True)) < 1e-3
@@ -76,5 +76,5 @@ def test_a_resumed_run_equals_an_uninterrupted_one(strategy, tiny_bert, tmp_path
 
 def test_moments_for_a_strategy_without_them_are_refused(tiny_bert):
     with pytest.raises(ValueError, match="keeps none"):
-        load_optimizer_state(build_strategy(run_config(tiny_bert, "fedavg")), {"m_t/x": np.zeros(2)})
-    assert optimizer_state(build_strategy(run_config(tiny_bert, "median"))) == {}
+        load_optimizer_state(build_strategy(settings_of(run_config(tiny_bert, "fedavg"))), {"m_t/x": np.zeros(2)})
+    assert optimizer_state(build_strategy(settings_of(run_config(tiny_bert, "median")))) == {}

@@ -27,6 +27,7 @@ from fedlora.run_config import apply_overrides, default_run_config
 from privacy.accountant import epsilon_for
 from privacy.ledger import PrivacyLedger
 from server.global_model import GlobalModel
+from tests.conftest import settings_of
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ("cardio", "pulmo", "gastro")
@@ -50,7 +51,7 @@ def train_round(run_config: dict, node_config: dict, server_round: int, arrays: 
     """One train message through the site's ClientApp (outgoing guard included), the test
     playing the server. The restart test also runs it in a fresh process, so it uses no fixtures."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 1
-    arrays = arrays if arrays is not None else GlobalModel.load(run_config).arrays()
+    arrays = arrays if arrays is not None else GlobalModel.load(settings_of(run_config)).arrays()
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
     message = Message(content=content, dst_node_id=7, message_type="train")
     context = Context(run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
@@ -98,7 +99,7 @@ def run_config(tiny_bert, site_files) -> dict:
 
 @pytest.fixture(scope="module")
 def global_arrays(run_config) -> ArrayRecord:
-    return GlobalModel.load(run_config).arrays()
+    return GlobalModel.load(settings_of(run_config)).arrays()
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +232,28 @@ def test_server_cannot_loosen_the_site_policy(run_config, site_files, setting, r
 
 
 @pytest.mark.parametrize(
+    ("change", "setting"),
+    [
+        ({"lora-rank": "8 (patient Jane Doe)"}, "lora-rank"),  # a value of the wrong type
+        ({"eval-fraction": 1.0}, "eval-fraction"),  # out of range
+        ({"jane-doe-was-here": 1}, ""),  # a key the site does not know is the server's own
+    ],
+)
+def test_a_run_config_the_site_cannot_read_is_refused_by_setting_name_only(run_config, site_files, change, setting):
+    """The run config is typed at the site's edge: a bad one is a ``config-error`` naming a key
+    this site's code knows (never one the server made up), recorded in its ledger, nothing spent."""
+    ledger = site_files / f"config-{setting or 'unknown'}.db"
+    node = {"data-path": run_config["data"], "ledger-path": str(ledger), "num-examples": 30}
+    reply = train_round({**run_config, **change}, node, 1, ArrayRecord())
+    assert not reply.has_error(), reply.error
+    assert dict(reply.content["status"]) == {"status": "config-error", "setting": setting}
+    assert "jane" not in reply_text(reply).lower()
+    with PrivacyLedger(ledger, read_only=True) as kept:
+        assert kept.spends() == [] and [r.reason for r in kept.refusals()] == [
+            f"training: config-error ({setting or 'no setting'})"]
+
+
+@pytest.mark.parametrize(
     ("content", "setting", "problem"),
     [
         (b"text,diagnosis\nchest pain,cardio\ncough,pulmo\n", "label-column", "missing column 'label'"),
@@ -271,7 +294,7 @@ def test_a_site_with_no_usable_rows_answers_like_any_other_under_dp(run_config, 
     it, the refusal would tell the server whether any record carries that label."""
     probe = apply_overrides(run_config, {"label-names": "hiv-positive"})
     node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(tmp_path / "l.db")}
-    reply = train_round(probe, node, 1, GlobalModel.load(probe).arrays())
+    reply = train_round(probe, node, 1, GlobalModel.load(settings_of(probe)).arrays())
     assert set(reply.content) == {"arrays", "metrics", "site", "ledger"}
     assert reply.content["metrics"]["num-examples"] == 24  # the declared share, not the 0 usable rows
 
@@ -499,7 +522,7 @@ def test_what_a_site_reports_does_not_count_the_rows_a_server_filter_leaves(run_
     reports = []
     for labels in ("cardio", "gastro,cardio", "cardio,pulmo,gastro"):
         probe = apply_overrides(run_config, {"label-names": labels})
-        reply = train_round(probe, node, 1, GlobalModel.load(probe).arrays())
+        reply = train_round(probe, node, 1, GlobalModel.load(settings_of(probe)).arrays())
         reports.append(tuple(reply.content["metrics"][key] for key in public))
     assert reports[0] == reports[1] == reports[2]
 

@@ -11,6 +11,7 @@ from client import app as client_app
 from client.outgoing_guard import ALLOWED_METRICS
 from fedlora.run_config import apply_overrides
 from server.global_model import GlobalModel
+from tests.conftest import settings_of
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +30,7 @@ def train_message(arrays: ArrayRecord, server_round: int = 1) -> Message:
 
 
 def test_classification_round_sends_only_adapter_and_whitelisted_metrics(tiny_run_config, classification_csv, tmp_path):
-    global_model = GlobalModel.load(tiny_run_config)
+    global_model = GlobalModel.load(settings_of(tiny_run_config))
     sent = global_model.arrays()
     ctx = site_context(tiny_run_config, {"data-path": str(classification_csv), "ledger-path": str(tmp_path / "l.db"), "num-examples": 90})
     reply = client_app.app(train_message(sent), ctx)
@@ -51,7 +52,7 @@ def test_classification_round_sends_only_adapter_and_whitelisted_metrics(tiny_ru
 
 def test_causal_lm_round_on_tiny_llama(tiny_llama, instruction_jsonl, tiny_run_config, tmp_path):
     config = apply_overrides(tiny_run_config, {"model": tiny_llama, "task": "causal-lm", "data": str(instruction_jsonl), "label-names": ""})
-    global_model = GlobalModel.load(config)
+    global_model = GlobalModel.load(settings_of(config))
     sent = global_model.arrays()
     assert all(("q_proj" in k or "v_proj" in k) and "lora_" in k for k in sent)
     ctx = site_context(config, {"data-path": str(instruction_jsonl), "ledger-path": str(tmp_path / "l.db"), "num-examples": 60})

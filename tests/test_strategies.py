@@ -28,11 +28,11 @@ from fedlora.saved_adapter import load_adapter
 from fedlora.tasks import encode
 from server.global_model import GlobalModel
 from simulations.simulate import run_simulation
-from simulations.sources import load_file
+from fedlora.sources import load_file
 from strategies.factory import STRATEGIES, build_strategy
 from strategies.ffa_lora import ffa_upload, is_frozen_key
 from tests.fake_grid import Arrays, FakeGrid, FakeSite, changed, decode, honest, outcomes, record, run_federation, server_run_config
-from tests.conftest import LABELS
+from tests.conftest import LABELS, settings_of
 
 def weighted_mean(updates: list[tuple[Arrays, float]]) -> Arrays:
     total = sum(w for _, w in updates)
@@ -57,7 +57,7 @@ def config(tiny_bert, tmp_path_factory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def initial(config) -> Arrays:
     """The server's seeded initial adapter (B = 0, as PEFT initialises it)."""
-    return decode(GlobalModel.load(config).arrays())
+    return decode(GlobalModel.load(settings_of(config)).arrays())
 
 
 def configured(config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def configured(config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
 
 
 def test_ffa_lora_aggregate_is_exact_against_a_hand_computation(config, initial):
-    strategy = build_strategy(configured(config, strategy="ffa-lora"))
+    strategy = build_strategy(settings_of(configured(config, strategy="ffa-lora")))
     weights = {1: 10, 2: 30, 3: 60}
     grid = FakeGrid({n: FakeSite(f"s{n}", w, honest(n, ffa=True)) for n, w in weights.items()})
 
@@ -128,7 +128,7 @@ BAD_SITES: dict[str, tuple[Callable[[Arrays], Arrays], str]] = {
 
 
 def test_every_rejection_is_recorded_and_only_valid_updates_are_aggregated(config, initial):
-    strategy = build_strategy(configured(config, strategy="fedavg", **{"max-update-norm": 5.0}))
+    strategy = build_strategy(settings_of(configured(config, strategy="fedavg", **{"max-update-norm": 5.0})))
     sites: dict[int, Callable[[Message], Message]] = {1: FakeSite("good-1", 10, honest(1)), 2: FakeSite("good-2", 30, honest(2))}
     for node, (name, (change, _)) in enumerate(BAD_SITES.items(), start=3):
         sites[node] = FakeSite(name, 1000, changed(honest(node), change))
@@ -163,7 +163,7 @@ def test_strategy_runs_two_rounds_and_saves_a_peft_adapter(name, config, initial
     ffa = name.startswith("ffa-lora")
     grid = FakeGrid({n: FakeSite(f"s{n}", 10 * n, honest(n, ffa=ffa)) for n in range(1, 6)})
 
-    final, history = run_federation(build_strategy(run_config), grid, initial, rounds=2)
+    final, history = run_federation(build_strategy(settings_of(run_config)), grid, initial, rounds=2)
 
     for entry in history:
         assert entry["failure"] is None
@@ -179,7 +179,7 @@ def test_strategy_runs_two_rounds_and_saves_a_peft_adapter(name, config, initial
         mus = {m.content["config"]["proximal-mu"] for m in grid.sent if m.metadata.message_type == MessageType.TRAIN}
         assert mus == {run_config["proximal-mu"]}
 
-    global_model = GlobalModel.load(run_config)
+    global_model = GlobalModel.load(settings_of(run_config))
     global_model.set_arrays(record(final))
     model, _ = load_adapter(global_model.save(tmp_path / "adapter"), base_model=run_config["model"])  # PeftModel.from_pretrained
     loaded = get_peft_model_state_dict(model)
@@ -194,7 +194,7 @@ def test_robust_aggregators_by_hand_with_one_outlier(config, initial):
     sites[5] = FakeSite("outlier", 10, changed(honest(5), lambda a: {k: v + 0.5 for k, v in a.items()}))
 
     def one_round(name: str, **overrides: Any) -> tuple[Arrays, list[Arrays]]:
-        strategy = build_strategy(configured(config, strategy=name, **{"update-norm-ratio": 0.0}, **overrides))
+        strategy = build_strategy(settings_of(configured(config, strategy=name, **{"update-norm-ratio": 0.0}, **overrides)))
         grid = FakeGrid(sites)
         replies = grid.send_and_receive(strategy.configure_train(1, record(initial), ConfigRecord(), grid))
         ordered = sorted(replies, key=lambda r: r.metadata.src_node_id)
@@ -240,8 +240,8 @@ def test_fedprox_proximal_term_reaches_the_site_and_shrinks_its_update(tiny_run_
                                       "ledger-path": str(tmp_path / run / f"s{n}.db")}, n)
             for n in (1, 2)
         }
-        start = decode(GlobalModel.load(run_config).arrays())
-        final, history = run_federation(build_strategy(run_config), FakeGrid(sites), start, rounds=1)
+        start = decode(GlobalModel.load(settings_of(run_config)).arrays())
+        final, history = run_federation(build_strategy(settings_of(run_config)), FakeGrid(sites), start, rounds=1)
         assert all(c["outcome"] == "aggregated" for entry in history for c in entry["clients"])
         return {k: final[k] - start[k] for k in start}
 
@@ -257,9 +257,9 @@ def test_fedprox_proximal_term_reaches_the_site_and_shrinks_its_update(tiny_run_
 
 def test_proximal_term_survives_dp_sgd(tiny_run_config, classification_csv):
     """Under DP-SGD the proximal gradient is added after Opacus' clipping and noise, not lost."""
-    global_model = GlobalModel.load(tiny_run_config)
+    global_model = GlobalModel.load(settings_of(tiny_run_config))
     start = {k: v.clone() for k, v in global_model.arrays().to_torch_state_dict().items()}
-    data = load_file(str(classification_csv), tiny_run_config, LABELS)
+    data = load_file(str(classification_csv), settings_of(tiny_run_config).data, LABELS)
     examples = encode(data, global_model.tokenizer, "classification", 32)
     settings = TrainSettings(learning_rate=0.05, batch_size=8, steps=3, seed=3)
 
@@ -287,7 +287,7 @@ def test_central_dp_reports_epsilon_and_adds_calibrated_noise(config, initial):
     sites = {n: FakeSite(f"s{n}", w, honest(n)) for n, w in ((1, 10), (2, 30), (3, 60))}
     sites[3] = FakeSite("s3", 60, lambda received, r: None if r == 3 else honest(3)(received, r))
     grid = FakeGrid(sites)
-    strategy = build_strategy(run_config)
+    strategy = build_strategy(settings_of(run_config))
 
     final, history = run_federation(strategy, grid, initial, rounds=3)
 
@@ -311,7 +311,7 @@ def test_central_dp_reports_epsilon_and_adds_calibrated_noise(config, initial):
     assert abs(noise.mean()) < 0.05
 
     # A resume replays the recorded releases, at their z even where the resumed run's differs.
-    resumed = build_strategy({**run_config, "central-dp-noise-multiplier": 10 * z})
+    resumed = build_strategy(settings_of({**run_config, "central-dp-noise-multiplier": 10 * z}))
     resumed.restore(history)
     assert resumed.central_epsilon == pytest.approx(epsilons[1])
 
@@ -319,7 +319,7 @@ def test_central_dp_reports_epsilon_and_adds_calibrated_noise(config, initial):
 def test_central_dp_under_ffa_lora_leaves_a_untouched(config, initial):
     run_config = configured(config, strategy="ffa-lora", **{"central-dp": True, "num-sampled-clients": 2})
     grid = FakeGrid({n: FakeSite(f"s{n}", 10, honest(n, ffa=True)) for n in (1, 2)})
-    final, history = run_federation(build_strategy(run_config), grid, initial, rounds=1)
+    final, history = run_federation(build_strategy(settings_of(run_config)), grid, initial, rounds=1)
     assert history[0]["central_epsilon"] > 0
     assert all(np.array_equal(final[k], initial[k]) == is_frozen_key(k) for k in initial)
 
@@ -331,12 +331,12 @@ def test_central_dp_under_ffa_lora_leaves_a_untouched(config, initial):
 ])
 def test_central_dp_refuses_what_its_accounting_cannot_cover(config, overrides, message):
     with pytest.raises(ValueError, match=message):
-        build_strategy(configured(config, **{"central-dp": True, **overrides}))
+        build_strategy(settings_of(configured(config, **{"central-dp": True, **overrides})))
 
 
 def test_unknown_strategy_names_the_choices(config):
     with pytest.raises(ValueError, match="ffa-lora\\+median"):
-        build_strategy(configured(config, strategy="fedsgd"))
+        build_strategy(settings_of(configured(config, strategy="fedsgd")))
 
 
 # --- one real simulation: FFA-LoRA + median, DP-SGD at the sites ------------------------------
@@ -346,8 +346,8 @@ def test_simulation_ffa_lora_with_median_keeps_a_and_halves_uploads(tiny_run_con
     run_config = apply_overrides(tiny_run_config, {
         "strategy": "ffa-lora+median", "num-server-rounds": 2, "local-steps": 2, "noise-multiplier": 1.0,
     })
-    initial = decode(GlobalModel.load(run_config).arrays())
-    out = run_simulation(run_config, 3)
+    initial = decode(GlobalModel.load(settings_of(run_config)).arrays())
+    out = run_simulation(settings_of(run_config), 3)
 
     history = json.loads((out / "history.json").read_text())
     head = sum(len(record(initial)[k].data) for k in initial if "lora_" not in k)

@@ -1,0 +1,87 @@
+"""The federation's data source named in the run config (``data``), as the coordinator reads it
+(the server's labels, a simulation before it partitions, ``fedlora evaluate``); a site reads only
+its own file (``client.local_data``). The source is ``embedded:clinical-notes`` (the generated
+default corpus), a local file or ``save_to_disk`` folder, or a hub dataset name."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+
+import datasets
+
+from fedlora.data import DataError, label_names_of, load_causal_lm, load_classification, load_table
+from fedlora.run_config import DataSettings
+
+EMBEDDED_DATA = "embedded:clinical-notes"
+
+
+def resolve_label_names(data: DataSettings) -> list[str]:
+    """``label-names`` from the run config, else the labels of the embedded corpus or of the
+    data file; one order for every site, so that label i means the same class everywhere."""
+    if data.label_names:
+        return list(data.label_names)
+    if data.data == EMBEDDED_DATA:
+        from fedlora.corpus import CLINICAL_LABELS
+
+        return list(CLINICAL_LABELS)
+    return label_names_of(data.data, data.label_column)
+
+
+def load_source(data: DataSettings, seed: int, extra_columns: tuple[str, ...] = ()) -> datasets.Dataset:
+    """The whole labelled dataset (``text``/``label`` or ``prompt``/``response``), plus the
+    column that ``partition = "column:NAME"`` splits sites by and ``extra_columns`` (the
+    privacy-unit columns of user-level DP), as strings. ``seed`` generates the embedded corpus."""
+    labels = tuple(resolve_label_names(data)) if data.task == "classification" else ()
+    named = replace(data, label_names=labels, partition="", eval_fraction=0.0, max_seq_length=2)
+    site_column = data.partition.removeprefix("column:") if data.partition.startswith("column:") else ""
+    return _load_cached(named, seed, site_column, tuple(extra_columns))
+
+
+def load_file(
+    path: str,
+    data: DataSettings,
+    label_names: list[str] | None,
+    drop_bad_rows: bool = False,
+    extra_columns: tuple[str, ...] = (),
+) -> datasets.Dataset:
+    """One site's (or the server's test) file, read with the run's column settings; a site
+    drops bad rows rather than refusing (``fedlora.data.load_classification``)."""
+    if data.task == "classification":
+        dataset, _ = load_classification(
+            path, data.text_column, data.label_column, label_names, drop_bad_rows, extra_columns,
+        )
+        return dataset
+    return load_causal_lm(path, data.prompt_column, data.response_column, drop_bad_rows, extra_columns)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(data: DataSettings, seed: int, site_col: str, unit_cols: tuple[str, ...]) -> datasets.Dataset:
+    """``data`` with its label names resolved and the settings that do not change what is read
+    cleared, so that equal sources share one cache entry."""
+    columns = {column: "privacy-unit-column" for column in unit_cols} | ({site_col: "partition"} if site_col else {})
+    labels = data.label_names
+    if data.data == EMBEDDED_DATA:
+        if data.task != "classification":
+            raise DataError(f"{EMBEDDED_DATA} is a classification corpus; give --data for causal-lm", setting="data")
+        from fedlora.corpus import generate_clinical_corpus
+
+        corpus = generate_clinical_corpus(seed=seed)
+        missing = [c for c in columns if c not in corpus.column_names]
+        if missing:
+            raise DataError(f"{EMBEDDED_DATA} has no column {missing[0]!r}; columns: {', '.join(corpus.column_names)}",
+                            setting=columns[missing[0]])
+        unknown = sorted(set(corpus["label"]) - set(labels))
+        if unknown:
+            raise DataError(f"{EMBEDDED_DATA} has labels {', '.join(unknown)} that label-names ({', '.join(labels)}) "
+                            "does not list", setting="label-names")
+        return corpus.map(lambda row: {"label": labels.index(row["label"])})
+    dataset = load_file(data.data, data, list(labels) or None)
+    for column in columns:
+        if column not in dataset.column_names:
+            raw = load_table(data.data)
+            if column not in raw.column_names:
+                raise DataError(f"{data.data}: no column {column!r} ({columns[column]}); columns: {', '.join(raw.column_names)}",
+                                setting=columns[column])
+            dataset = dataset.add_column(column, [str(v) for v in raw[column]])
+    return dataset

@@ -1,0 +1,64 @@
+"""The ServerApp and ClientApp of a simulated federation: fedlora's own server and site
+handlers, given what a deployment gives them.
+
+- The run config, which a deployment's SuperLink hands to both ends (``flwr run . -c``):
+  Flower's public ``run_simulation`` takes none (and a context's run config is read-only), so
+  both apps hand the simulation's to fedlora's handlers.
+- Each virtual site's node config, which a real SuperNode gets from ``flower-supernode
+  --node-config``: Flower's engine gives virtual sites only ``partition-id``/``num-partitions``,
+  so a mod adds the site's own settings (data path, ledger path, budget, delta, rank...) before
+  the handler runs, and simulated sites enforce exactly what deployed ones do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.serverapp import Grid, ServerApp
+
+from client import app as site_handlers
+from client.outgoing_guard import outgoing_guard
+from fedlora.run_config import RunSettings
+from server.app import run_server
+from simulations.attacks import Attack
+
+
+def build_server_app(settings: RunSettings) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, context.run_id, settings)
+
+    return app
+
+
+def build_site_app(
+    settings: RunSettings, site_configs: Mapping[int, Mapping[str, Any]], attack: Attack | None = None
+) -> ClientApp:
+    """A ClientApp whose site with partition id ``i`` runs with node config ``site_configs[i]``;
+    with an ``attack``, its attackers' replies are rewritten after their honest site (and its
+    outgoing guard) produced them."""
+
+    def with_site_config(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        context.node_config.update(site_configs.get(int(context.node_config["partition-id"]), {}))
+        return call_next(msg, context)
+
+    attacking = [attack.mod(settings.seed)] if attack is not None else []
+    # The handlers read the run config as a deployed site reads its SuperLink's: flat, and
+    # parsed at their edge.
+    run_config = settings.as_dict()
+    app = ClientApp(mods=[with_site_config, *attacking, outgoing_guard])
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return site_handlers.train_site(msg, context, run_config)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return site_handlers.evaluate_site(msg, context, run_config)
+
+    return app
