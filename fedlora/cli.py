@@ -138,6 +138,7 @@ def resolve_simulation(args: argparse.Namespace) -> tuple[RunSettings, dict[str,
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedlora.console import print_summary, quiet_flower_console
     from simulations.attacks import Attack
     from simulations.simulate import run_simulation
 
@@ -146,6 +147,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     # What the virtual sites were given, so that --resume brings back the same sites.
     (out_dir / SIMULATION_FILE).write_text(json.dumps(sites, indent=2))
+    if not args.verbose:
+        quiet_flower_console()
     failure = None
     try:
         run_simulation(
@@ -154,6 +157,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             node_config=sites["node-config"],
             per_site={int(k): v for k, v in sites["site-config"].items()},
             attack=Attack.from_record(sites["attack"]) if sites.get("attack") else None,
+            verbose=args.verbose,
         )
     except RunFailed as err:
         failure = str(err)
@@ -165,6 +169,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"fedlora simulate: run failed: {failure}; no adapter written (report: {out_dir / 'report.md'})",
               file=sys.stderr)
         return 1
+    print_summary(out_dir)
     print(f"results: {out_dir} (report.md, history.json, adapter/, plots/)")
     return 0
 
@@ -306,6 +311,8 @@ def _add_simulation_options(parser: argparse.ArgumentParser) -> None:
                         help="node config of every simulated site, e.g. 'max-epsilon=4 delta=1e-5'")
     parser.add_argument("--site-config", metavar="TOML", help="per-site node config: tables [site-0], [site-1], ...")
     parser.add_argument("--resume", metavar="DIR", help="continue a stopped run from its last checkpoint")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Flower's own lines and each simulated site's log")
 
 
 def _delegate(module: str, function: str, argv: list[str]) -> int:

@@ -38,6 +38,7 @@ from rich.table import Table
 
 from privacy.accountant import DP_ACCOUNTING_RTOL, History, epsilon_dp_accounting, epsilon_for
 from privacy.ledger import Anchor, LedgerError, PrivacyLedger
+from server.history import RoundRecord, load_history
 
 
 @dataclass(frozen=True)
@@ -159,15 +160,15 @@ def audit_ledger(path: str | Path, tolerance: float = 1e-6) -> LedgerAudit:
     )
 
 
-def check_anchors(path: str | Path, history: list[dict[str, Any]]) -> tuple[str | None, list[str]]:
+def check_anchors(path: str | Path, history: list[RoundRecord]) -> tuple[str | None, list[str]]:
     """The site (its ``site-name``) whose ledger ``path`` is, by file name or by the anchors it
     holds, and the ledger's problems against that site's anchors in a run's ``history.json``."""
     reported: dict[str, list[tuple[int, Anchor]]] = {}
     for record in history:
-        for entry in record.get("clients", []) + record.get("evaluations", []):
-            if entry.get("ledger"):
-                anchor = Anchor(int(entry["ledger"]["rows"]), str(entry["ledger"]["head"]))
-                reported.setdefault(entry["client"], []).append((record["round"], anchor))
+        for entry in [*record.clients, *record.evaluations]:
+            if entry.ledger:
+                anchor = Anchor(int(entry.ledger["rows"]), str(entry.ledger["head"]))
+                reported.setdefault(entry.client, []).append((record.round, anchor))
     with PrivacyLedger(path, read_only=True) as ledger:
         site = Path(path).stem
         if site not in reported:
@@ -197,9 +198,9 @@ def audit_main(argv: list[str] | None = None) -> int:
     history = None
     if args.history:
         try:
-            history = json.loads(Path(args.history).read_text())
-        except (OSError, ValueError) as err:
-            print(f"fedlora privacy audit: error: cannot read --history {args.history}: {err}", file=sys.stderr)
+            history = load_history(Path(args.history))
+        except ValueError as err:
+            print(f"fedlora privacy audit: error: --history {args.history}: {err}", file=sys.stderr)
             return 2
 
     audits: list[LedgerAudit] = []

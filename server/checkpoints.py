@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapters import load_adapter_state, save_adapter
 from fedlora.run_config import RunSettings
-from server.history import write_json
+from server.history import RoundRecord, history_json, read_history, write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -33,7 +33,7 @@ SERVER_OPTIMIZER = "server_optimizer.safetensors"
 class Checkpoint:
     round: int
     path: Path
-    history: list[dict[str, Any]]
+    history: list[RoundRecord]
 
     def adapter(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.path / ADAPTER_WEIGHTS))
@@ -49,7 +49,7 @@ def save_checkpoint(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     metadata: dict[str, Any],
-    history: list[dict[str, Any]],
+    history: list[RoundRecord],
     server_optimizer: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write the round's checkpoint completely, then move it into place (atomic on one disk)."""
@@ -59,7 +59,7 @@ def save_checkpoint(
     save_adapter(model, tmp, tokenizer, {**metadata, "round": server_round})
     if server_optimizer:
         save_numpy(server_optimizer, str(tmp / SERVER_OPTIMIZER))
-    write_json(tmp / STATE_FILE, {"round": server_round, "history": history})
+    write_json(tmp / STATE_FILE, {"round": server_round, "history": history_json(history)})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
@@ -76,7 +76,7 @@ def latest_checkpoint(out_dir: Path) -> Checkpoint | None:
         return None
     server_round, path = max(found)
     state = json.loads((path / STATE_FILE).read_text())
-    return Checkpoint(round=server_round, path=path, history=state["history"])
+    return Checkpoint(round=server_round, path=path, history=read_history(state["history"]))
 
 
 def restore(model: PeftModel, checkpoint: Checkpoint) -> None:

@@ -18,10 +18,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from server.history import RoundRecord, SiteEvaluation, SiteRound
+from server.progress import send_and_receive
 from strategies.screening import ReplyOutcome, ScreenedStrategy
 from strategies.validation import TooFewUpdates
 
-RoundCallback = Callable[[int, ArrayRecord, list[dict[str, Any]]], None]
+# The DP parameters a site reports with its update, kept in its history entry (``privacy``).
+_PRIVACY_METRICS = ("noise-multiplier", "sample-rate", "steps", "delta", "max-epsilon", "dp", "user-level")
+RoundCallback = Callable[[int, ArrayRecord, list[RoundRecord]], None]
 
 
 @dataclass
@@ -38,28 +42,28 @@ class Federation:
     # or a Flower error reply, which carries no site record) is still reported under its name.
     site_names: dict[int, str] = field(default_factory=dict)
 
-    def run(self, arrays: ArrayRecord, start_round: int, history: list[dict[str, Any]], on_round: RoundCallback) -> ArrayRecord:
+    def run(self, arrays: ArrayRecord, start_round: int, history: list[RoundRecord], on_round: RoundCallback) -> ArrayRecord:
         for record in history:  # a resumed run knows the sites from the rounds before
-            self._learn_names(record["clients"] + record.get("evaluations", []))
+            self._learn_names([*record.clients, *record.evaluations])
         self.strategy.restore(history)  # a resumed run's central-DP spend counts the earlier rounds
         for server_round in range(start_round, self.num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", server_round, self.num_rounds)
             arrays, record = self._round(server_round, arrays)
             history.append(record)
             self._flag_repeated_rejections(history)
-            for entry in record["clients"]:
+            for entry in record.clients:
                 _log_outcome(server_round, entry)
             on_round(server_round, arrays, history)
-            log(INFO, "round %s: eval accuracy %s, train loss %s, %s/%s sites aggregated",
-                server_round, record["eval_accuracy"], record["train_loss"],
-                sum(c["outcome"] == "aggregated" for c in record["clients"]), len(record["clients"]))
+            log(INFO, "round %s: eval accuracy %s, train loss %s, %s/%s sites aggregated", server_round,
+                _fmt(record.eval_accuracy), _fmt(record.train_loss), len(record.aggregated), len(record.clients))
         return arrays
 
-    def _round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
+    def _round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, RoundRecord]:
         start = time.perf_counter()
         messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(dict(self.train_config)), self.grid))
         bytes_down = {m.metadata.dst_node_id: m.content["arrays"].count_bytes() for m in messages}
-        replies = _on_behalf_of_lost_nodes(messages, self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies = _on_behalf_of_lost_nodes(messages, send_and_receive(
+            self.grid, messages, self.timeout, f"round {server_round}/{self.num_rounds} training"))
         failure, train_metrics = None, None
         try:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
@@ -75,61 +79,65 @@ class Federation:
         self._learn_names(clients)
 
         eval_messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(self.evaluate_config)), self.grid))
-        eval_replies = _on_behalf_of_lost_nodes(eval_messages, self.grid.send_and_receive(eval_messages, timeout=self.timeout))
+        eval_replies = _on_behalf_of_lost_nodes(eval_messages, send_and_receive(
+            self.grid, eval_messages, self.timeout, f"round {server_round}/{self.num_rounds} evaluation"))
         eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies)
         central = self.central_eval(arrays) if self.central_eval else {}
-        record = {
-            "round": server_round,
-            "train_loss": (train_metrics or {}).get("train-loss"),
-            "eval_loss": (eval_metrics or {}).get("eval-loss"),
-            "eval_accuracy": (eval_metrics or {}).get("eval-accuracy"),
-            "central_loss": central.get("loss"),
-            "central_accuracy": central.get("accuracy"),
-            "bytes_up": sum(c["bytes_up"] for c in clients),
-            "bytes_down": sum(bytes_down.values()),
-            "seconds": time.perf_counter() - start,
-            "failure": failure,
-            "central_epsilon": self.strategy.central_epsilon,
-            "central_dp": self.strategy.central_release(),
-            "clients": clients,
-            "evaluations": [
-                {"client": o.site, "node_id": o.node_id, "outcome": o.outcome, "reason": o.reason,
-                 "num_examples": o.metrics.get("num-examples"), "eval_loss": o.metrics.get("eval-loss"),
-                 "eval_accuracy": o.metrics.get("eval-accuracy"), "epsilon": o.metrics.get("epsilon"),
-                 "ledger": o.ledger}
+        record = RoundRecord(
+            round=server_round,
+            train_loss=(train_metrics or {}).get("train-loss"),
+            eval_loss=(eval_metrics or {}).get("eval-loss"),
+            eval_accuracy=(eval_metrics or {}).get("eval-accuracy"),
+            central_loss=central.get("loss"),
+            central_accuracy=central.get("accuracy"),
+            bytes_up=sum(c.bytes_up for c in clients),
+            bytes_down=sum(bytes_down.values()),
+            seconds=time.perf_counter() - start,
+            failure=failure,
+            central_epsilon=self.strategy.central_epsilon,
+            central_dp=self.strategy.central_release(),
+            clients=clients,
+            evaluations=[
+                SiteEvaluation(o.site, o.node_id, o.outcome, o.reason, num_examples=o.metrics.get("num-examples"),
+                               eval_loss=o.metrics.get("eval-loss"), eval_accuracy=o.metrics.get("eval-accuracy"),
+                               epsilon=o.metrics.get("epsilon"), ledger=o.ledger)
                 for o in self.strategy.evaluate_outcomes
             ],
-        }
-        self._learn_names(record["evaluations"])
-        for entry in record["clients"] + record["evaluations"]:
-            entry["client"] = self.site_names.get(entry["node_id"], entry["client"])
+        )
+        self._learn_names(record.evaluations)
+        for entry in [*record.clients, *record.evaluations]:
+            entry.client = self.site_names.get(entry.node_id, entry.client)
         return arrays, record
 
-    def _flag_repeated_rejections(self, history: list[dict[str, Any]]) -> None:
+    def _flag_repeated_rejections(self, history: list[RoundRecord]) -> None:
         """Mark ``flagged`` on the latest round's rejected sites that were also rejected in
         each of the ``flag_after`` - 1 rounds before (by node id), and log them."""
         if not self.flag_after or len(history) < self.flag_after:
             return
         window = history[-self.flag_after:]
-        rejected = [{c["node_id"] for c in r["clients"] if c["outcome"] == "rejected"} for r in window]
-        for entry in window[-1]["clients"]:
-            entry["flagged"] = all(entry["node_id"] in nodes for nodes in rejected)
-            if entry["flagged"]:
-                log(WARNING, "%s: update rejected %s rounds running (latest: %s)", entry["client"], self.flag_after, entry["reason"])
+        rejected = [{c.node_id for c in r.clients if c.outcome == "rejected"} for r in window]
+        for entry in window[-1].clients:
+            entry.flagged = all(entry.node_id in nodes for nodes in rejected)
+            if entry.flagged:
+                log(WARNING, "%s: update rejected %s rounds running (latest: %s)", entry.client, self.flag_after, entry.reason)
 
-    def _learn_names(self, entries: list[dict[str, Any]]) -> None:
+    def _learn_names(self, entries: list[SiteRound | SiteEvaluation]) -> None:
         for entry in entries:
-            if entry.get("node_id") is not None and entry["client"] != f"node-{entry['node_id']}":
-                self.site_names[entry["node_id"]] = entry["client"]
+            if entry.node_id is not None and entry.client != f"node-{entry.node_id}":
+                self.site_names[entry.node_id] = entry.client
 
 
-def _log_outcome(server_round: int, entry: dict[str, Any]) -> None:
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _log_outcome(server_round: int, entry: SiteRound) -> None:
     """One line per site per round: what became of its training reply, and why."""
-    if entry["outcome"] == "aggregated":
-        spent = f", epsilon {entry['epsilon']:.4f}" if entry["epsilon"] is not None else ", no DP"
-        log(INFO, "round %s: %s aggregated (update norm %.4g%s)", server_round, entry["client"], entry["update_norm"], spent)
+    if entry.outcome == "aggregated":
+        spent = f", epsilon {entry.epsilon:.4f}" if entry.epsilon is not None else ", no DP"
+        log(INFO, "round %s: %s aggregated (update norm %.4g%s)", server_round, entry.client, entry.update_norm, spent)
     else:
-        log(WARNING, "round %s: %s %s: %s", server_round, entry["client"], entry["outcome"], entry["reason"])
+        log(WARNING, "round %s: %s %s: %s", server_round, entry.client, entry.outcome, entry.reason)
 
 
 def _on_behalf_of_lost_nodes(sent: list[Message], replies: Iterable[Message]) -> list[Message]:
@@ -147,30 +155,24 @@ def _on_behalf_of_lost_nodes(sent: list[Message], replies: Iterable[Message]) ->
     ]
 
 
-def _client_entries(outcomes: list[ReplyOutcome], bytes_down: dict[int, int]) -> list[dict[str, Any]]:
+def _client_entries(outcomes: list[ReplyOutcome], bytes_down: dict[int, int]) -> list[SiteRound]:
     answered = {o.node_id for o in outcomes}
     entries = [
-        {
-            "client": o.site,
-            "node_id": o.node_id,
-            "outcome": o.outcome,
-            "reason": o.reason,
-            "num_examples": o.metrics.get("num-examples"),
-            "train_loss": o.metrics.get("train-loss"),
-            "epsilon": o.metrics.get("epsilon") if o.metrics.get("dp") else None,
-            "privacy": {k: o.metrics[k] for k in ("noise-multiplier", "sample-rate", "steps", "delta", "max-epsilon", "dp", "user-level") if k in o.metrics},
-            "bytes_up": o.bytes_up,
-            "bytes_down": bytes_down.get(o.node_id, 0),
-            "ledger": o.ledger,
-            "update_norm": o.update_norm,
-            "flagged": False,
-        }
+        SiteRound(
+            o.site, o.node_id, o.outcome, o.reason,
+            num_examples=o.metrics.get("num-examples"),
+            train_loss=o.metrics.get("train-loss"),
+            epsilon=o.metrics.get("epsilon") if o.metrics.get("dp") else None,
+            privacy={k: o.metrics[k] for k in _PRIVACY_METRICS if k in o.metrics},
+            bytes_up=o.bytes_up,
+            bytes_down=bytes_down.get(o.node_id, 0),
+            ledger=o.ledger,
+            update_norm=o.update_norm,
+        )
         for o in outcomes
     ]
     entries += [
-        {"client": f"node-{node}", "node_id": node, "outcome": "no-reply", "reason": "no reply before the round timeout",
-         "num_examples": None, "train_loss": None, "epsilon": None, "privacy": {}, "bytes_up": 0, "bytes_down": sent,
-         "ledger": None, "update_norm": None, "flagged": False}
+        SiteRound(f"node-{node}", node, "no-reply", "no reply before the round timeout", bytes_down=sent)
         for node, sent in bytes_down.items() if node not in answered
     ]
     return entries

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,85 @@ HISTORY_FILE = "history.json"
 SIMULATION_FILE = "simulation.json"  # written by ``fedlora simulate``: what its virtual sites were given
 
 
+@dataclass
+class SiteRound:
+    """One site's part in a round's training, as the server saw it."""
+
+    client: str
+    node_id: int | None
+    outcome: str  # aggregated / valid / rejected / refused / failed / no-reply
+    reason: str = ""
+    num_examples: float | None = None
+    train_loss: float | None = None
+    epsilon: float | None = None
+    privacy: dict[str, float] = field(default_factory=dict)  # the DP parameters the site reported
+    bytes_up: int = 0
+    bytes_down: int = 0
+    ledger: dict[str, Any] | None = None
+    update_norm: float | None = None
+    flagged: bool = False
+
+
+@dataclass
+class SiteEvaluation:
+    """One site's part in a round's federated evaluation."""
+
+    client: str
+    node_id: int | None
+    outcome: str
+    reason: str = ""
+    num_examples: float | None = None
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    epsilon: float | None = None
+    ledger: dict[str, Any] | None = None
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    central_loss: float | None = None
+    central_accuracy: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    failure: str | None = None
+    central_epsilon: float | None = None
+    central_dp: dict[str, float] | None = None
+    clients: list[SiteRound] = field(default_factory=list)
+    evaluations: list[SiteEvaluation] = field(default_factory=list)
+
+    @property
+    def aggregated(self) -> list[SiteRound]:
+        return [c for c in self.clients if c.outcome == "aggregated"]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> "RoundRecord":
+        """An entry of ``history.json`` (keys it does not know, from a newer fedlora, are an error)."""
+        try:
+            return cls(**{
+                **entry,
+                "clients": [SiteRound(**c) for c in entry.get("clients", [])],
+                "evaluations": [SiteEvaluation(**e) for e in entry.get("evaluations", [])],
+            })
+        except TypeError as err:
+            raise ValueError(f"not a history.json round entry: {err}") from err
+
+
 class RunFailed(RuntimeError):
     """No round of the run aggregated an update: there is no trained adapter to write."""
 
 
-def run_failure(history: list[dict[str, Any]]) -> str | None:
+def run_failure(history: list[RoundRecord]) -> str | None:
     """Why the run as a whole failed (no round aggregated any site's update), else None. Each
     site's own outcome and reason are in its round's entry, and reported once, from there."""
-    if any(c["outcome"] == "aggregated" for r in history if not r.get("failure") for c in r["clients"]):
+    if any(r.aggregated for r in history if not r.failure):
         return None
     return f"no round aggregated an update ({len(history)} round(s) ran)"
 
@@ -59,11 +131,26 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def save_history(out_dir: Path, rounds: list[dict[str, Any]]) -> Path:
+def save_history(out_dir: Path, rounds: list[RoundRecord]) -> Path:
     path = out_dir / HISTORY_FILE
-    write_json(path, rounds)
+    write_json(path, history_json(rounds))
     return path
 
 
-def load_history(path: Path) -> list[dict[str, Any]]:
-    return json.loads(path.read_text()) if path.is_file() else []
+def history_json(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
+    return [r.to_json() for r in rounds]
+
+
+def read_history(entries: list[dict[str, Any]]) -> list[RoundRecord]:
+    return [RoundRecord.from_json(entry) for entry in entries]
+
+
+def load_history(path: Path) -> list[RoundRecord]:
+    """``history.json`` as records; ValueError when it is not one."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{path} is not a history.json (a list of round entries)")
+    return read_history(entries)

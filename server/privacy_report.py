@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.run_config import RunSettings, StrategySettings
-from server.history import write_json
+from server.history import RoundRecord, write_json
 from server.report import plot_series
 
 # history.json client entry "privacy" key -> report key
@@ -22,7 +22,7 @@ _ROUND_PRIVACY = {"noise-multiplier": "noise_multiplier", "sample-rate": "sample
                   "delta": "delta", "max-epsilon": "max_epsilon", "user-level": "user_level"}
 
 
-def write_privacy_report(out_dir: Path, settings: RunSettings, history: list[dict]) -> dict:
+def write_privacy_report(out_dir: Path, settings: RunSettings, history: list[RoundRecord]) -> dict:
     """Write the three files under ``out_dir`` and return the JSON document."""
     report = privacy_summary(settings, history)
     write_json(out_dir / "privacy_report.json", report)
@@ -31,21 +31,21 @@ def write_privacy_report(out_dir: Path, settings: RunSettings, history: list[dic
     return report
 
 
-def privacy_summary(settings: RunSettings, history: list[dict]) -> dict[str, Any]:
+def privacy_summary(settings: RunSettings, history: list[RoundRecord]) -> dict[str, Any]:
     """The JSON document: ``dp`` (the run's requested settings), ``sites`` (per site: every
     round it was sent work, its latest epsilon and privacy parameters, its refusals) and
     ``central`` (server-side DP, null unless the history records carry ``central_epsilon``)."""
     rounds_by_site: dict[str, list[dict[str, Any]]] = {}
     for record in history:
-        evaluated = {e["client"]: e.get("epsilon") for e in record.get("evaluations", [])}
-        for client in record["clients"]:
-            privacy = client.get("privacy") or {}
-            spent = [e for e in (client.get("epsilon"), evaluated.get(client["client"])) if e is not None]
-            rounds_by_site.setdefault(client["client"], []).append(
+        evaluated = {e.client: e.epsilon for e in record.evaluations}
+        for client in record.clients:
+            privacy = client.privacy
+            spent = [e for e in (client.epsilon, evaluated.get(client.client)) if e is not None]
+            rounds_by_site.setdefault(client.client, []).append(
                 {
-                    "round": record["round"],
-                    "outcome": client["outcome"],
-                    "reason": client.get("reason") or "",
+                    "round": record.round,
+                    "outcome": client.outcome,
+                    "reason": client.reason,
                     "epsilon": max(spent) if spent else None,
                     "dp": bool(privacy["dp"]) if "dp" in privacy else None,
                     **{new: privacy.get(old) for old, new in _ROUND_PRIVACY.items()},
@@ -86,10 +86,10 @@ def _site_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _central_summary(strategy: StrategySettings, history: list[dict]) -> dict[str, Any] | None:
+def _central_summary(strategy: StrategySettings, history: list[RoundRecord]) -> dict[str, Any] | None:
     points = [
-        {"round": r["round"], "epsilon": r["central_epsilon"]}
-        for r in history if r.get("central_epsilon") is not None
+        {"round": r.round, "epsilon": r.central_epsilon}
+        for r in history if r.central_epsilon is not None
     ]
     if not points:
         return None

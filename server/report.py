@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedlora.run_config import RunSettings  # noqa: E402
-from server.history import SIMULATION_FILE, run_failure  # noqa: E402
+from server.history import SIMULATION_FILE, RoundRecord, run_failure  # noqa: E402
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -55,19 +55,19 @@ def plot_series(
     return path
 
 
-def _points(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
-    return [(r["round"], r[key]) for r in history if r.get(key) is not None]
+def _points(history: list[RoundRecord], key: str) -> list[tuple[int, float]]:
+    return [(r.round, getattr(r, key)) for r in history if getattr(r, key) is not None]
 
 
-def _status(settings: RunSettings, history: list[dict[str, Any]]) -> tuple[str, bool]:
+def _status(settings: RunSettings, history: list[RoundRecord]) -> tuple[str, bool]:
     """The run's status line, and whether it completed with an adapter."""
-    done = bool(history) and history[-1]["round"] >= settings.num_server_rounds
+    done = bool(history) and history[-1].round >= settings.num_server_rounds
     failure = run_failure(history)
     if done and failure:
         return f"**FAILED**: {failure}. No adapter was written.", False
     if done:
         return "completed", True
-    return f"stopped or running: {history[-1]['round'] if history else 0} of {settings.num_server_rounds} rounds done", False
+    return f"stopped or running: {history[-1].round if history else 0} of {settings.num_server_rounds} rounds done", False
 
 
 def _files(simulated: bool, completed: bool) -> list[str]:
@@ -81,11 +81,12 @@ def _files(simulated: bool, completed: bool) -> list[str]:
     ]
     if simulated:
         files += ["`privacy/site-<i>.db`: each simulated site's privacy ledger (`fedlora privacy audit`)",
+                  "`sites/site-<i>.parquet`: each simulated site's own data (its `data-path`)",
                   f"`{SIMULATION_FILE}`: what the simulated sites were given"]
     return files
 
 
-def write_report(out_dir: Path, settings: RunSettings, history: list[dict[str, Any]]) -> Path:
+def write_report(out_dir: Path, settings: RunSettings, history: list[RoundRecord]) -> Path:
     plots = out_dir / "plots"
     plot_series(plots / "loss.png", "Loss per round", "loss", {
         "train (sites)": _points(history, "train_loss"),
@@ -116,20 +117,19 @@ def write_report(out_dir: Path, settings: RunSettings, history: list[dict[str, A
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in history:
-        aggregated = sum(c["outcome"] == "aggregated" for c in r["clients"])
         lines.append(
-            f"| {r['round']} | {_fmt(r['train_loss'])} | {_fmt(r['eval_loss'])} | {_fmt(r['eval_accuracy'])} "
-            f"| {_fmt(r.get('central_accuracy'))} | {aggregated}/{len(r['clients'])} | {r['bytes_up']} "
-            f"| {r['bytes_down']} | {_fmt(r['seconds'], 1)} |"
+            f"| {r.round} | {_fmt(r.train_loss)} | {_fmt(r.eval_loss)} | {_fmt(r.eval_accuracy)} "
+            f"| {_fmt(r.central_accuracy)} | {len(r.aggregated)}/{len(r.clients)} | {r.bytes_up} "
+            f"| {r.bytes_down} | {_fmt(r.seconds, 1)} |"
         )
     problems = [
-        f"- round {r['round']}: {c['client']} {c['outcome']}: {c['reason']}"
-        + (f" (update norm {c['update_norm']:.4g})" if c.get("update_norm") is not None and "norm" not in c["reason"] else "")
-        + (" — **flagged**: rejected in consecutive rounds" if c.get("flagged") else "")
-        for r in history for c in r["clients"] if c["outcome"] != "aggregated"
-    ] + [f"- round {r['round']}: not aggregated: {r['failure']}" for r in history if r.get("failure")]
+        f"- round {r.round}: {c.client} {c.outcome}: {c.reason}"
+        + (f" (update norm {c.update_norm:.4g})" if c.update_norm is not None and "norm" not in c.reason else "")
+        + (" — **flagged**: rejected in consecutive rounds" if c.flagged else "")
+        for r in history for c in r.clients if c.outcome != "aggregated"
+    ] + [f"- round {r.round}: not aggregated: {r.failure}" for r in history if r.failure]
     lines += ["", "## Sites that did not contribute", ""] + (problems or ["None: every site sent a valid update every round."])
-    flagged = sorted({c["client"] for r in history for c in r["clients"] if c.get("flagged")})
+    flagged = sorted({c.client for r in history for c in r.clients if c.flagged})
     if flagged:
         lines += ["", f"**Flagged sites** (update rejected {settings.strategy.flag_after_rejections} rounds running): "
                   + ", ".join(flagged)]

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client import app as site_handlers
 from client.outgoing_guard import outgoing_guard
+from fedlora.console import quiet_flower_console
 from fedlora.run_config import RunSettings
 from server.app import run_server
 from simulations.attacks import Attack
@@ -38,13 +39,17 @@ def build_server_app(settings: RunSettings) -> ServerApp:
 
 
 def build_site_app(
-    settings: RunSettings, site_configs: Mapping[int, Mapping[str, Any]], attack: Attack | None = None
+    settings: RunSettings, site_configs: Mapping[int, Mapping[str, Any]], attack: Attack | None = None,
+    verbose: bool = False,
 ) -> ClientApp:
     """A ClientApp whose site with partition id ``i`` runs with node config ``site_configs[i]``;
     with an ``attack``, its attackers' replies are rewritten after their honest site (and its
-    outgoing guard) produced them."""
+    outgoing guard) produced them. Unless ``verbose``, a simulated site logs only its warnings
+    (its refusals among them): its INFO lines are what a deployed site keeps in its own log."""
 
     def with_site_config(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if not verbose:  # in the worker process that runs the site
+            quiet_flower_console(site=True)
         context.node_config.update(site_configs.get(int(context.node_config["partition-id"]), {}))
         return call_next(msg, context)
 

@@ -54,6 +54,7 @@ def run_simulation(
     per_site: Mapping[int, Mapping[str, Any]] | None = None,
     client_cpus: float | None = None,
     attack: Attack | None = None,
+    verbose: bool = False,
 ) -> Path:
     """Run the federation to completion; returns the output directory."""
     out_dir = Path(settings.output_dir).expanduser().resolve()
@@ -77,7 +78,7 @@ def run_simulation(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_flower_simulation(
         server_app=build_server_app(settings),
-        client_app=build_site_app(settings, sites, attack),
+        client_app=build_site_app(settings, sites, attack, verbose),
         num_supernodes=num_sites,
         backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},
     )

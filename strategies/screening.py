@@ -33,6 +33,7 @@ from strategies.norm_screen import NormScreen
 from strategies.validation import TooFewUpdates, spec_from_arrays, update_norm, validate_update
 
 if TYPE_CHECKING:
+    from server.history import RoundRecord
     from strategies.central_dp import CentralDP
 
 
@@ -112,13 +113,12 @@ class ScreenedStrategy(Strategy):
         ``delta``; None when nothing was released (no central DP, or the round failed)."""
         return None if self.central_dp is None else self.central_dp.round_release
 
-    def restore(self, history: Sequence[dict[str, Any]]) -> None:
+    def restore(self, history: Sequence[RoundRecord]) -> None:
         """Resume after ``history``: the norm screen's reference is the norms accepted last,
         and the central-DP accountant composes every earlier release at the noise multiplier
         recorded with it, never at this run's, so that changing ``central-dp-noise-multiplier``
         on resume cannot shrink the reported ε."""
-        accepted = [[c["update_norm"] for c in r.get("clients", []) if c["outcome"] == "aggregated" and c.get("update_norm")]
-                    for r in history]
+        accepted = [[c.update_norm for c in r.aggregated if c.update_norm] for r in history]
         self.norm_screen.restore(next((norms for norms in reversed(accepted) if norms), []))
         if self.central_dp is not None:
             self.central_dp.replay(_central_releases(history))
@@ -170,7 +170,7 @@ class ScreenedStrategy(Strategy):
         return self.inner.aggregate_evaluate(server_round, usable) if usable else None
 
 
-def _central_releases(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _central_releases(history: Sequence[RoundRecord]) -> list[dict[str, Any]]:
     """The central-DP releases of ``history``, each as its record's ``central_dp``.
 
     A round released an aggregate unless its ``failure`` is set. A released round must record
@@ -180,19 +180,14 @@ def _central_releases(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     """
     releases = []
     for record in history:
-        release = record.get("central_dp")
-        if release is not None:
-            releases.append(release)
-        elif not record.get("failure"):
-            why = (
-                "was aggregated without central DP, so its site-level privacy is not bounded"
-                if "central_dp" in record
-                else "lacks central_dp: the central-dp-noise-multiplier (and clipping norm, number of "
-                "sites) its release used, so its cost cannot be replayed exactly"
-            )
+        if record.central_dp is not None:
+            releases.append(record.central_dp)
+        elif not record.failure:
             raise ValueError(
-                f"cannot resume central DP: round {record['round']}'s history record {why}; "
-                "resuming would under-count epsilon. Start a new run instead."
+                f"cannot resume central DP: round {record.round}'s history record has no central_dp (the noise "
+                "multiplier, clipping norm and number of sites its release used): it was aggregated without central "
+                "DP, or written before central_dp was recorded, so its cost cannot be replayed and resuming would "
+                "under-count epsilon. Start a new run instead."
             )
     return releases
 

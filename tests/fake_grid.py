@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 from fedlora.run_config import apply_overrides, default_run_config
 from server.federation import Federation
+from server.history import RoundRecord, history_json
 from strategies.ffa_lora import trainable_subset
 
 Arrays = dict[str, np.ndarray]
@@ -32,16 +33,27 @@ class FakeGrid:
         self.sites = sites
         self.sent: list[Message] = []
         self.replies: list[Message] = []
+        self._waiting: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.sites)
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        replies = [self.sites[m.metadata.dst_node_id](m) for m in messages]
-        self.sent += messages
-        self.replies += replies
-        return replies
+        return list(self.pull_messages(self.push_messages(messages)))
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Each site answers at once; the replies wait to be pulled, as on a SuperLink."""
+        ids = []
+        for message in messages:
+            reply = self.sites[message.metadata.dst_node_id](message)
+            self.sent.append(message)
+            self.replies.append(reply)
+            ids.append(str(len(self.sent)))
+            self._waiting[ids[-1]] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._waiting.pop(i) for i in list(message_ids) if i in self._waiting]
 
     def train_replies(self, server_round: int) -> dict[int, Message]:
         """The training replies of one round, by node id."""
@@ -95,10 +107,11 @@ def changed(base: Update, change: Callable[[Arrays], Arrays]) -> Update:
 
 
 def run_federation(strategy, grid: FakeGrid, arrays: Arrays, rounds: int = 2) -> tuple[Arrays, list[dict[str, Any]]]:
-    history: list[dict[str, Any]] = []
+    """The final adapter and the history, as ``history.json`` holds it."""
+    history: list[RoundRecord] = []
     federation = Federation(grid, strategy, rounds, timeout=10.0, train_config={}, evaluate_config={})
     final = federation.run(record(arrays), 1, history, lambda *_: None)
-    return decode(final), history
+    return decode(final), history_json(history)
 
 
 def outcomes(history_record: dict[str, Any]) -> dict[str, tuple[str, str]]:

@@ -204,7 +204,8 @@ def _history_with_anchors(path, site: str) -> list[dict]:
     with PrivacyLedger(path, read_only=True) as ledger:
         rows = ledger.entries()
     anchors = [{"rows": r.id, "head": r.hash} for r in rows if r.kind == "confirm"]
-    return [{"round": i, "clients": [{"client": site, "ledger": a}], "evaluations": []} for i, a in enumerate(anchors, 1)]
+    return [{"round": i, "clients": [{"client": site, "node_id": 7, "outcome": "aggregated", "ledger": a}], "evaluations": []}
+            for i, a in enumerate(anchors, 1)]
 
 
 def test_history_anchors_catch_a_truncated_tail_the_chain_cannot(ledger_path, tmp_path, capsys):

@@ -27,6 +27,7 @@ from strategies.central_dp import CentralDP
 from strategies.factory import build_strategy
 from strategies.screening import ScreenedStrategy
 from strategies.validation import TooFewUpdates
+from server.history import read_history
 from tests.fake_grid import FakeGrid, record
 from tests.conftest import settings_of
 
@@ -207,7 +208,7 @@ def test_resume_composes_earlier_releases_at_their_recorded_noise():
     assert "exactly 2" in history[2]["failure"]
 
     resumed = strategy(3.0)
-    resumed.restore(history)
+    resumed.restore(read_history(history))
     orders = resumed.central_dp.accountant.state_dict()["orders"]
     assert resumed.central_epsilon == pytest.approx(history[1]["central_epsilon"], rel=1e-12)
     assert resumed.central_epsilon == pytest.approx(expected_epsilon(orders, [0.3, 0.3]), rel=1e-3)
@@ -222,20 +223,20 @@ def test_resume_composes_earlier_releases_at_their_recorded_noise():
 
 def test_resume_refuses_a_released_round_without_recorded_noise():
     old = [{"round": 1, "failure": None, "central_epsilon": 4.2}]  # written before central_dp existed
-    with pytest.raises(ValueError, match="round 1's history record lacks central_dp: the central-dp-noise-multiplier"):
-        strategy(3.0).restore(old)
+    with pytest.raises(ValueError, match="round 1's history record has no central_dp .the noise multiplier"):
+        strategy(3.0).restore(read_history(old))
     without = [{"round": 1, "failure": None, "central_epsilon": None, "central_dp": None}]
-    with pytest.raises(ValueError, match="round 1's history record was aggregated without central DP"):
-        strategy(3.0).restore(without)
+    with pytest.raises(ValueError, match="round 1's history record has no central_dp.*aggregated without central DP"):
+        strategy(3.0).restore(read_history(without))
 
 
 def test_resume_skips_failed_rounds_and_ignores_history_without_central_dp():
     failed = [{"round": 1, "failure": "round 1: 0 valid update(s)", "central_epsilon": 0.0}]  # old format, no release
     resumed = strategy(3.0)
-    resumed.restore(failed)
+    resumed.restore(read_history(failed))
     assert resumed.central_epsilon == 0.0
     plain = build_strategy(settings_of(apply_overrides(default_run_config(), {"strategy": "fedavg"})))
-    plain.restore([{"round": 1, "failure": None, "central_epsilon": None}])
+    plain.restore(read_history([{"round": 1, "failure": None, "central_epsilon": None}]))
     assert plain.central_epsilon is None and plain.central_release() is None
 
 

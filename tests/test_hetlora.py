@@ -18,12 +18,11 @@ from peft.utils import get_peft_model_state_dict
 from client import app as client_app
 from fedlora.run_config import apply_overrides, default_run_config
 from fedlora.saved_adapter import load_adapter
-from server.federation import Federation
 from server.global_model import GlobalModel
 from simulations.simulate import run_simulation
 from strategies.factory import build_strategy
 from fedlora.lora_ranks import is_lora_a, lora_rank_of, pad_to_rank, rank_axis, truncate_to_rank
-from tests.fake_grid import FakeGrid, decode, record
+from tests.fake_grid import FakeGrid, decode, record, run_federation
 from tests.conftest import LABELS, settings_of
 
 Arrays = dict[str, np.ndarray]
@@ -48,12 +47,6 @@ def rank_site(rank: int, num_examples: int, seed: int, tamper: Callable[[Arrays]
         return Message(RecordDict({"arrays": record(sent), "metrics": metrics, "site": name}), reply_to=msg)
 
     return reply
-
-
-def run_federation(strategy, grid: FakeGrid, arrays: Arrays, rounds: int) -> tuple[Arrays, list[dict[str, Any]]]:
-    history: list[dict[str, Any]] = []
-    federation = Federation(grid, strategy, rounds, timeout=10.0, train_config={}, evaluate_config={})
-    return decode(federation.run(record(arrays), 1, history, lambda *_: None)), history
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import pytest
 
 from fedlora.run_config import default_run_config
 from server.privacy_report import write_privacy_report
+from server.history import read_history
 from tests.conftest import settings_of
 
 RUN_CONFIG = default_run_config() | {"dp": True, "target-epsilon": 8.0, "noise-multiplier": 0.0, "max-grad-norm": 1.0,
@@ -41,7 +42,7 @@ def _history(central: bool = False) -> list[dict]:
 
 
 def test_json_has_each_sites_epsilon_budget_parameters_and_refusals(tmp_path):
-    report = write_privacy_report(tmp_path, settings_of(RUN_CONFIG), _history())
+    report = write_privacy_report(tmp_path, settings_of(RUN_CONFIG), read_history(_history()))
     assert json.loads((tmp_path / "privacy_report.json").read_text()) == report
 
     assert report["dp"] == {key: RUN_CONFIG[key] for key in ("dp", "target-epsilon", "noise-multiplier", "max-grad-norm",
@@ -61,7 +62,7 @@ def test_json_has_each_sites_epsilon_budget_parameters_and_refusals(tmp_path):
 
 
 def test_markdown_lists_the_refusal_and_png_is_written(tmp_path):
-    write_privacy_report(tmp_path, settings_of(RUN_CONFIG), _history())
+    write_privacy_report(tmp_path, settings_of(RUN_CONFIG), read_history(_history()))
     md = (tmp_path / "privacy_report.md").read_text()
     assert f"- round 2: site-b: {REFUSAL}" in md
     assert "| 2 | 1.5 | – (refused) | 0.75 |" in md
@@ -73,7 +74,7 @@ def test_markdown_lists_the_refusal_and_png_is_written(tmp_path):
 def test_dp_off_is_said_loudly_at_the_top(tmp_path):
     site = {**_trained("site-a", 0.0, 10.0, 0.0), "epsilon": None}  # what a non-DP site reports
     site["privacy"] = {**site["privacy"], "dp": 0}
-    report = write_privacy_report(tmp_path, settings_of({**RUN_CONFIG, "dp": False}), [{"round": 1, "clients": [site]}])
+    report = write_privacy_report(tmp_path, settings_of({**RUN_CONFIG, "dp": False}), read_history([{"round": 1, "clients": [site]}]))
     md = (tmp_path / "privacy_report.md").read_text()
     assert "WARNING: DIFFERENTIAL PRIVACY WAS OFF" in md.split("##")[0]
     assert report["dp"]["dp"] is False
@@ -83,7 +84,7 @@ def test_dp_off_is_said_loudly_at_the_top(tmp_path):
 
 def test_central_section_only_when_history_has_central_epsilon(tmp_path):
     config = {**RUN_CONFIG, "central-dp-noise-multiplier": 1.0, "central-dp-clipping-norm": 0.5, "central-dp-delta": 1e-5}
-    central = write_privacy_report(tmp_path, settings_of(config), _history(central=True))["central"]
+    central = write_privacy_report(tmp_path, settings_of(config), read_history(_history(central=True)))["central"]
     assert central == {
         "epsilon_per_round": [{"round": 1, "epsilon": 0.3}, {"round": 2, "epsilon": 0.6}],
         "latest_epsilon": 0.6, "noise_multiplier": 1.0, "clipping_norm": 0.5, "delta": 1e-5,

@@ -8,6 +8,7 @@ import json
 from fedlora.run_config import default_run_config
 from server.history import SIMULATION_FILE
 from server.report import write_report
+from server.history import read_history
 from tests.conftest import settings_of
 
 
@@ -19,12 +20,12 @@ def entry(round_: int, outcome: str, reason: str = "") -> dict:
 
 def test_a_deployed_run_does_not_claim_the_run_configs_data(tmp_path):
     config = default_run_config() | {"num-server-rounds": 2}
-    report = write_report(tmp_path, settings_of(config), [entry(1, "aggregated"), entry(2, "aggregated")]).read_text()
+    report = write_report(tmp_path, settings_of(config), read_history([entry(1, "aggregated"), entry(2, "aggregated")])).read_text()
     assert "status: completed" in report and "`adapter/`" in report
     assert "data: each site's own, which the coordinator never sees (a deployed run)" in report
     assert "embedded:clinical-notes" not in report and SIMULATION_FILE not in report
     (tmp_path / SIMULATION_FILE).write_text(json.dumps({"num-clients": 3}))
-    simulated = write_report(tmp_path, settings_of(config), [entry(1, "aggregated")]).read_text()
+    simulated = write_report(tmp_path, settings_of(config), read_history([entry(1, "aggregated")])).read_text()
     assert "data: `embedded:clinical-notes`, partition `iid` over simulated sites" in simulated
     assert "status: stopped or running: 1 of 2 rounds done" in simulated and "`adapter/`" not in simulated
 
@@ -32,6 +33,6 @@ def test_a_deployed_run_does_not_claim_the_run_configs_data(tmp_path):
 def test_a_run_without_an_aggregated_round_is_failed_and_lists_each_reason_once(tmp_path):
     config = default_run_config() | {"num-server-rounds": 2}
     refused = "budget-exhausted (setting max-epsilon)"
-    report = write_report(tmp_path, settings_of(config), [entry(1, "refused", refused), entry(2, "refused", refused)]).read_text()
+    report = write_report(tmp_path, settings_of(config), read_history([entry(1, "refused", refused), entry(2, "refused", refused)])).read_text()
     assert "status: **FAILED**: no round aggregated an update (2 round(s) ran). No adapter was written." in report
     assert report.count(refused) == 2 and "`adapter/`" not in report

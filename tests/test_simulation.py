@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,8 +38,27 @@ def finished_run(tmp_path_factory, tiny_bert):
         "--set", f"label-names={','.join(LABELS)}", "--node-config", "max-epsilon=20 delta=1e-5",
         "--site-config", str(sites),
     ]
-    assert main(argv) == 0
+    # As a person runs it, in a process of its own: the console output is part of the result.
+    done = subprocess.run([sys.executable, "-m", "fedlora.cli", *argv], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (root / "console.txt").write_text(done.stdout + done.stderr)
     return out, data
+
+
+def test_the_console_gives_one_line_per_event_and_a_summary(finished_run):
+    """Issue 13's bar: at most 40 lines for 2 rounds, no message twice in a row, none of
+    Flower's progress chatter or expected warnings, and a summary with accuracy and epsilon."""
+    out, _ = finished_run
+    lines = (out.parent / "console.txt").read_text().splitlines()
+    assert 10 <= len(lines) <= 40, "\n".join(lines)
+    messages = [line.split(":", 1)[-1].strip() for line in lines]
+    assert all(a != b for a, b in zip(messages, messages[1:])), "\n".join(lines)
+    text = "\n".join(lines)
+    for chatter in ("configure_train", "aggregate_train", "DEPRECATED", "Manually terminating", "Traceback"):
+        assert chatter not in text, chatter
+    assert "round 2: site-0 aggregated" in text and "round 2: eval accuracy" in text
+    assert lines[-3].startswith("after round 2: eval accuracy") and lines[-2].startswith("epsilon spent: site-0")
+    assert lines[-1] == f"results: {out} (report.md, history.json, adapter/, plots/)"
 
 
 def test_simulation_writes_every_result_file(finished_run):

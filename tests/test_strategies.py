@@ -31,6 +31,7 @@ from simulations.simulate import run_simulation
 from fedlora.sources import load_file
 from strategies.factory import STRATEGIES, build_strategy
 from strategies.ffa_lora import ffa_upload, is_frozen_key
+from server.history import read_history
 from tests.fake_grid import Arrays, FakeGrid, FakeSite, changed, decode, honest, outcomes, record, run_federation, server_run_config
 from tests.conftest import LABELS, settings_of
 
@@ -312,7 +313,7 @@ def test_central_dp_reports_epsilon_and_adds_calibrated_noise(config, initial):
 
     # A resume replays the recorded releases, at their z even where the resumed run's differs.
     resumed = build_strategy(settings_of({**run_config, "central-dp-noise-multiplier": 10 * z}))
-    resumed.restore(history)
+    resumed.restore(read_history(history))
     assert resumed.central_epsilon == pytest.approx(epsilons[1])
 
 

@@ -1,0 +1,40 @@
+"""One round trip to the sites, with a progress bar: send a round's messages, then collect the
+replies as they come, until every site answered or the round timed out.
+
+This is what Flower's ``Grid.send_and_receive`` does, through the same public ``Grid`` calls
+(``push_messages``, then ``pull_messages`` every half second), so that a person at a terminal
+sees how many sites are done and how long the rest will take. The bar is drawn only on a
+terminal (tqdm's ``disable=None``): logs and captured output get none.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from tqdm import tqdm
+
+PULL_INTERVAL = 0.5  # seconds, Flower's own
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, label: str) -> list[Message]:
+    messages = list(messages)
+    if not messages:
+        return []
+    waiting = set(grid.push_messages(messages))
+    expected = len(waiting)
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    with tqdm(total=expected, desc=label, unit="site", disable=None, leave=False) as bar:
+        while waiting and len(replies) < expected:
+            arrived = list(grid.pull_messages(waiting))
+            waiting.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
+            replies += arrived
+            bar.update(len(arrived))
+            if time.monotonic() >= deadline:
+                break
+            if waiting and not arrived:
+                time.sleep(PULL_INTERVAL)
+    return replies
