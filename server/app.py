@@ -15,7 +15,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.run_config import RunSettings
+from fedlora.run_config import ConfigError, RunSettings
 from server.checkpoints import check_resumable, latest_checkpoint, restore, save_checkpoint
 from server.federation import Federation
 from server.global_model import GlobalModel
@@ -30,7 +30,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_server(grid, context.run_id, RunSettings.parse(context.run_config))
+    try:
+        settings = RunSettings.parse(context.run_config)
+    except ConfigError as err:  # one line naming the key, not a stack trace
+        log(ERROR, "the run config cannot be used: %s", err)
+        raise RunFailed(str(err)) from err
+    run_server(grid, context.run_id, settings)
 
 
 def run_server(grid: Grid, run_id: int, settings: RunSettings) -> None:

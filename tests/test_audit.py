@@ -208,6 +208,14 @@ def _history_with_anchors(path, site: str) -> list[dict]:
             for i, a in enumerate(anchors, 1)]
 
 
+def test_a_history_file_that_is_not_one_is_a_one_line_error(ledger_path, tmp_path, capsys):
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps([{"round": 1, "clients": [{"client": "a", "colour": "red"}]}]))
+    assert audit_main([str(ledger_path), "--history", str(history)]) == 2
+    err = capsys.readouterr().err
+    assert "not a history.json round entry" in err and "Traceback" not in err
+
+
 def test_history_anchors_catch_a_truncated_tail_the_chain_cannot(ledger_path, tmp_path, capsys):
     """The attack: delete the newest rows. The rest of the chain is intact, so the plain audit
     passes; only the anchors the site sent to the server each round show the loss."""
@@ -230,6 +238,7 @@ def test_history_check_matches_a_ledger_by_its_anchors_or_fails(ledger_path, tmp
     history.write_text(json.dumps(_history_with_anchors(ledger_path, "hospital-a")))
     assert audit_main([str(renamed), "--history", str(history)]) == 0  # found by its anchors
     assert "site hospital-a  (" in capsys.readouterr().out  # named after its site-name, not its file
-    history.write_text(json.dumps([{"round": 1, "clients": [{"client": "other", "ledger": {"rows": 1, "head": "0" * 64}}]}]))
+    history.write_text(json.dumps([{"round": 1, "clients": [
+        {"client": "other", "node_id": 8, "outcome": "aggregated", "ledger": {"rows": 1, "head": "0" * 64}}]}]))
     assert audit_main([str(renamed), "--history", str(history)]) == 1
     assert "no site in the history matches this ledger" in capsys.readouterr().out

@@ -73,3 +73,18 @@ def test_an_unknown_or_missing_key_is_an_error_naming_it():
     del config["seed"]
     with pytest.raises(ConfigError, match="the run config has no seed"):
         RunSettings.parse(config)
+
+
+def test_the_server_app_refuses_a_bad_run_config_by_name():
+    """The deployed ServerApp types the run config first: a bad key fails the run with one
+    line naming it, before any model is loaded."""
+    from flwr.app import Context, RecordDict
+
+    from server.app import main as server_main
+    from server.history import RunFailed
+    from tests.fake_grid import FakeGrid
+
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=default_run_config() | {"lora-rank": "eight"})
+    with pytest.raises(RunFailed, match="run config lora-rank must be a whole number"):
+        server_main(FakeGrid({}), context)
