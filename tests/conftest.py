@@ -3,6 +3,7 @@ the same loading path as real sites), generated data, and a run config for them.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -13,6 +14,12 @@ from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, Llam
 
 from fedlora.model import EMBEDDED_MODEL, resolve_model_path
 from fedlora.run_config import RunSettings, apply_overrides, default_run_config
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs on two workers (pyproject addopts); on two cores each gets one thread, in
+    # its own process and in those it starts (simulated sites, SuperNodes), not two threads each.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 LABELS = ["cardio", "pulmo", "gastro"]
 _WORDS = {
