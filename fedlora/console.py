@@ -51,8 +51,10 @@ def print_summary(out_dir: Path) -> None:
     """Accuracy, each site's epsilon against its budget, and where the outputs are."""
     history = load_history(out_dir / "history.json")
     last = history[-1] if history else None
+    private = any(c.privacy.get("dp") for c in last.clients) if last is not None else False
     if last is not None:
-        measures = [f"eval accuracy {last.eval_accuracy:.4f} (sites' held-out)" if last.eval_accuracy is not None else "",
+        where = "sites' held-out, a noised release" if private else "sites' held-out"
+        measures = [f"eval accuracy {last.eval_accuracy:.4f} ({where})" if last.eval_accuracy is not None else "",
                     f"central accuracy {last.central_accuracy:.4f}" if last.central_accuracy is not None else "",
                     f"train loss {last.train_loss:.4f}" if last.train_loss is not None else ""]
         print(f"after round {last.round}: " + (", ".join(m for m in measures if m) or "no metrics reported"))

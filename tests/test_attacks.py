@@ -175,7 +175,7 @@ def test_the_simulated_sites_app_rewrites_only_the_attackers_training_reply(conf
 
 def test_simulated_label_flip_end_to_end(tiny_bert, classification_csv, tmp_path):
     out = tmp_path / "out"
-    argv = ["simulate", "--num-clients", "3", "--rounds", "2", "--data", str(classification_csv), "--model", tiny_bert,
+    argv = ["simulate", "--num-clients", "3", "--rounds", "1", "--data", str(classification_csv), "--model", tiny_bert,
             "--output", str(out), "--set", "batch-size=8", "--set", "max-seq-length=32", "--set", "probe-rounds=0",
             "--set", f"label-names={','.join(LABELS)}", "--set", "attack=label-flip", "--set", "attackers=1"]
     assert main(argv) == 0

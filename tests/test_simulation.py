@@ -197,7 +197,7 @@ def test_two_runs_on_kept_ledgers_both_aggregate_under_a_lifetime_budget_of_8(ti
     sites.write_text("".join(f'[site-{i}]\nledger-path = "{tmp_path / f"ledger-{i}.db"}"\n' for i in range(2)))
     epsilons = []
     for run in ("first", "second"):
-        argv = ["simulate", "--num-clients", "2", "--rounds", "2", "--data", str(data), "--model", tiny_bert,
+        argv = ["simulate", "--num-clients", "2", "--rounds", "1", "--data", str(data), "--model", tiny_bert,
                 "--output", str(tmp_path / run), "--set", f"label-names={','.join(LABELS)}", "--set", "max-seq-length=32",
                 "--set", "batch-size=8", "--set", "local-steps=2", "--node-config", "max-epsilon=8",
                 "--site-config", str(sites)]
