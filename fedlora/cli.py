@@ -174,6 +174,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_empirical(args: argparse.Namespace) -> int:
+    """``fedlora privacy empirical``: a simulation with canaries, and a measured lower bound on epsilon."""
+    from fedlora.console import quiet_flower_console
+    from simulations.empirical import run_empirical
+
+    if args.resume:
+        raise UsageError("--resume: an empirical audit is one whole run; start a new one")
+    settings, sites = resolve_simulation(args)
+    out_dir = _output_dir(settings.output_dir, resume=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SIMULATION_FILE).write_text(json.dumps(sites, indent=2))
+    if not args.verbose:
+        quiet_flower_console()
+    try:
+        result = run_empirical(settings, sites, out_dir, args.canaries, args.verbose)
+    except RunFailed as err:
+        print(f"fedlora privacy empirical: run failed: {err} (report: {out_dir / 'report.md'})", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    theory = "none (no DP)" if result["epsilon_theory"] is None else f"{result['epsilon_theory']:.3f}"
+    print(f"epsilon: lower bound {result['epsilon_lower_bound']:.3f} (measured, {result['method']}, "
+          f"{result['confidence']:.0%}), upper bound {theory} (accountant, site-0)")
+    print(f"results: {out_dir} (empirical.md, empirical.json, plots/canary_scores.png, report.md)")
+    return 0
+
+
 def _output_dir(given: str, resume: bool) -> Path:
     """A new timestamped folder under ``outputs/`` unless one is given. A fresh run never
     writes into a folder that already holds a run: its sites' ledgers belong to that run."""
@@ -276,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulation_options(plan)
     plan.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
     plan.set_defaults(func=cmd_plan)
+    empirical = privacy_commands.add_parser(
+        "empirical", help="a simulation with canaries: a measured lower bound on epsilon next to the accountant's")
+    _add_simulation_options(empirical)
+    empirical.add_argument("--canaries", type=int, default=1000, help="canaries, each in site-0's data with probability 1/2")
+    empirical.set_defaults(func=cmd_empirical)
 
     certs = commands.add_parser("certs", help="create a CA and a TLS server certificate", add_help=False)
     certs.set_defaults(func=lambda args: _delegate("server.certificates", "certs_main", args.rest))

@@ -20,13 +20,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import datasets
 from flwr.simulation import run_simulation as run_flower_simulation
 
 from fedlora.run_config import RunSettings
 from fedlora.sources import resolve_label_names
 from simulations.attacks import Attack, flip_labels
 from simulations.apps import build_server_app, build_site_app
-from simulations.site_files import assign_site_files, write_site_file
+from simulations.canaries import Canaries
+from simulations.site_files import assign_site_files, site_file, write_site_file
 
 
 def site_node_configs(
@@ -55,6 +57,7 @@ def run_simulation(
     client_cpus: float | None = None,
     attack: Attack | None = None,
     verbose: bool = False,
+    canaries: Canaries | None = None,
 ) -> Path:
     """Run the federation to completion; returns the output directory."""
     out_dir = Path(settings.output_dir).expanduser().resolve()
@@ -63,6 +66,14 @@ def run_simulation(
     settings = replace(settings, output_dir=str(out_dir), data=replace(settings.data, label_names=labels))
     sites = site_node_configs(out_dir, num_sites, node_config or {}, per_site or {})
     partitions = assign_site_files(sites, settings, out_dir)
+    if canaries is not None:  # the empirical audit's: into site 0's own file, declared like its rows
+        if 0 not in partitions or sites[0].get("privacy-unit-column"):
+            raise ValueError("the canaries go into site-0's partition, one row each: give site-0 no data-path "
+                             "or privacy-unit-column of its own")
+        own = partitions[0].select_columns(["text", "label"])
+        rows = datasets.concatenate_datasets([own, canaries.included_rows.cast(own.features)])
+        sites[0]["data-path"] = str(write_site_file(rows, settings.data, site_file(out_dir, 0)))
+        sites[0]["num-examples"] += int(canaries.included.sum())
     if attack is not None and attack.kind == "label-flip":
         flipped = out_dir / "attack" / "sites"
         for site in attack.sites:
