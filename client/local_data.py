@@ -22,7 +22,7 @@ import datasets
 
 from fedlora.data import DataError
 from fedlora.run_config import DataSettings
-from fedlora.sources import load_file, resolve_label_names
+from fedlora.sources import load_file
 
 
 UNIT_COLUMN = "privacy_unit"
@@ -48,7 +48,10 @@ def load_site_data(node_config: Mapping[str, Any], data: DataSettings, seed: int
     run's ``seed``)."""
     if "data-path" not in node_config:
         raise DataError("this site has no 'data-path' in its node config (flower-supernode --node-config)", setting="data-path")
-    labels = resolve_label_names(data) if data.task == "classification" else None
+    labels = list(data.label_names) if data.task == "classification" else None
+    if labels == []:  # else they would be read from the server's ``data``, a path the server chose
+        raise DataError("the run config gives no label-names; a site never reads the server's 'data' to find them",
+                        setting="label-names")
     source = str(node_config["data-path"])
     table = load_file(source, data, labels, drop_bad_rows=True, extra_columns=(unit_column,) if unit_column else ())
     if unit_column:

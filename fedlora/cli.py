@@ -103,8 +103,11 @@ def resolve_simulation(args: argparse.Namespace) -> tuple[RunSettings, dict[str,
     attack_settings = {key: overrides.pop(key) for key in ATTACK_KEYS if key in overrides}
     if args.no_dp:
         overrides["dp"] = False
+    from strategies.factory import build_strategy
+
     try:
         settings = RunSettings.parse(apply_overrides(default_run_config(), overrides))
+        build_strategy(settings)  # its combinations (central DP with a plain mean...) checked now
     except KeyError as err:
         raise UsageError(err.args[0]) from err
     except ConfigError as err:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import flwr
 
-from server.history import load_history
+from server.history import HISTORY_FILE, load_history
 
 _FLOWER = str(Path(flwr.__file__).parent)
 
@@ -49,9 +49,9 @@ def quiet_flower_console(site: bool = False) -> None:
 
 def print_summary(out_dir: Path) -> None:
     """Accuracy, each site's epsilon against its budget, and where the outputs are."""
-    history = load_history(out_dir / "history.json")
+    history = load_history(out_dir / HISTORY_FILE)
     last = history[-1] if history else None
-    private = any(c.privacy.get("dp") for c in last.clients) if last is not None else False
+    private = bool(json.loads((out_dir / "config.json").read_text())["dp"])
     if last is not None:
         where = "sites' held-out, a noised release" if private else "sites' held-out"
         measures = [f"eval accuracy {last.eval_accuracy:.4f} ({where})" if last.eval_accuracy is not None else "",

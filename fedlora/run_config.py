@@ -104,7 +104,7 @@ class DPRequest:
     delta: float
     max_grad_norm: float
     max_epsilon: float
-    secure_noise: bool = False
+    secure_noise: bool
 
     def check(self) -> None:
         for key in ("noise-multiplier", "target-epsilon", "max-epsilon"):
@@ -265,7 +265,7 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(key, f"run config {key} must be true or false, got {value!r}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value != int(value):
             raise ConfigError(key, f"run config {key} must be a whole number, got {value!r}")
         return int(value)
     if hint is float:

@@ -32,20 +32,30 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         settings = RunSettings.parse(context.run_config)
-    except ConfigError as err:  # one line naming the key, not a stack trace
-        log(ERROR, "the run config cannot be used: %s", err)
-        raise RunFailed(str(err)) from err
+    except ConfigError as err:
+        raise _refused(err) from err
     run_server(grid, context.run_id, settings)
+
+
+def _refused(err: ConfigError) -> RunFailed:
+    """One line naming the key, not a stack trace; Flower ends the run as failed."""
+    log(ERROR, "the run config cannot be used: %s", err)
+    return RunFailed(str(err))
 
 
 def run_server(grid: Grid, run_id: int, settings: RunSettings) -> None:
     """The whole run: rounds, checkpoints, the adapter and the reports."""
     out_dir = Path(settings.output_dir or f"outputs/run-{run_id}").expanduser().resolve()
     global_model = GlobalModel.load(settings)
-    strategy = build_strategy(settings)
     start_round, history = 1, []
-    if settings.resume and (checkpoint := latest_checkpoint(out_dir)) is not None:
-        check_resumable(out_dir, settings)
+    try:
+        strategy = build_strategy(settings)
+        checkpoint = latest_checkpoint(out_dir) if settings.resume else None
+        if checkpoint is not None:
+            check_resumable(out_dir, checkpoint, settings, global_model.label_names)
+    except ConfigError as err:
+        raise _refused(err) from err
+    if checkpoint is not None:
         restore(global_model.model, checkpoint)
         load_optimizer_state(strategy, checkpoint.server_optimizer())
         start_round, history = checkpoint.round + 1, checkpoint.history

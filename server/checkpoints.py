@@ -19,8 +19,8 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.adapters import load_adapter_state, save_adapter
-from fedlora.run_config import RunSettings
+from fedlora.adapters import METADATA_FILE, load_adapter_state, save_adapter
+from fedlora.run_config import ConfigError, RunSettings
 from server.history import RoundRecord, history_json, read_history, write_json
 
 CHECKPOINTS = "checkpoints"
@@ -83,16 +83,27 @@ def restore(model: PeftModel, checkpoint: Checkpoint) -> None:
     load_adapter_state(model, checkpoint.adapter())
 
 
-# Settings that shape the adapter: a resumed run must use the ones its checkpoints were made with.
-RESUME_KEYS = ("model", "task", "label-names", "lora-rank", "lora-target-modules", "strategy")
-
-
-def check_resumable(out_dir: Path, settings: RunSettings) -> None:
-    """Refuse to resume ``out_dir`` with settings that do not match its saved ``config.json``."""
+def check_resumable(out_dir: Path, checkpoint: Checkpoint, settings: RunSettings, label_names: list[str]) -> None:
+    """Refuse (``ConfigError``) to resume ``out_dir`` with settings that do not match, as typed
+    values, its saved ``config.json``. Label names are compared as resolved: those the run
+    config gave, else those the checkpoint's adapter was made with (``label_names`` now)."""
     saved_path = out_dir / "config.json"
     if not saved_path.is_file():
         return
-    saved, current = json.loads(saved_path.read_text()), settings.as_dict()
-    changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_KEYS if saved.get(k) != current[k]]
+    try:
+        saved = RunSettings.parse(json.loads(saved_path.read_text()))
+    except (ValueError, OSError) as err:  # ConfigError included
+        raise ConfigError("resume", f"cannot resume {out_dir}: its config.json cannot be read ({err})") from err
+    labels_then = list(saved.data.label_names) or json.loads((checkpoint.path / METADATA_FILE).read_text())["label_names"]
+    pairs = {
+        "model": (saved.model.model, settings.model.model),
+        "task": (saved.data.task, settings.data.task),
+        "label-names": (labels_then, label_names),
+        "lora-rank": (saved.model.lora_rank, settings.model.lora_rank),
+        "lora-target-modules": (saved.model.lora_target_modules, settings.model.lora_target_modules),
+        "strategy": (saved.strategy.strategy, settings.strategy.strategy),
+    }
+    changed = [f"{key}: {then!r} -> {now!r}" for key, (then, now) in pairs.items() if then != now]
     if changed:
-        raise ValueError(f"cannot resume {out_dir} with different settings ({'; '.join(changed)}); use a new output-dir")
+        raise ConfigError(changed[0].partition(":")[0], f"cannot resume {out_dir} with different settings "
+                          f"({'; '.join(changed)}); use a new output-dir")

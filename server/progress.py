@@ -2,7 +2,7 @@
 replies as they come, until every site answered or the round timed out.
 
 This is what Flower's ``Grid.send_and_receive`` does, through the same public ``Grid`` calls
-(``push_messages``, then ``pull_messages`` every half second), so that a person at a terminal
+(``push_messages``, then ``pull_messages`` every half second while none arrives), so that a person at a terminal
 sees how many sites are done and how long the rest will take. The bar is drawn only on a
 terminal (tqdm's ``disable=None``): logs and captured output get none.
 """
@@ -16,7 +16,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
-PULL_INTERVAL = 0.5  # seconds, Flower's own
+PULL_INTERVAL = 0.5  # seconds, as Flower's in-memory grid polls
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, label: str) -> list[Message]:

@@ -42,7 +42,7 @@ def assign_site_files(
     needing = [index for index, site in sites.items() if "data-path" not in site]
     if not needing:
         return {}
-    unit_columns = tuple(sorted({str(s["privacy-unit-column"]) for s in sites.values() if s.get("privacy-unit-column")}))
+    unit_columns = tuple(sorted({str(sites[i]["privacy-unit-column"]) for i in needing if sites[i].get("privacy-unit-column")}))
     dataset = load_source(settings.data, settings.seed, unit_columns)
     try:
         parts = partition_dataset(dataset, settings.data.partition, len(sites), "label", settings.seed)

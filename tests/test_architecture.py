@@ -80,6 +80,9 @@ def test_no_private_flower_entry_point_is_used():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flwr"):
                 names = [node.module, *(alias.name for alias in node.names)]
                 private += [f"{path.name}: {n}" for n in names if any(part.startswith("_") for part in n.split("."))]
+            elif isinstance(node, ast.Import):
+                private += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("flwr")
+                            and (a.asname or any(part.startswith("_") for part in a.name.split(".")))]
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("flwr."):
                 private.append(f"{path.name}: {node.value}")  # a Flower module looked up by name
     assert not private, private

@@ -202,3 +202,23 @@ def test_a_round_with_too_few_valid_updates_aggregates_none_and_says_so(config, 
     assert outcomes(history[0])["attacker"][0] == "rejected" and history[0]["failure"]
     assert all(np.array_equal(final[k], initial[k]) for k in initial)
     assert run_failure(read_history(history)) == "no round aggregated an update (1 round(s) ran)"
+
+
+def test_the_simulation_hands_each_site_its_own_file_and_the_flipper_its_flipped_one(tiny_run_config, monkeypatch):
+    """What each virtual site is given, without running Flower: its partition's file, the
+    run's label names (read once, from the data), and for a label-flipper its labels reversed."""
+    import simulations.simulate as simulate
+
+    given = {}
+    monkeypatch.setattr(simulate, "run_flower_simulation", lambda **_: None)
+    monkeypatch.setattr(simulate, "build_site_app", lambda settings, sites, *_: given.update(settings=settings, sites=sites))
+    out = simulate.run_simulation(settings_of(tiny_run_config | {"label-names": ""}), 3,
+                                  attack=Attack("label-flip", 0.0, (1,), 1))
+    sites, labels = given["sites"], given["settings"].data.label_names
+    assert labels == tuple(sorted(LABELS))  # the file's labels, named in the run config for every site
+    assert [s["data-path"] for s in sites.values()] == [
+        str(out / "sites" / "site-0.parquet"), str(out / "attack" / "sites" / "site-1.parquet"), str(out / "sites" / "site-2.parquet")]
+    own, flipped = pd.read_parquet(out / "sites" / "site-1.parquet"), pd.read_parquet(sites[1]["data-path"])
+    reverse = dict(zip(labels, reversed(labels)))
+    assert list(flipped["text"]) == list(own["text"]) and list(flipped["label"]) == [reverse[x] for x in own["label"]]
+    assert sites[1]["num-examples"] == len(own)

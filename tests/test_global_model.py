@@ -41,10 +41,29 @@ def test_saved_adapter_loads_with_peft_from_pretrained(tiny_run_config, tiny_ber
 def test_resume_with_other_adapter_settings_is_refused(tiny_run_config, tmp_path):
     import pytest
 
-    from server.checkpoints import check_resumable
+    from fedlora.run_config import ConfigError
+    from server.checkpoints import Checkpoint, check_resumable
     from server.history import write_json
 
-    write_json(tmp_path / "config.json", tiny_run_config)
-    check_resumable(tmp_path, settings_of(tiny_run_config))  # same settings: fine
-    with pytest.raises(ValueError, match="lora-rank: 8 -> 16"):
-        check_resumable(tmp_path, settings_of({**tiny_run_config, "lora-rank": 16}))
+    checkpoint = Checkpoint(round=1, path=tmp_path / "checkpoints" / "round-1", history=[])
+    checkpoint.path.mkdir(parents=True)
+    labels = list(settings_of(tiny_run_config).data.label_names)
+    write_json(tmp_path / "config.json", tiny_run_config | {"lora-target-modules": "query, value"})
+    modules = tiny_run_config | {"lora-target-modules": "query,value"}  # the same list, written differently
+    check_resumable(tmp_path, checkpoint, settings_of(modules), labels)
+    with pytest.raises(ConfigError, match="lora-rank: 8 -> 16") as refused:
+        check_resumable(tmp_path, checkpoint, settings_of({**modules, "lora-rank": 16}), labels)
+    assert refused.value.setting == "lora-rank"
+
+
+def test_an_older_run_that_read_its_labels_from_the_data_resumes(tiny_run_config, tmp_path):
+    """Its config.json says label-names = "" (read from the data), and its checkpoint's adapter
+    the labels it was made with; a simulation now names them in the run config."""
+    from server.checkpoints import Checkpoint, check_resumable
+    from server.history import write_json
+
+    checkpoint = Checkpoint(round=1, path=tmp_path / "checkpoints" / "round-1", history=[])
+    checkpoint.path.mkdir(parents=True)
+    write_json(checkpoint.path / "fedlora.json", {"label_names": ["cardio", "pulmo", "gastro"]})
+    write_json(tmp_path / "config.json", tiny_run_config | {"label-names": ""})
+    check_resumable(tmp_path, checkpoint, settings_of(tiny_run_config), ["cardio", "pulmo", "gastro"])

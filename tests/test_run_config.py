@@ -17,7 +17,8 @@ def test_the_defaults_parse_into_typed_sections_and_back():
     settings = RunSettings.parse(default_run_config())
     assert settings.model.lora_rank == 8 and isinstance(settings.model.lora_alpha, float)
     assert settings.data.label_names == () and settings.dp == DPRequest(
-        dp=True, noise_multiplier=0.0, target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0, max_epsilon=0.0)
+        dp=True, noise_multiplier=0.0, target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0, max_epsilon=0.0,
+        secure_noise=False)
     assert settings.strategy.freezes_lora_a is False
     assert RunSettings.parse(settings.as_dict()) == settings
     assert settings.as_dict() == default_run_config()
@@ -37,6 +38,8 @@ def test_lists_are_comma_separated_text_in_the_config():
     [
         ("lora-rank", "8", "must be a whole number"),
         ("lora-rank", 2.5, "must be a whole number"),
+        ("seed", float("nan"), "must be a whole number"),
+        ("seed", float("inf"), "must be a whole number"),
         ("lora-rank", 0, "must be >= 1"),
         ("learning-rate", "fast", "must be a finite number"),
         ("learning-rate", float("nan"), "must be a finite number"),
