@@ -20,7 +20,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -326,7 +326,8 @@ class Site:
     def _model(self, global_adapter: ArrayRecord):
         task = self.run.data.task
         try:
-            model, tokenizer = warm_model(self.run.model, task, self.run.data.label_names, self.lora_rank, self.run.strategy.freezes_lora_a)
+            at_site_rank = replace(self.run.model, lora_rank=self.lora_rank)
+            model, tokenizer = warm_model(at_site_rank, task, self.run.data.label_names, self.run.strategy.freezes_lora_a)
             load_adapter_state(model, at_rank(global_adapter, self.lora_rank))
         except (ModelError, ValueError) as err:
             raise RefusedRound("model-error", "model", str(err)) from err

@@ -16,12 +16,12 @@ from fedlora.run_config import ModelSettings
 
 
 @lru_cache(maxsize=2)
-def warm_model(model: ModelSettings, task: str, labels: tuple[str, ...], rank: int, freeze_a: bool):
-    """Base model + an adapter of ``rank`` (FFA-LoRA: ``freeze_a``), kept across rounds in one
-    process; each round overwrites the adapter tensors with the global ones, so no state leaks
-    from round to round."""
+def warm_model(model: ModelSettings, task: str, labels: tuple[str, ...], freeze_a: bool):
+    """Base model + an adapter of ``model.lora_rank`` (the site's; FFA-LoRA: ``freeze_a``), kept
+    across rounds in one process; each round overwrites the adapter tensors with the global
+    ones, so no state leaks from round to round."""
     base = load_base_model(model.model, task, list(labels) or None, model.pooling)
-    lora = lora_config(task, rank, model.lora_alpha, model.lora_dropout, model.lora_target_modules)
+    lora = lora_config(task, model.lora_rank, model.lora_alpha, model.lora_dropout, model.lora_target_modules)
     return attach_adapter(base, lora, freeze_lora_a=freeze_a), load_tokenizer(model.model)
 
 

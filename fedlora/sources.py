@@ -5,7 +5,6 @@ default corpus), a local file or ``save_to_disk`` folder, or a hub dataset name.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import lru_cache
 
 import datasets
@@ -33,9 +32,9 @@ def load_source(data: DataSettings, seed: int, extra_columns: tuple[str, ...] = 
     column that ``partition = "column:NAME"`` splits sites by and ``extra_columns`` (the
     privacy-unit columns of user-level DP), as strings. ``seed`` generates the embedded corpus."""
     labels = tuple(resolve_label_names(data)) if data.task == "classification" else ()
-    named = replace(data, label_names=labels, partition="", eval_fraction=0.0, max_seq_length=2)
     site_column = data.partition.removeprefix("column:") if data.partition.startswith("column:") else ""
-    return _load_cached(named, seed, site_column, tuple(extra_columns))
+    columns = (data.text_column, data.label_column, data.prompt_column, data.response_column)
+    return _load_cached(data.data, data.task, columns, labels, seed, site_column, tuple(extra_columns))
 
 
 def load_file(
@@ -56,13 +55,13 @@ def load_file(
 
 
 @lru_cache(maxsize=4)
-def _load_cached(data: DataSettings, seed: int, site_col: str, unit_cols: tuple[str, ...]) -> datasets.Dataset:
-    """``data`` with its label names resolved and the settings that do not change what is read
-    cleared, so that equal sources share one cache entry."""
+def _load_cached(source: str, task: str, names: tuple[str, str, str, str], labels: tuple[str, ...], seed: int,
+                 site_col: str, unit_cols: tuple[str, ...]) -> datasets.Dataset:
+    """Keyed on what decides the rows read: the source, its columns (``names``: text, label,
+    prompt, response), the resolved labels and the extra columns."""
     columns = {column: "privacy-unit-column" for column in unit_cols} | ({site_col: "partition"} if site_col else {})
-    labels = data.label_names
-    if data.data == EMBEDDED_DATA:
-        if data.task != "classification":
+    if source == EMBEDDED_DATA:
+        if task != "classification":
             raise DataError(f"{EMBEDDED_DATA} is a classification corpus; give --data for causal-lm", setting="data")
         from fedlora.corpus import generate_clinical_corpus
 
@@ -76,12 +75,15 @@ def _load_cached(data: DataSettings, seed: int, site_col: str, unit_cols: tuple[
             raise DataError(f"{EMBEDDED_DATA} has labels {', '.join(unknown)} that label-names ({', '.join(labels)}) "
                             "does not list", setting="label-names")
         return corpus.map(lambda row: {"label": labels.index(row["label"])})
-    dataset = load_file(data.data, data, list(labels) or None)
+    text, label, prompt, response = names
+    read = DataSettings(data=source, task=task, text_column=text, label_column=label, prompt_column=prompt,
+                        response_column=response, label_names=labels, partition="", eval_fraction=0.0, max_seq_length=2)
+    dataset = load_file(source, read, list(labels) or None)
     for column in columns:
         if column not in dataset.column_names:
-            raw = load_table(data.data)
+            raw = load_table(source)
             if column not in raw.column_names:
-                raise DataError(f"{data.data}: no column {column!r} ({columns[column]}); columns: {', '.join(raw.column_names)}",
+                raise DataError(f"{source}: no column {column!r} ({columns[column]}); columns: {', '.join(raw.column_names)}",
                                 setting=columns[column])
             dataset = dataset.add_column(column, [str(v) for v in raw[column]])
     return dataset

@@ -72,3 +72,41 @@ def test_a_simulated_site_reads_its_own_file_under_the_run_column_names(tiny_run
     site = load_site_data(sites[0], settings_of(config).data, 0)
     assert len(site.train) + len(site.eval) == sites[0]["num-examples"] == partitions[0].num_rows
     assert sorted([*site.train["text"], *site.eval["text"]]) == sorted(partitions[0]["text"])
+
+
+def test_the_site_loader_never_reads_the_servers_data_for_labels(tiny_run_config, tmp_path):
+    """Without label-names the site's own loader refuses (setting label-names) before reading
+    anything: it never falls back to the run's ``data``, a path the server chose."""
+    import pytest
+
+    from fedlora.data import DataError
+
+    config = tiny_run_config | {"label-names": "", "data": str(tmp_path / "server-chosen.csv")}
+    with pytest.raises(DataError, match="gives no label-names") as refused:
+        load_site_data({"data-path": str(tmp_path / "never-read.csv")}, settings_of(config).data, 0)
+    assert refused.value.setting == "label-names"
+
+
+def test_simulation_and_audit_usage_errors_are_one_line(capsys, tmp_path):
+    cases = [
+        (["simulate", "--num-clients", "2", "--set", "min-train-nodes=2", "--set", "min-evaluate-nodes=2",
+          "--site-config", str(tmp_path / "sites.toml")], "--site-config names site(s) [5], but sites are 0..1"),
+        (["privacy", "empirical", "--canaries", "1", "--output", str(tmp_path / "a")], "--canaries must be at least 2"),
+        (["privacy", "empirical", "--resume", str(tmp_path / "a")], "an empirical audit is one whole run"),
+        (["simulate", "--set", "central-dp=true", "--set", "num-sampled-clients=2", "--strategy", "median",
+          "--output", str(tmp_path / "b")], "central-dp works with a plain mean"),
+    ]
+    (tmp_path / "sites.toml").write_text("[site-5]\nmax-epsilon = 4\n")
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_canaries_need_site_0_to_be_a_partition_of_the_run_data(capsys, tmp_path):
+    sites = tmp_path / "sites.toml"
+    sites.write_text(f'[site-0]\ndata-path = "{tmp_path / "own.csv"}"\n')
+    argv = ["privacy", "empirical", "--canaries", "10", "--output", str(tmp_path / "o"), "--site-config", str(sites)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the canaries go into site-0's partition" in err and "Traceback" not in err
