@@ -34,6 +34,7 @@ from client.encoding import Encoded, encode_split
 from client.local_data import SiteData, load_site_data
 from client.probe import FeatureCache, FeatureHead, ProbeError, classification_head, stack_features
 from client.refusals import RefusedRound
+from client.self_audit import SelfAudit
 from client.site_model import at_rank, warm_model
 from client.training import MAX_ROWS_PER_UNIT, DPSettings, TrainSettings, train
 from fedlora.adapters import adapter_state, load_adapter_state
@@ -83,7 +84,11 @@ class Site:
         data = self._data(policy, dp)
         model, tokenizer = self._model(global_adapter)
         task = self.run.data.task
-        encoded = self._encode(data.train, data.units(data.train), tokenizer, "training")
+        rows = data.train
+        audit = self._audit()
+        if audit is not None:
+            rows = audit.with_canaries(rows, len(self.run.data.label_names))
+        encoded = self._encode(rows, data.units(rows), tokenizer, "training")
         if not encoded.examples:
             if not dp.enabled:
                 raise RefusedRound("data-error", "data-path", f"{data.source}: no training rows after the held-out split")
@@ -160,8 +165,12 @@ class Site:
         return TrainOutcome(adapter=adapter, metrics=metrics, anchor=anchor)
 
     def evaluate(self, global_adapter: ArrayRecord, server_round: int) -> EvalOutcome:
-        """Under DP: the noised evaluation release, charged first (or ``metrics-withheld``)."""
+        """Under DP: the noised evaluation release, charged first (or ``metrics-withheld``).
+        A site auditing itself first scores its canaries under the adapter (``client.self_audit``)."""
         policy, dp = self._privacy()
+        audit = self._audit()
+        if audit is not None:
+            self._self_audit(audit, global_adapter, server_round, policy, dp)
         if dp.enabled and policy.report_metrics == "none":
             raise RefusedRound("metrics-withheld", "report-metrics", "node config report-metrics = none")
         data = self._data(policy, dp)
@@ -195,6 +204,23 @@ class Site:
         return EvalOutcome({"num-examples": weight, **metrics, "epsilon": spend.epsilon, "dp": 1}, anchor)
 
     # -- privacy ------------------------------------------------------------------------------
+
+    def _audit(self) -> SelfAudit | None:
+        if self.run.data.task != "classification":
+            return None  # canaries are labelled texts; SelfAudit.of still checks the node config
+        return SelfAudit.of(self.node, self.run_id)
+
+    def _self_audit(self, audit: SelfAudit, global_adapter: ArrayRecord, server_round: int, policy: SitePolicy,
+                    dp: EffectiveDP) -> None:
+        """Score the canaries and rewrite the site's own audit report; one line in its log."""
+        model, tokenizer = self._model(global_adapter)
+        with self._ledger(policy) as ledger:
+            spent = self._spent(ledger, dp)
+        result = audit.report(model, tokenizer, self.run, server_round, spent.this_run if spent else None,
+                              dp.delta if dp.enabled else policy.delta, self.name, self.device)
+        theory = "none (no DP)" if result["epsilon_theory"] is None else f"{result['epsilon_theory']:.3f}"
+        log(INFO, "%s round %s: self-audit, epsilon lower bound %.3f (measured, %s) against %s (ledger, this run); %s",
+            self.name, server_round, result["epsilon_lower_bound"], result["method"], theory, audit.folder)
 
     def _privacy(self) -> tuple[SitePolicy, EffectiveDP]:
         """The site's policy and the DP settings it trains with: the server's request resolved

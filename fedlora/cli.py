@@ -191,7 +191,7 @@ def cmd_empirical(args: argparse.Namespace) -> int:
     if not args.verbose:
         quiet_flower_console()
     try:
-        result = run_empirical(settings, sites, out_dir, args.canaries, args.verbose)
+        result = run_empirical(settings, sites, out_dir, args.canaries, args.canary_clients, args.verbose)
     except RunFailed as err:
         print(f"fedlora privacy empirical: run failed: {err} (report: {out_dir / 'report.md'})", file=sys.stderr)
         return 1
@@ -200,7 +200,12 @@ def cmd_empirical(args: argparse.Namespace) -> int:
     theory = "none (no DP)" if result["epsilon_theory"] is None else f"{result['epsilon_theory']:.3f}"
     print(f"epsilon: lower bound {result['epsilon_lower_bound']:.3f} (measured, {result['method']}, "
           f"{result['confidence']:.0%}), upper bound {theory} (accountant, site-0)")
-    print(f"results: {out_dir} (empirical.md, empirical.json, plots/canary_scores.png, report.md)")
+    site = result["site_level"]
+    if site is not None:
+        central = "none (no central DP)" if site["epsilon_theory"] is None else f"{site['epsilon_theory']:.3f}"
+        print(f"site level: epsilon estimate {site['epsilon']:.3f} ({site['canaries']} canary clients), "
+              f"central DP's accountant {central}")
+    print(f"results: {out_dir} (empirical.md, empirical.json, plots/, report.md)")
     return 0
 
 
@@ -310,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         "empirical", help="a simulation with canaries: a measured lower bound on epsilon next to the accountant's")
     _add_simulation_options(empirical)
     empirical.add_argument("--canaries", type=int, default=1000, help="canaries, each in site-0's data with probability 1/2")
+    empirical.add_argument("--canary-clients", type=int, default=100,
+                           help="canary clients in every round's mean, for a site-level estimate (0: none)")
     empirical.set_defaults(func=cmd_empirical)
 
     certs = commands.add_parser("certs", help="create a CA and a TLS server certificate", add_help=False)

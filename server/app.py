@@ -8,12 +8,14 @@ A run in which no round aggregated any update writes no ``adapter/`` and fails (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedlora.run_config import ConfigError, RunSettings
 from server.checkpoints import check_resumable, latest_checkpoint, restore, save_checkpoint
@@ -43,13 +45,16 @@ def _refused(err: ConfigError) -> RunFailed:
     return RunFailed(str(err))
 
 
-def run_server(grid: Grid, run_id: int, settings: RunSettings) -> None:
-    """The whole run: rounds, checkpoints, the adapter and the reports."""
+def run_server(
+    grid: Grid, run_id: int, settings: RunSettings, around_aggregation: Callable[[Strategy], Strategy] | None = None,
+) -> None:
+    """The whole run: rounds, checkpoints, the adapter and the reports. ``around_aggregation``:
+    as in ``strategies.factory.build_strategy`` (a simulation's site-level audit)."""
     out_dir = Path(settings.output_dir or f"outputs/run-{run_id}").expanduser().resolve()
     global_model = GlobalModel.load(settings)
     start_round, history = 1, []
     try:
-        strategy = build_strategy(settings)
+        strategy = build_strategy(settings, around_aggregation)
         checkpoint = latest_checkpoint(out_dir) if settings.resume else None
         if checkpoint is not None:
             check_resumable(out_dir, checkpoint, settings, global_model.label_names)

@@ -26,14 +26,17 @@ from fedlora.console import quiet_flower_console
 from fedlora.run_config import RunSettings
 from server.app import run_server
 from simulations.attacks import Attack
+from simulations.canary_clients import CanaryClients
 
 
-def build_server_app(settings: RunSettings) -> ServerApp:
+def build_server_app(settings: RunSettings, canary_clients: CanaryClients | None = None) -> ServerApp:
+    """fedlora's ServerApp on ``settings``; with ``canary_clients``, they join every round's mean."""
     app = ServerApp()
+    insertion = canary_clients.insertion(settings) if canary_clients is not None else None
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context.run_id, settings)
+        run_server(grid, context.run_id, settings, insertion)
 
     return app
 

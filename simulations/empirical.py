@@ -1,124 +1,129 @@
 """``fedlora privacy empirical``: measure the privacy of a simulated federation, not only compute
 it.
 
-The simulation runs as ``fedlora simulate`` would, with ``--canaries N`` canaries
-(``simulations.canaries``) each put into site-0's data with probability 1/2. After the run, each
-canary is scored by the final global adapter: the score is minus its loss (an included canary is
-expected to have a lower loss). The scores of included and excluded canaries give a lower bound
-on epsilon at the stated confidence (``privacy.one_run_audit``: Steinke et al.'s one-run bound
-and the tighter f-DP one), reported next to the accountant's upper bound for site-0 (its ledger's
-epsilon, null without DP).
+The simulation runs as ``fedlora simulate`` would, with site-0 auditing itself
+(``client.self_audit``, node config ``audit-canaries = N``): N canaries (``privacy.canaries``),
+each among its training rows with probability 1/2, from a secret it keeps in its audit folder.
+After the run, each canary is scored by the final global adapter, and the scores of included
+and excluded canaries give a lower bound on epsilon at 95% confidence
+(``privacy.empirical_report``), next to the accountant's upper bound for site-0 (its ledger's
+epsilon for the run; null without DP).
 
-Writes ``OUT/empirical.json``, ``OUT/empirical.md`` and ``OUT/plots/canary_scores.png`` beside
-the run's usual outputs.
+With ``--canary-clients K`` (and a plain-mean strategy) the same run also measures site-level
+privacy, the unit central DP protects: K canary clients join every round's mean with random
+directions (``simulations.canary_clients``), and their cosines with the run's change of the
+global adapter give Andrew et al.'s estimate ε̂ (``privacy.canary_cosines``), reported next to
+central DP's accountant (null without central DP: then no site-level guarantee is claimed).
+
+Writes ``OUT/empirical.json``, ``OUT/empirical.md``, ``OUT/plots/canary_scores.png`` and, with
+canary clients, ``OUT/plots/canary_cosines.png`` beside the run's usual outputs.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from client.self_audit import SelfAudit
 from fedlora.run_config import RunSettings
 from fedlora.saved_adapter import load_adapter
-from fedlora.evaluation import per_example_scores
 from fedlora.sources import resolve_label_names
-from fedlora.tasks import encode
-from privacy.one_run_audit import audit
-from server.history import write_json
-from simulations.canaries import Canaries, make_canaries
-from simulations.simulate import run_simulation
+from privacy.canaries import canary_scores
+from privacy.canary_cosines import estimate_epsilon
+from privacy.empirical_report import record_level, write_report
+from server.checkpoints import latest_checkpoint, restore
+from server.global_model import GlobalModel
+from server.history import load_history
+from simulations.canary_clients import CanaryClients
+from simulations.simulate import run_simulation, site_node_configs
+from strategies.factory import averages_plainly
+from strategies.ffa_lora import trainable_subset
 
-CONFIDENCE = 0.95
-
-
-def run_empirical(settings: RunSettings, sites: dict[str, Any], out_dir: Path, count: int, verbose: bool = False) -> dict:
+def run_empirical(
+    settings: RunSettings, sites: dict[str, Any], out_dir: Path, count: int, canary_clients: int = 0,
+    verbose: bool = False,
+) -> dict:
     if settings.data.task != "classification":
         raise ValueError("the empirical audit needs task = classification (canaries are labelled texts)")
+    if count < 2:
+        raise ValueError(f"--canaries must be at least 2, got {count}")
     labels = resolve_label_names(settings.data)
-    # The inclusion bits are the auditor's secret: drawn here, fresh every run, never from the run's seed.
-    canaries = make_canaries(count, len(labels), np.random.default_rng())
-    run_simulation(
-        replace(settings, output_dir=str(out_dir)), int(sites["num-clients"]), node_config=sites["node-config"],
-        per_site={int(k): v for k, v in sites["site-config"].items()}, verbose=verbose, canaries=canaries,
-    )
-    scores = canary_scores(out_dir / "adapter", canaries, settings)
-    included, excluded = scores[canaries.included], scores[~canaries.included]
-    delta = settings.dp.delta or 1e-5
-    bounds = {method: audit(included, excluded, CONFIDENCE, delta, method) for method in ("one-run", "one-run-fdp")}
-    best = max(bounds.values(), key=lambda b: b.epsilon)
+    # The canary clients' directions are the auditor's secret: drawn here, fresh every run,
+    # never from the run's seed, and never written. The canaries' secret is site-0's own.
+    clients, skipped = canary_clients_for(settings, canary_clients)
+    settings = replace(settings, output_dir=str(out_dir))
+    num_sites = int(sites["num-clients"])
+    per_site = {int(k): v for k, v in sites["site-config"].items()}
+    per_site[0] = {**per_site.get(0, {}), "audit-canaries": count}
+    run_simulation(settings, num_sites, node_config=sites["node-config"], per_site=per_site, verbose=verbose,
+                   canary_clients=clients)
+    audit = _site_audit(site_node_configs(out_dir, num_sites, sites["node-config"], per_site)[0], count)
+    model, tokenizer = load_adapter(out_dir / "adapter", base_model=settings.model.model)
+    canaries = audit.canaries(len(labels))
+    scores = canary_scores(model, tokenizer, canaries, settings.data.max_seq_length, model.device)
+    theory = _site_epsilon(out_dir, "site-0") if settings.dp.dp else None
     result = {
-        "epsilon_lower_bound": best.epsilon,
-        "epsilon_theory": _site_epsilon(out_dir, "site-0") if settings.dp.dp else None,
-        "confidence": CONFIDENCE,
-        "delta": delta,
-        "canaries": count,
-        "included": int(canaries.included.sum()),
-        "guesses": best.guesses,
-        "correct": best.correct,
-        "method": best.method,
-        "score": "minus the canary's loss under the final global adapter (black box)",
-        "bounds": {method: asdict(bound) for method, bound in bounds.items()},
+        **record_level(scores, canaries.included, settings.dp.delta or 1e-5, theory, "site-0"),
+        "site_level": None,
+        "site_level_skipped": skipped,
     }
-    write_json(out_dir / "empirical.json", result)
-    (out_dir / "empirical.md").write_text(_markdown(result))
-    _plot(out_dir / "plots" / "canary_scores.png", included, excluded)
+    cosines = None
+    if clients is not None:
+        change = run_change(out_dir, settings)
+        cosines = clients.cosines(change)
+        result["site_level"] = _site_level(out_dir, settings, *cosines, sum(v.size for v in change.values()))
+    write_report(out_dir, result, scores, canaries.included, cosines)
     return result
 
 
-def canary_scores(adapter_dir: Path, canaries: Canaries, settings: RunSettings) -> np.ndarray:
-    """Minus each canary's loss under the run's final adapter, on the run's own base model."""
-    model, tokenizer = load_adapter(adapter_dir, base_model=settings.model.model)
-    examples = encode(canaries.rows, tokenizer, "classification", settings.data.max_seq_length)
-    losses, _, _ = per_example_scores(model, examples, "classification", tokenizer.pad_token_id, device=model.device)
-    return -losses.numpy()
+def _site_audit(node_config: dict[str, Any], count: int) -> SelfAudit:
+    """Site-0's audit of this run: the one run folder in its audit folder."""
+    folders = sorted(SelfAudit.root(node_config).glob("run-*"))
+    if len(folders) != 1:
+        raise RuntimeError(f"site-0's audit folder {SelfAudit.root(node_config)} should hold this run's only, holds {len(folders)}")
+    return SelfAudit(count, folders[0])
+
+
+def canary_clients_for(settings: RunSettings, count: int) -> tuple[CanaryClients | None, str | None]:
+    """The run's canary clients, with a fresh secret, or None and why there are none."""
+    if not count:
+        return None, "no canary clients (--canary-clients 0)"
+    clients = CanaryClients(count, secrets.randbits(63))
+    if not averages_plainly(settings.strategy):
+        return None, (f"strategy {settings.strategy.strategy!r} does not average the site updates plainly; "
+                      "canary clients need fedavg, fedprox, ffa-lora or ffa-lora+fedprox")
+    return clients, None
+
+
+def run_change(out_dir: Path, settings: RunSettings) -> dict[str, np.ndarray]:
+    """θ_T − θ_0 over the tensors the sites sent (under FFA-LoRA not the frozen A's): θ_0 is the
+    run's seeded initial adapter, θ_T its last checkpoint."""
+    model = GlobalModel.load(settings)
+    initial = {name: array.numpy() for name, array in model.arrays().items()}
+    restore(model.model, latest_checkpoint(out_dir))
+    final = {name: array.numpy() for name, array in model.arrays().items()}
+    sent = trainable_subset(initial) if settings.strategy.freezes_lora_a else initial
+    return {name: final[name].astype(np.float64) - sent[name] for name in sent}
+
+
+def _site_level(out_dir: Path, settings: RunSettings, seen: np.ndarray, unseen: np.ndarray, dimension: int) -> dict:
+    """The site-level estimate, next to central DP's accountant (its ε after the last round)."""
+    strategy = settings.strategy
+    estimate = estimate_epsilon(seen, unseen, dimension, strategy.central_dp_delta)
+    history = load_history(out_dir / "history.json")
+    return {
+        **asdict(estimate),
+        "epsilon_theory": history[-1].central_epsilon if strategy.central_dp and history else None,
+        "canary_norm": "central-dp-clipping-norm" if strategy.central_dp else "the median site update of each round",
+        "rounds": len(history),
+    }
 
 
 def _site_epsilon(out_dir: Path, site: str) -> float | None:
     sites = json.loads((out_dir / "privacy_report.json").read_text())["sites"]
     return sites.get(site, {}).get("latest_epsilon")
-
-
-def _markdown(result: dict) -> str:
-    theory = "none: DP was off" if result["epsilon_theory"] is None else f"{result['epsilon_theory']:.3f}"
-    lines = [
-        "# Empirical privacy audit",
-        "",
-        f"- epsilon, lower bound (measured, {result['confidence']:.0%} confidence): **{result['epsilon_lower_bound']:.3f}** "
-        f"({result['method']}, {result['correct']} of {result['guesses']} guesses correct)",
-        f"- epsilon, upper bound (the accountant, site-0's ledger): **{theory}**",
-        f"- {result['canaries']} canaries, {result['included']} of them included in site-0's data; delta {result['delta']:g}",
-        f"- score: {result['score']}",
-        "",
-        "A lower bound well below the upper bound is expected: the canaries, the score and one run see only",
-        "part of what an adversary could do, and it proves nothing stronger than \"at least this much\". A lower",
-        "bound above the upper bound would mean the DP implementation does not do what its accountant assumes.",
-        "",
-        "| method | epsilon lower bound | guesses | correct | two-sided |",
-        "|---|---|---|---|---|",
-    ] + [f"| {b['method']} | {b['epsilon']:.3f} | {b['guesses']} | {b['correct']} | {b['two_sided']} |"
-         for b in result["bounds"].values()] + ["", "![canary scores](plots/canary_scores.png)", ""]
-    return "\n".join(lines)
-
-
-def _plot(path: Path, included: np.ndarray, excluded: np.ndarray) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.histogram_bin_edges(np.concatenate([included, excluded]), bins=30)
-    ax.hist(excluded, bins=bins, alpha=0.6, label=f"excluded ({len(excluded)})")
-    ax.hist(included, bins=bins, alpha=0.6, label=f"included ({len(included)})")
-    ax.set_xlabel("score (minus the canary's loss)")
-    ax.set_ylabel("canaries")
-    ax.set_title("Canary scores under the final adapter")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -20,15 +20,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import datasets
 from flwr.simulation import run_simulation as run_flower_simulation
 
 from fedlora.run_config import RunSettings
 from fedlora.sources import resolve_label_names
 from simulations.attacks import Attack, flip_labels
 from simulations.apps import build_server_app, build_site_app
-from simulations.canaries import Canaries
-from simulations.site_files import assign_site_files, site_file, write_site_file
+from simulations.canary_clients import CanaryClients
+from simulations.site_files import assign_site_files, write_site_file
 
 
 def site_node_configs(
@@ -57,23 +56,16 @@ def run_simulation(
     client_cpus: float | None = None,
     attack: Attack | None = None,
     verbose: bool = False,
-    canaries: Canaries | None = None,
+    canary_clients: CanaryClients | None = None,
 ) -> Path:
-    """Run the federation to completion; returns the output directory."""
+    """Run the federation to completion; returns the output directory. ``canary_clients`` join
+    every round's mean (the empirical audit's)."""
     out_dir = Path(settings.output_dir).expanduser().resolve()
     # Each site reads its own file, as a deployed one does, so the run names the labels.
     labels = tuple(resolve_label_names(settings.data)) if settings.data.task == "classification" else ()
     settings = replace(settings, output_dir=str(out_dir), data=replace(settings.data, label_names=labels))
     sites = site_node_configs(out_dir, num_sites, node_config or {}, per_site or {})
     partitions = assign_site_files(sites, settings, out_dir)
-    if canaries is not None:  # the empirical audit's: into site 0's own file, declared like its rows
-        if 0 not in partitions or sites[0].get("privacy-unit-column"):
-            raise ValueError("the canaries go into site-0's partition, one row each: give site-0 no data-path "
-                             "or privacy-unit-column of its own")
-        own = partitions[0].select_columns(["text", "label"])
-        rows = datasets.concatenate_datasets([own, canaries.included_rows.cast(own.features)])
-        sites[0]["data-path"] = str(write_site_file(rows, settings.data, site_file(out_dir, 0)))
-        sites[0]["num-examples"] += int(canaries.included.sum())
     if attack is not None and attack.kind == "label-flip":
         flipped = out_dir / "attack" / "sites"
         for site in attack.sites:
@@ -88,7 +80,7 @@ def run_simulation(
     # now, so that every simulation does not print the FutureWarning about it.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_flower_simulation(
-        server_app=build_server_app(settings),
+        server_app=build_server_app(settings, canary_clients),
         client_app=build_site_app(settings, sites, attack, verbose),
         num_supernodes=num_sites,
         backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},

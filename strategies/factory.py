@@ -36,6 +36,7 @@ the aggregator averages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flwr.serverapp.strategy import (
@@ -64,7 +65,20 @@ STRATEGIES = (*AGGREGATORS, FFA_LORA, *(f"{FFA_LORA}+{name}" for name in AGGREGA
 _PLAIN_MEAN = ("fedavg", "fedprox")
 
 
-def build_strategy(settings: RunSettings) -> ScreenedStrategy:
+def _aggregator_name(given: StrategySettings) -> str:
+    return (given.strategy.partition("+")[2] or "fedavg") if given.freezes_lora_a else given.strategy
+
+
+def averages_plainly(given: StrategySettings) -> bool:
+    """True when the run's aggregate is a plain mean of the site updates (``fedavg``, ``fedprox``,
+    with or without FFA-LoRA): what central DP and the site-level audit's canary clients need."""
+    return _aggregator_name(given) in _PLAIN_MEAN
+
+
+def build_strategy(settings: RunSettings, around_aggregation: Callable[[Strategy], Strategy] | None = None) -> ScreenedStrategy:
+    """The run's strategy. ``around_aggregation`` (a plain mean only) wraps what screening hands
+    the valid updates to (central DP and the mean): the site-level audit's canary clients go in
+    there."""
     given = settings.strategy
     name = given.strategy
     if name not in STRATEGIES:
@@ -77,7 +91,7 @@ def build_strategy(settings: RunSettings) -> ScreenedStrategy:
         min_available_nodes=given.min_train_nodes,
     )
     ffa = given.freezes_lora_a
-    aggregator = (name.partition("+")[2] or "fedavg") if ffa else name
+    aggregator = _aggregator_name(given)
 
     central_dp = None
     if aggregator == "hetlora":
@@ -102,6 +116,10 @@ def build_strategy(settings: RunSettings) -> ScreenedStrategy:
         )
     if ffa:
         inner = FreezeA(inner)
+    if around_aggregation is not None:
+        if aggregator not in _PLAIN_MEAN:
+            raise ValueError(f"only a plain mean (fedavg, fedprox) can be wrapped, not {aggregator!r}")
+        inner = around_aggregation(inner)
     # Under central DP every update is clipped to central-dp-clipping-norm, which bounds its
     # influence already; a relative rejection there would only fail the round (it needs exactly
     # num-sampled-clients updates), handing any one site a veto over every round.

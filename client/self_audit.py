@@ -1,0 +1,113 @@
+"""A site's audit of its own privacy, at its own request: node config ``audit-canaries = N``.
+
+The site adds canaries (``privacy.canaries``) to its own training rows, and measures, from the
+global adapters it is sent, how much privacy the federation's DP actually leaves them: a lower
+bound on epsilon at 95% confidence beside its ledger's upper bound, for this run, on the real
+deployment (its DP-SGD, the server's aggregation, every round).
+
+- **The secret.** Once per run the site draws a secret and keeps it in
+  ``<audit-dir>/run-<run id>/secret`` (mode 0600; ``audit-dir`` defaults to the ledger's path
+  with the suffix ``.audit``). The N canaries and which of them are included follow from it, so
+  every training message of the run adds the same ones, in whatever process it runs.
+- **Training.** The included canaries join the training rows after the held-out split, each its
+  own privacy unit; DP-SGD samples them like any row and the ledger charges for them. What the
+  site reports does not change: under DP every count it sends derives from its declared
+  ``num-examples`` (``docs/privacy.md``, claim 2), which need not count the canaries.
+- **Scoring.** At every evaluation message the site scores all N canaries under the global
+  adapter it was sent (the adapter after that round) and rewrites ``empirical.json``,
+  ``empirical.md`` and ``plots/canary_scores.png`` in the same folder. Nothing of it leaves the
+  site: its replies carry what they would carry without the audit.
+
+Only the site can turn this on: ``audit-canaries`` and ``audit-dir`` are node-config keys, and a
+run config naming them is refused like any key the site's code does not know (claim 18). A
+server that wanted canaries at a site could only send adapters, which any site already trains.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from client.local_data import UNIT_COLUMN
+from client.refusals import RefusedRound
+from fedlora.run_config import RunSettings
+from privacy.canaries import Canaries, canary_scores, make_canaries
+from privacy.empirical_report import record_level, write_report
+
+AUDIT_KEYS = ("audit-canaries", "audit-dir")
+SECRET_FILE = "secret"
+
+
+@dataclass(frozen=True)
+class SelfAudit:
+    count: int  # N canaries, each included with probability 1/2
+    folder: Path  # <audit-dir>/run-<run id>: the secret and the reports
+
+    @classmethod
+    def of(cls, node_config: Mapping[str, Any], run_id: str) -> SelfAudit | None:
+        """The audit this site's node config asks for (None when it asks for none)."""
+        count = node_config.get("audit-canaries", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0 or count == 1:
+            raise RefusedRound("policy-refused", "audit-canaries",
+                               f"node config audit-canaries must be 0 (no audit) or a whole number >= 2, got {count!r}")
+        if not count:
+            return None
+        return cls(count, cls.root(node_config) / f"run-{run_id}")
+
+    @staticmethod
+    def root(node_config: Mapping[str, Any]) -> Path:
+        """``audit-dir``, else the ledger's path with the suffix ``.audit``: one folder per run in it."""
+        if node_config.get("audit-dir"):
+            return Path(str(node_config["audit-dir"])).expanduser()
+        if node_config.get("ledger-path"):
+            return Path(str(node_config["ledger-path"])).expanduser().with_suffix(".audit")
+        raise RefusedRound("policy-refused", "audit-dir", "audit-canaries needs a folder for its secret: "
+                           "set audit-dir (or ledger-path) in the node config")
+
+    def canaries(self, num_labels: int) -> Canaries:
+        return make_canaries(self.count, num_labels, np.random.default_rng(self._secret()))
+
+    def with_canaries(self, train: datasets.Dataset, num_labels: int) -> datasets.Dataset:
+        """``train`` and the included canaries, each canary its own privacy unit."""
+        added = self.canaries(num_labels).included_rows
+        if UNIT_COLUMN in train.column_names:
+            # A NUL cannot come from a CSV cell or a JSON key the site wrote by hand.
+            train = train.cast_column(UNIT_COLUMN, datasets.Value("string"))
+            added = added.add_column(UNIT_COLUMN, [f"\0canary-{i}" for i in range(added.num_rows)])
+        if not train.num_rows:
+            return added
+        return datasets.concatenate_datasets([train, added.select_columns(train.column_names).cast(train.features)])
+
+    def _secret(self) -> int:
+        """This run's secret, drawn by the first message that needs it and read by the rest."""
+        path = self.folder / SECRET_FILE
+        if not path.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            drawn = self.folder / f"{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+            drawn.write_text(f"{secrets.randbits(128)}\n")
+            drawn.chmod(0o600)
+            try:
+                os.link(drawn, path)  # atomic, and never over a secret another message drew first
+            except FileExistsError:
+                pass
+            finally:
+                drawn.unlink()
+        return int(path.read_text())
+
+    def report(self, model, tokenizer, run: RunSettings, server_round: int, epsilon_theory: float | None,
+               delta: float, site: str, device: torch.device) -> dict:
+        """Score the canaries under ``model`` (the global adapter after ``server_round``) and
+        rewrite this run's report; returns it."""
+        canaries = self.canaries(len(run.data.label_names))
+        scores = canary_scores(model, tokenizer, canaries, run.data.max_seq_length, device)
+        result = {**record_level(scores, canaries.included, delta, epsilon_theory, site), "round": server_round}
+        write_report(self.folder, result, scores, canaries.included)
+        return result
