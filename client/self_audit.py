@@ -29,12 +29,14 @@ import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
+from flwr.common.logger import log
 
 from client.local_data import UNIT_COLUMN
 from client.refusals import RefusedRound
@@ -52,13 +54,14 @@ class SelfAudit:
     folder: Path  # <audit-dir>/run-<run id>: the secret and the reports
 
     @classmethod
-    def of(cls, node_config: Mapping[str, Any], run_id: str) -> SelfAudit | None:
-        """The audit this site's node config asks for (None when it asks for none)."""
+    def of(cls, node_config: Mapping[str, Any], run_id: str, task: str = "classification") -> SelfAudit | None:
+        """The audit this site's node config asks for (None when it asks for none, and for a
+        regression task: canaries are labelled texts)."""
         count = node_config.get("audit-canaries", 0)
         if isinstance(count, bool) or not isinstance(count, int) or count < 0 or count == 1:
             raise RefusedRound("policy-refused", "audit-canaries",
                                f"node config audit-canaries must be 0 (no audit) or a whole number >= 2, got {count!r}")
-        if not count:
+        if not count or task != "classification":
             return None
         return cls(count, cls.root(node_config) / f"run-{run_id}")
 
@@ -110,4 +113,7 @@ class SelfAudit:
         scores = canary_scores(model, tokenizer, canaries, run.data.max_seq_length, device)
         result = {**record_level(scores, canaries.included, delta, epsilon_theory, site), "round": server_round}
         write_report(self.folder, result, scores, canaries.included)
+        theory = "none (no DP)" if epsilon_theory is None else f"{epsilon_theory:.3f}"
+        log(INFO, "%s round %s: self-audit, epsilon lower bound %.3f (measured, %s) against %s (ledger, this run); %s",
+            site, server_round, result["epsilon_lower_bound"], result["method"], theory, self.folder)
         return result

@@ -84,10 +84,8 @@ class Site:
         data = self._data(policy, dp)
         model, tokenizer = self._model(global_adapter)
         task = self.run.data.task
-        rows = data.train
-        audit = self._audit()
-        if audit is not None:
-            rows = audit.with_canaries(rows, len(self.run.data.label_names))
+        audit = SelfAudit.of(self.node, self.run_id, task)
+        rows = audit.with_canaries(data.train, len(self.run.data.label_names)) if audit else data.train
         encoded = self._encode(rows, data.units(rows), tokenizer, "training")
         if not encoded.examples:
             if not dp.enabled:
@@ -168,7 +166,7 @@ class Site:
         """Under DP: the noised evaluation release, charged first (or ``metrics-withheld``).
         A site auditing itself first scores its canaries under the adapter (``client.self_audit``)."""
         policy, dp = self._privacy()
-        audit = self._audit()
+        audit = SelfAudit.of(self.node, self.run_id, self.run.data.task)
         if audit is not None:
             self._self_audit(audit, global_adapter, server_round, policy, dp)
         if dp.enabled and policy.report_metrics == "none":
@@ -205,22 +203,14 @@ class Site:
 
     # -- privacy ------------------------------------------------------------------------------
 
-    def _audit(self) -> SelfAudit | None:
-        if self.run.data.task != "classification":
-            return None  # canaries are labelled texts; SelfAudit.of still checks the node config
-        return SelfAudit.of(self.node, self.run_id)
-
     def _self_audit(self, audit: SelfAudit, global_adapter: ArrayRecord, server_round: int, policy: SitePolicy,
                     dp: EffectiveDP) -> None:
-        """Score the canaries and rewrite the site's own audit report; one line in its log."""
+        """Score the canaries under the adapter against this run's spend so far (``client.self_audit``)."""
         model, tokenizer = self._model(global_adapter)
         with self._ledger(policy) as ledger:
             spent = self._spent(ledger, dp)
-        result = audit.report(model, tokenizer, self.run, server_round, spent.this_run if spent else None,
-                              dp.delta if dp.enabled else policy.delta, self.name, self.device)
-        theory = "none (no DP)" if result["epsilon_theory"] is None else f"{result['epsilon_theory']:.3f}"
-        log(INFO, "%s round %s: self-audit, epsilon lower bound %.3f (measured, %s) against %s (ledger, this run); %s",
-            self.name, server_round, result["epsilon_lower_bound"], result["method"], theory, audit.folder)
+        audit.report(model, tokenizer, self.run, server_round, spent.this_run if spent else None,
+                     dp.delta if dp.enabled else policy.delta, self.name, self.device)
 
     def _privacy(self) -> tuple[SitePolicy, EffectiveDP]:
         """The site's policy and the DP settings it trains with: the server's request resolved
