@@ -18,7 +18,7 @@ import numpy as np
 from privacy.one_run_audit import audit
 
 CONFIDENCE = 0.95
-SCORE = "minus the canary's loss under the final global adapter (black box)"
+SCORE = "minus the canary's loss under the global adapter (black box)"
 
 
 def record_level(scores: np.ndarray, included: np.ndarray, delta: float, epsilon_theory: float | None, site: str) -> dict:
