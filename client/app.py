@@ -3,7 +3,8 @@
 Each training round: read the run config (once, here, into ``fedlora.run_config.RunSettings``),
 check the server's DP request against the site's own policy, load the site's data, charge the
 privacy ledger *before* training, train the adapter with DP-SGD, release the noised metrics,
-confirm the charges, and send back only adapter tensors, public scalars and the ledger's anchor.
+confirm the charges, and send back only adapter tensors (as ``upload-dtype`` encodes them,
+``fedlora.upload_codec``), public scalars and the ledger's anchor.
 A site that cannot or will not train replies with a ``status`` record (a code and a setting
 name, ``client.refusals``) and no weights; the full reason goes to the site's own log, the code
 and setting to its ledger (a row that spends nothing), and the federation goes on without it.
@@ -11,16 +12,19 @@ and setting to its ledger (a row that spends nothing), and the federation goes o
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.outgoing_guard import outgoing_guard
 from client.refusals import SETTINGS, RefusedRound
 from client.site import Site, record_refusal, site_name
 from fedlora.run_config import ConfigError, RunSettings
+from fedlora.upload_codec import encode_upload
 from privacy.ledger import Anchor, ledger_anchor
 
 app = ClientApp(mods=[outgoing_guard])
@@ -42,15 +46,19 @@ def train_site(msg: Message, context: Context, run_config: Mapping[str, Any]) ->
     config = msg.content["config"]
     server_round = int(config["server-round"])
     try:
-        site = Site(context, _settings(run_config))
+        settings = _settings(run_config)
         proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx only
-        outcome = site.train(msg.content["arrays"], server_round, proximal_mu)
+        outcome = Site(context, settings).train(msg.content["arrays"], server_round, proximal_mu)
     except RefusedRound as refusal:
         record_refusal(context, refusal, server_round, "training")
         return _status_reply(msg, context, refusal)
+    # Stochastic rounding's randomness is the site's own: nothing the server knows seeds it.
+    arrays = encode_upload({name: value.numpy() for name, value in outcome.adapter.items()},
+                           {name: array.numpy() for name, array in msg.content["arrays"].items()},
+                           settings.strategy.upload_dtype, np.random.default_rng(secrets.randbits(128)))
     content = RecordDict(
         {
-            "arrays": ArrayRecord(outcome.adapter),
+            "arrays": arrays,
             "metrics": MetricRecord(outcome.metrics),
             "site": _site_record(context),
             **_ledger_record(outcome.anchor),

@@ -3,7 +3,9 @@
 A reply may carry only
 
 - ``arrays``: the adapter, **exactly as received**: every key one the server sent, with the
-  same dtype and the same shape (a LoRA matrix may be cut to a lower rank: HetLoRA);
+  same dtype and the same shape (a LoRA matrix may be cut to a lower rank: HetLoRA), or its
+  update in one of ``upload-dtype``'s wire types, an int8 one with its one-value scale
+  (``fedlora.upload_codec``);
 - ``metrics``: whitelisted scalars (public DP parameters, the FedAvg weight, noised releases);
 - ``status``: a refusal's code and setting name, both from fixed lists (``client.refusals``);
 - ``site``: the site's display name; ``ledger``: its ledger's row count and head hash.
@@ -21,11 +23,14 @@ import re
 import traceback
 from logging import ERROR
 
+import numpy as np
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 
 from client.refusals import SETTINGS, STATUS_CODES
+from fedlora.upload_codec import SCALE_SUFFIX, WIRE_DTYPES
 from privacy.ledger import ledger_anchor
 
 ALLOWED_METRICS = frozenset(
@@ -91,11 +96,16 @@ def _code_only(message: Message, context: Context, code: str) -> Message:
 
 def _check_arrays(record: ArrayRecord, received: ArrayRecord) -> None:
     for key, array in record.items():
+        if key.endswith(SCALE_SUFFIX):
+            quantized = key.removesuffix(SCALE_SUFFIX)
+            if quantized not in record or record[quantized].dtype != "int8" or tuple(array.shape) != (1,) or array.dtype != "float32":
+                raise DisclosureError(f"{key!r} may only be the one float32 scale of an int8 tensor")
+            continue
         if key not in received:
             raise DisclosureError(f"tensor {key!r} was not in the adapter the server sent")
         sent = received[key]
-        if array.dtype != sent.dtype:
-            raise DisclosureError(f"tensor {key!r}: dtype {array.dtype} differs from the received {sent.dtype}")
+        if array.dtype != sent.dtype and np.dtype(array.dtype) not in WIRE_DTYPES.values():
+            raise DisclosureError(f"tensor {key!r}: dtype {array.dtype} is neither the received {sent.dtype} nor an upload-dtype's")
         if tuple(array.shape) != tuple(sent.shape) and not _lower_rank(key, tuple(array.shape), tuple(sent.shape)):
             raise DisclosureError(f"tensor {key!r}: shape {tuple(array.shape)} differs from the received {tuple(sent.shape)}")
 

@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         "empirical", help="a simulation with canaries: a measured lower bound on epsilon next to the accountant's")
     _add_simulation_options(empirical)
     empirical.add_argument("--canaries", type=int, default=1000, help="canaries, each in site-0's data with probability 1/2")
-    empirical.add_argument("--canary-clients", type=int, default=100,
-                           help="canary clients in every round's mean, for a site-level estimate (0: none)")
+    empirical.add_argument("--canary-clients", type=int, default=None,
+                           help="canary clients in every round's mean, for a site-level estimate "
+                                "(default: 100 under central DP, else none; 0: none)")
     empirical.set_defaults(func=cmd_empirical)
 
     certs = commands.add_parser("certs", help="create a CA and a TLS server certificate", add_help=False)

@@ -30,6 +30,7 @@ from typing import Any
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 TASKS = ("classification", "causal-lm")
+UPLOAD_DTYPES = ("fp32", "fp16", "bf16", "int8")  # fedlora.upload_codec
 POOLINGS = ("auto", "mean", "cls", "pooler")
 
 
@@ -136,6 +137,7 @@ class StrategySettings:
     update_norm_ratio: float
     max_update_norm: float
     flag_after_rejections: int
+    upload_dtype: str
 
     @property
     def freezes_lora_a(self) -> bool:
@@ -149,6 +151,7 @@ class StrategySettings:
         for key in ("min-train-nodes", "min-evaluate-nodes", "min-valid-updates"):
             value = getattr(self, key.replace("-", "_"))
             _within(key, value, value >= 0, ">= 0")
+        _one_of("upload-dtype", self.upload_dtype, UPLOAD_DTYPES)
 
 
 @dataclass(frozen=True)

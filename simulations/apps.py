@@ -56,7 +56,7 @@ def build_site_app(
         context.node_config.update(site_configs.get(int(context.node_config["partition-id"]), {}))
         return call_next(msg, context)
 
-    attacking = [attack.mod(settings.seed)] if attack is not None else []
+    attacking = [attack.mod(settings.seed, settings.strategy.upload_dtype)] if attack is not None else []
     # The handlers read the run config as a deployed site reads its SuperLink's: flat, and
     # parsed at their edge.
     run_config = settings.as_dict()

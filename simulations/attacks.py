@@ -35,6 +35,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedlora.upload_codec import decode_upload, encode_upload
+
 ATTACK_KEYS = ("attack", "attackers", "attack-from-round")
 UPDATE_ATTACKS = ("nan", "scale", "sign-flip", "gaussian", "wrong-shape", "free-rider")
 KINDS = (*UPDATE_ATTACKS, "label-flip")
@@ -104,8 +106,10 @@ class Attack:
             corrupted[name] = Array(np.ascontiguousarray(value, dtype=honest.dtype))
         return ArrayRecord(corrupted)
 
-    def mod(self, seed: int):
-        """A ClientApp mod that rewrites the training replies of attacking sites (update attacks)."""
+    def mod(self, seed: int, upload_dtype: str = "fp32"):
+        """A ClientApp mod that rewrites the training replies of attacking sites (update attacks),
+        sent in the run's ``upload-dtype`` as an honest site's are (a tensor the encoding cannot
+        hold, the wrong shape, goes as float32 values)."""
 
         def attacking(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
             reply = call_next(msg, context)
@@ -117,7 +121,15 @@ class Attack:
                 and not reply.has_error() and "arrays" in reply.content.array_records
             ):
                 rng = np.random.default_rng([seed, site, server_round])
-                reply.content["arrays"] = self.corrupt(msg.content["arrays"], reply.content["arrays"], rng)
+                sent = msg.content["arrays"]
+                honest = decode_upload(reply.content["arrays"], sent, upload_dtype)
+                corrupted = self.corrupt(sent, honest, rng)
+                try:
+                    reply.content["arrays"] = encode_upload(
+                        {name: array.numpy() for name, array in corrupted.items()},
+                        {name: array.numpy() for name, array in sent.items()}, upload_dtype, rng)
+                except ValueError:
+                    reply.content["arrays"] = corrupted
             return reply
 
         return attacking

@@ -9,7 +9,8 @@ and excluded canaries give a lower bound on epsilon at 95% confidence
 (``privacy.empirical_report``), next to the accountant's upper bound for site-0 (its ledger's
 epsilon for the run; null without DP).
 
-With ``--canary-clients K`` (and a plain-mean strategy) the same run also measures site-level
+Under central DP (and with ``--canary-clients K`` without it; a plain-mean strategy) the same
+run also measures site-level
 privacy, the unit central DP protects: K canary clients join every round's mean with random
 directions (``simulations.canary_clients``), and their cosines with the run's change of the
 global adapter give Andrew et al.'s estimate ε̂ (``privacy.canary_cosines``), reported next to
@@ -44,8 +45,10 @@ from simulations.simulate import run_simulation, site_node_configs
 from strategies.factory import averages_plainly
 from strategies.ffa_lora import trainable_subset
 
+DEFAULT_CANARY_CLIENTS = 100
+
 def run_empirical(
-    settings: RunSettings, sites: dict[str, Any], out_dir: Path, count: int, canary_clients: int = 0,
+    settings: RunSettings, sites: dict[str, Any], out_dir: Path, count: int, canary_clients: int | None = None,
     verbose: bool = False,
 ) -> dict:
     if settings.data.task != "classification":
@@ -89,8 +92,14 @@ def _site_audit(node_config: dict[str, Any], count: int) -> SelfAudit:
     return SelfAudit(count, folders[0])
 
 
-def canary_clients_for(settings: RunSettings, count: int) -> tuple[CanaryClients | None, str | None]:
-    """The run's canary clients, with a fresh secret, or None and why there are none."""
+def canary_clients_for(settings: RunSettings, count: int | None) -> tuple[CanaryClients | None, str | None]:
+    """The run's canary clients, with a fresh secret, or None and why there are none. ``count``
+    None: ``DEFAULT_CANARY_CLIENTS`` under central DP, else none (``simulations.canary_clients``
+    says what they cost the model without central DP's noise)."""
+    if count is None and not settings.strategy.central_dp:
+        return None, ("no central DP, so no site-level guarantee to measure; canary clients would be a large "
+                      "part of every round's mean (ask for them with --canary-clients K)")
+    count = DEFAULT_CANARY_CLIENTS if count is None else count
     if not count:
         return None, "no canary clients (--canary-clients 0)"
     clients = CanaryClients(count, secrets.randbits(63))

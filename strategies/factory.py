@@ -132,6 +132,7 @@ def build_strategy(settings: RunSettings, around_aggregation: Callable[[Strategy
         rank_flexible=aggregator == "hetlora",
         expected_upload=ffa_upload if ffa else (lambda arrays: arrays),
         central_dp=central_dp,
+        upload_dtype=given.upload_dtype,
     )
 
 

@@ -11,6 +11,10 @@ in exactly one :class:`ReplyOutcome`:
 - ``failed``: the site's ClientApp raised, or the connection failed (Flower error reply);
 - ``no-reply``: the site was sent work but never answered (marked by the caller).
 
+A compressed upload (``upload-dtype``, ``fedlora.upload_codec``) is decoded back to float32
+values first, against the global adapter sent; its ``bytes_up`` are what came over the wire,
+and one that does not decode is rejected, saying why.
+
 A round whose aggregated replies number fewer than ``min_valid`` fails with a clear
 :class:`TooFewUpdates` error; the global adapter then stays as it was.
 
@@ -29,6 +33,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlora.upload_codec import decode_upload
 from strategies.norm_screen import NormScreen
 from strategies.validation import TooFewUpdates, spec_from_arrays, update_norm, validate_update
 
@@ -88,8 +93,10 @@ class ScreenedStrategy(Strategy):
         rank_flexible: bool = False,
         expected_upload: Callable[[ArrayRecord], ArrayRecord] = lambda arrays: arrays,
         central_dp: CentralDP | None = None,
+        upload_dtype: str = "fp32",
     ) -> None:
         self.inner = inner
+        self.upload_dtype = upload_dtype
         self.central_dp = central_dp
         self.min_valid = min_valid
         self.norm_screen = norm_screen or NormScreen()
@@ -137,7 +144,7 @@ class ScreenedStrategy(Strategy):
                 if "arrays" not in msg.content.array_records or "num-examples" not in outcome.metrics:
                     reason = "reply has no adapter or no num-examples"
                 else:
-                    reason = validate_update(msg.content["arrays"], spec)
+                    reason = self._decode(msg) or validate_update(msg.content["arrays"], spec)
                 if reason:
                     outcome.outcome, outcome.reason = "rejected", reason
                 else:
@@ -153,6 +160,15 @@ class ScreenedStrategy(Strategy):
                                 f"min-valid-updates = {self.min_valid}")
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
         return (None if arrays is None else _with_dtypes_of(self._reference, arrays)), metrics
+
+    def _decode(self, msg: Message) -> str:
+        """Put the float32 values of a compressed upload in place of its wire form; the
+        reason when it does not decode."""
+        try:
+            msg.content["arrays"] = decode_upload(msg.content["arrays"], self._reference, self.upload_dtype)
+        except ValueError as err:
+            return f"upload-dtype {self.upload_dtype}: {err}"
+        return ""
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)

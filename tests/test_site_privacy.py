@@ -316,7 +316,7 @@ RECEIVED = ArrayRecord({ADAPTER_KEY: torch.zeros(4, 6)})
     [
         ({"arrays": ArrayRecord({ADAPTER_KEY: torch.zeros(4, 6), BASE_KEY: torch.zeros(4, 2)})}, BASE_KEY),
         ({"arrays": ArrayRecord({ADAPTER_KEY: torch.zeros(4, 7)})}, "shape (4, 7) differs"),
-        ({"arrays": ArrayRecord({ADAPTER_KEY: torch.zeros(4, 6, dtype=torch.float64)})}, "dtype float64 differs"),
+        ({"arrays": ArrayRecord({ADAPTER_KEY: torch.zeros(4, 6, dtype=torch.float64)})}, "dtype float64 is neither the received"),
         ({"metrics": MetricRecord({"num-examples": 3, "mean-age": 54.2})}, "mean-age"),
         ({"metrics": MetricRecord({"num-examples": 3, "eval-loss": float("nan")})}, "not finite: eval-loss"),
         ({"metrics": ConfigRecord({"num-examples": 3, "note": "patient 12: chest pain"})}, "'metrics' (ConfigRecord)"),
