@@ -6,7 +6,7 @@ Runs ``fedlora privacy empirical`` on the embedded defaults (3 sites, 1,000 cana
 epsilon, the site-level estimate and its accountant, wall-clock and peak RSS of the command
 (``/usr/bin/time -v``: the simulation's main process), and the load average at its start.
 
-    python benchmarks/empirical_audit.py --repeats 3 --output /tmp/empirical-audit
+    python benchmarks/empirical_audit.py --repeats 2 --output /tmp/empirical-audit
 """
 
 from __future__ import annotations
@@ -70,13 +70,14 @@ def markdown(runs: dict[str, list[dict]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--only", action="append", choices=list(SETTINGS), help="run only these settings")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {}
-    for setting in args.only or list(SETTINGS):
-        for repeat in range(1, args.repeats + 1):
+    # Repeat-major, so that a drift in the machine's load spreads over every setting.
+    for repeat in range(1, args.repeats + 1):
+        for setting in args.only or list(SETTINGS):
             out = args.output / f"{setting.replace(' ', '_').replace('=', '')}-{repeat}"
             runs.setdefault(setting, []).append(run_one(SETTINGS[setting], out))
             print(f"{setting} #{repeat}: {runs[setting][-1]}", flush=True)

@@ -136,3 +136,22 @@ def _wire_site(update):
 def test_upload_dtype_is_one_of_four():
     with pytest.raises(ConfigError, match="upload-dtype"):
         settings_of(apply_overrides(default_run_config(), {"upload-dtype": "int4"}))
+
+
+def test_a_site_sends_its_update_in_the_runs_upload_dtype(tiny_bert, tmp_path):
+    """Through the site's ClientApp and its outgoing guard: int8 tensors with their scales,
+    which decode against the adapter sent to finite float32 values of its keys and shapes."""
+    from server.global_model import GlobalModel
+    from tests.test_site_privacy import _write_notes, privacy_run_config, train_round
+
+    run_config = apply_overrides(privacy_run_config(tiny_bert, _write_notes(tmp_path / "notes.csv")), {"upload-dtype": "int8"})
+    sent = GlobalModel.load(settings_of(run_config)).arrays()
+    node = {"data-path": run_config["data"], "num-examples": 30, "ledger-path": str(tmp_path / "ledger.db")}
+    wire = train_round(run_config, node, 1, sent)
+    assert "status" not in wire.content.config_records, dict(wire.content["status"])
+    arrays = wire.content["arrays"]
+    assert {arrays[name].dtype for name in arrays.keys() if not name.endswith(SCALE_SUFFIX)} == {"int8"}
+    decoded = decode_upload(arrays, sent, "int8")
+    assert set(decoded.keys()) == set(sent.keys())
+    assert all(np.isfinite(a.numpy()).all() and a.numpy().shape == sent[n].numpy().shape for n, a in decoded.items())
+    assert any(not np.array_equal(a.numpy(), sent[n].numpy()) for n, a in decoded.items())
