@@ -100,6 +100,8 @@ def _check_arrays(record: ArrayRecord, received: ArrayRecord) -> None:
             quantized = key.removesuffix(SCALE_SUFFIX)
             if quantized not in record or record[quantized].dtype != "int8" or tuple(array.shape) != (1,) or array.dtype != "float32":
                 raise DisclosureError(f"{key!r} may only be the one float32 scale of an int8 tensor")
+            if not (np.isfinite(array.numpy()).all() and array.numpy()[0] >= 0):
+                raise DisclosureError(f"{key!r}: a scale is finite and >= 0")
             continue
         if key not in received:
             raise DisclosureError(f"tensor {key!r} was not in the adapter the server sent")

@@ -40,7 +40,7 @@ SETTINGS = frozenset(
         *all_keys(),  # the run config's keys, as this site's code knows them
         # node config
         "data-path", "ledger-path", "num-examples", "max-epsilon-per-run", "min-noise-multiplier", "report-metrics",
-        "metric-noise-multiplier", "privacy-unit-column", "lora-rank", "device", "audit-canaries", "audit-dir",
+        "metric-noise-multiplier", "privacy-unit-column", "lora-rank", "device",
     }
 )
 """The setting names a refusal may carry: fixed by this code, never taken from the

@@ -21,15 +21,20 @@ deployment (its DP-SGD, the server's aggregation, every round).
 Only the site can turn this on: ``audit-canaries`` and ``audit-dir`` are node-config keys, and a
 run config naming them is refused like any key the site's code does not know (claim 18). A
 server that wanted canaries at a site could only send adapters, which any site already trains.
+And nothing about the audit reaches the server: a bad audit setting, or any failure while
+adding or scoring canaries, goes to the site's log as an error and leaves the round, and its
+reply, as they would be without the audit (:func:`requested_audit`, :meth:`SelfAudit.training_rows`,
+:meth:`SelfAudit.report_safely`).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +44,7 @@ import torch
 from flwr.common.logger import log
 
 from client.local_data import UNIT_COLUMN
-from client.refusals import RefusedRound
-from fedlora.run_config import RunSettings
+from fedlora.run_config import DataSettings, RunSettings
 from privacy.canaries import Canaries, canary_scores, make_canaries
 from privacy.empirical_report import record_level, write_report
 
@@ -54,16 +58,13 @@ class SelfAudit:
     folder: Path  # <audit-dir>/run-<run id>: the secret and the reports
 
     @classmethod
-    def of(cls, node_config: Mapping[str, Any], run_id: str, task: str = "classification") -> SelfAudit | None:
-        """The audit this site's node config asks for (None when it asks for none, and for a
-        regression task: canaries are labelled texts)."""
+    def of(cls, node_config: Mapping[str, Any], run_id: str) -> SelfAudit | None:
+        """The audit this site's node config asks for (None when it asks for none); ValueError
+        naming the bad setting."""
         count = node_config.get("audit-canaries", 0)
         if isinstance(count, bool) or not isinstance(count, int) or count < 0 or count == 1:
-            raise RefusedRound("policy-refused", "audit-canaries",
-                               f"node config audit-canaries must be 0 (no audit) or a whole number >= 2, got {count!r}")
-        if not count or task != "classification":
-            return None
-        return cls(count, cls.root(node_config) / f"run-{run_id}")
+            raise ValueError(f"node config audit-canaries must be 0 (no audit) or a whole number >= 2, got {count!r}")
+        return cls(count, cls.root(node_config) / f"run-{run_id}") if count else None
 
     @staticmethod
     def root(node_config: Mapping[str, Any]) -> Path:
@@ -72,11 +73,19 @@ class SelfAudit:
             return Path(str(node_config["audit-dir"])).expanduser()
         if node_config.get("ledger-path"):
             return Path(str(node_config["ledger-path"])).expanduser().with_suffix(".audit")
-        raise RefusedRound("policy-refused", "audit-dir", "audit-canaries needs a folder for its secret: "
-                           "set audit-dir (or ledger-path) in the node config")
+        raise ValueError("audit-canaries needs a folder for its secret: set audit-dir (or ledger-path) in the node config")
 
     def canaries(self, num_labels: int) -> Canaries:
         return make_canaries(self.count, num_labels, np.random.default_rng(self._secret()))
+
+    def training_rows(self, train: datasets.Dataset, num_labels: int, site: str) -> datasets.Dataset:
+        """``train`` with the included canaries; ``train`` alone, and an error in the site's log,
+        when they cannot be added."""
+        try:
+            return self.with_canaries(train, num_labels)
+        except Exception:  # noqa: BLE001 - whatever it is, the round goes on as without the audit
+            log(ERROR, "%s: self-audit: the canaries could not be added this round:\n%s", site, traceback.format_exc())
+            return train
 
     def with_canaries(self, train: datasets.Dataset, num_labels: int) -> datasets.Dataset:
         """``train`` and the included canaries, each canary its own privacy unit."""
@@ -93,10 +102,11 @@ class SelfAudit:
         """This run's secret, drawn by the first message that needs it and read by the rest."""
         path = self.folder / SECRET_FILE
         if not path.exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             drawn = self.folder / f"{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
-            drawn.write_text(f"{secrets.randbits(128)}\n")
-            drawn.chmod(0o600)
+            # Created readable by the site alone, never for a moment by anyone else.
+            with os.fdopen(os.open(drawn, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "w") as file:
+                file.write(f"{secrets.randbits(128)}\n")
             try:
                 os.link(drawn, path)  # atomic, and never over a secret another message drew first
             except FileExistsError:
@@ -104,6 +114,14 @@ class SelfAudit:
             finally:
                 drawn.unlink()
         return int(path.read_text())
+
+    def report_safely(self, model, tokenizer, run: RunSettings, server_round: int, epsilon_theory: float | None,
+                      delta: float, site: str, device: torch.device) -> None:
+        """:meth:`report`, whose failure is the site's own business: an error in its log only."""
+        try:
+            self.report(model, tokenizer, run, server_round, epsilon_theory, delta, site, device)
+        except Exception:  # noqa: BLE001 - the evaluation and its reply go on as without the audit
+            log(ERROR, "%s: self-audit: the canaries could not be scored this round:\n%s", site, traceback.format_exc())
 
     def report(self, model, tokenizer, run: RunSettings, server_round: int, epsilon_theory: float | None,
                delta: float, site: str, device: torch.device) -> dict:
@@ -117,3 +135,15 @@ class SelfAudit:
         log(INFO, "%s round %s: self-audit, epsilon lower bound %.3f (measured, %s) against %s (ledger, this run); %s",
             site, server_round, result["epsilon_lower_bound"], result["method"], theory, self.folder)
         return result
+
+
+def requested_audit(node_config: Mapping[str, Any], run_id: str, data: DataSettings, site: str) -> SelfAudit | None:
+    """The audit the node config asks for, for a classification run with label names (canaries
+    are labelled texts); a bad setting is an error in the site's log, never a refusal."""
+    if not node_config.get("audit-canaries") or data.task != "classification" or not data.label_names:
+        return None
+    try:
+        return SelfAudit.of(node_config, run_id)
+    except ValueError as err:
+        log(ERROR, "%s: no self-audit: %s", site, err)
+        return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -34,7 +35,7 @@ from client.encoding import Encoded, encode_split
 from client.local_data import SiteData, load_site_data
 from client.probe import FeatureCache, FeatureHead, ProbeError, classification_head, stack_features
 from client.refusals import RefusedRound
-from client.self_audit import SelfAudit
+from client.self_audit import SelfAudit, requested_audit
 from client.site_model import at_rank, warm_model
 from client.training import MAX_ROWS_PER_UNIT, DPSettings, TrainSettings, train
 from fedlora.adapters import adapter_state, load_adapter_state
@@ -84,8 +85,8 @@ class Site:
         data = self._data(policy, dp)
         model, tokenizer = self._model(global_adapter)
         task = self.run.data.task
-        audit = SelfAudit.of(self.node, self.run_id, task)
-        rows = audit.with_canaries(data.train, len(self.run.data.label_names)) if audit else data.train
+        audit = requested_audit(self.node, self.run_id, self.run.data, self.name)
+        rows = audit.training_rows(data.train, len(self.run.data.label_names), self.name) if audit else data.train
         encoded = self._encode(rows, data.units(rows), tokenizer, "training")
         if not encoded.examples:
             if not dp.enabled:
@@ -166,7 +167,7 @@ class Site:
         """Under DP: the noised evaluation release, charged first (or ``metrics-withheld``).
         A site auditing itself first scores its canaries under the adapter (``client.self_audit``)."""
         policy, dp = self._privacy()
-        audit = SelfAudit.of(self.node, self.run_id, self.run.data.task)
+        audit = requested_audit(self.node, self.run_id, self.run.data, self.name)
         if audit is not None:
             self._self_audit(audit, global_adapter, server_round, policy, dp)
         if dp.enabled and policy.report_metrics == "none":
@@ -205,12 +206,17 @@ class Site:
 
     def _self_audit(self, audit: SelfAudit, global_adapter: ArrayRecord, server_round: int, policy: SitePolicy,
                     dp: EffectiveDP) -> None:
-        """Score the canaries under the adapter against this run's spend so far (``client.self_audit``)."""
-        model, tokenizer = self._model(global_adapter)
-        with self._ledger(policy) as ledger:
-            spent = self._spent(ledger, dp)
-        audit.report(model, tokenizer, self.run, server_round, spent.this_run if spent else None,
-                     dp.delta if dp.enabled else policy.delta, self.name, self.device)
+        """Score the canaries under the adapter against this run's spend so far (``client.self_audit``).
+        Whatever fails here stays in the site's log: the evaluation goes on as without the audit."""
+        try:
+            model, tokenizer = self._model(global_adapter)
+            with self._ledger(policy) as ledger:
+                spent = self._spent(ledger, dp)
+        except Exception as err:  # noqa: BLE001 - the audit never changes the reply
+            log(ERROR, "%s: self-audit: %s", self.name, err)
+            return
+        audit.report_safely(model, tokenizer, self.run, server_round, spent.this_run if spent else None,
+                            dp.delta if dp.enabled else policy.delta, self.name, self.device)
 
     def _privacy(self) -> tuple[SitePolicy, EffectiveDP]:
         """The site's policy and the DP settings it trains with: the server's request resolved
@@ -270,7 +276,7 @@ class Site:
     def _ledger(self, policy: SitePolicy):
         """The site's ledger (None for a non-private round at a site that keeps none)."""
         if policy.ledger_path is None:
-            return _NoLedger()
+            return nullcontext()  # a non-private site without a ledger-path: nothing to charge
         try:
             return PrivacyLedger(policy.ledger_path)
         except LedgerError as err:
@@ -363,16 +369,6 @@ def _fedavg_weight(dp: EffectiveDP, present: int, population: int) -> int:
     """Under DP the public population (from the declared size), never a count the server could
     probe; without DP the count itself."""
     return population if dp.enabled else present
-
-
-class _NoLedger:
-    """A non-private site without a ledger-path: nothing to charge or anchor."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 _FEATURES = FeatureCache()

@@ -20,7 +20,7 @@ r components and sends r; both ends take Δ against those (:func:`_received_part
 ⌊x⌋ otherwise, so E[q] = ⌊x⌋ + (x − ⌊x⌋) = x and E[s q] = Δ: the mean over sites of the
 rebuilt updates is the mean of the updates plus zero-mean noise of variance at most s²/4 per
 value and site (Alistarh et al. 2017, QSGD). The clip to ±127 never binds, as |x| ≤ 127 by the
-choice of s.
+choice of s (:func:`_int8_scale`, in the float32 the server reads).
 
 **Privacy.** Encoding is post-processing of what DP-SGD released: it uses only the released
 adapter, the received one and fresh randomness that nothing else sees, so it costs no epsilon.
@@ -52,8 +52,8 @@ def encode_upload(sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndar
         elif upload_dtype == "bf16":
             encoded[name] = Array(_to_bfloat16_bits(delta))
         else:
-            scale = float(np.max(np.abs(delta))) / 127 if delta.size else 0.0
-            steps = delta / scale if scale > 0 else np.zeros_like(delta)
+            scale = _int8_scale(delta)
+            steps = delta.astype(np.float64) / scale if scale > 0 else np.zeros(delta.shape)
             quantized = np.clip(np.floor(steps + rng.random(delta.shape)), -127, 127).astype(np.int8)
             encoded[name] = Array(quantized)
             encoded[name + SCALE_SUFFIX] = Array(np.array([scale], dtype=np.float32))
@@ -90,6 +90,16 @@ def decode_upload(arrays: ArrayRecord, received: ArrayRecord, upload_dtype: str)
             delta = encoded.astype(np.float32) * scale[0]
         decoded[name] = Array(np.ascontiguousarray(start + delta, dtype=start.dtype))
     return ArrayRecord(decoded)
+
+
+def _int8_scale(delta: np.ndarray) -> np.float32:
+    """The float32 s that the server multiplies by, the least with max|Δ| / s <= 127, so that
+    the clip to ±127 never binds and E[s q] = Δ holds exactly as sent."""
+    largest = float(np.max(np.abs(delta))) if delta.size else 0.0
+    scale = np.float32(largest / 127)
+    while float(scale) * 127 < largest:
+        scale = np.nextafter(scale, np.float32(np.inf))
+    return scale
 
 
 def _received_part(received: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:

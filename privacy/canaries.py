@@ -39,7 +39,7 @@ class Canaries:
 
 def make_canaries(count: int, num_labels: int, rng: np.random.Generator) -> Canaries:
     if count < 2:
-        raise ValueError(f"--canaries must be at least 2, got {count}")
+        raise ValueError(f"canaries: at least 2, got {count}")
     letters = np.array(list(string.ascii_lowercase))
     texts = [" ".join("".join(rng.choice(letters, size=rng.integers(4, 9))) for _ in range(WORDS_PER_CANARY))
              for _ in range(count)]

@@ -95,18 +95,24 @@ def _site_level_markdown(result: dict) -> list[str]:
         return lines + [f"Not measured: {result['site_level_skipped']}.", ""]
     theory = ("none: no central DP, so no site-level guarantee is claimed" if site["epsilon_theory"] is None
               else f"{site['epsilon_theory']:.3f}")
+    low, high = site["epsilon_interval"]
+    null = ("agree with the null" if site["null_consistent"]
+            else "DO NOT agree with the null: the measurement itself is off; do not read the estimate")
     return lines + [
-        f"- epsilon, estimated (Andrew et al. 2023, from the final adapter): **{site['epsilon']:.3f}** at delta {site['delta']:g}",
+        f"- epsilon, estimated (Andrew et al. 2023, from the final adapter): **{site['epsilon']:.3f}** "
+        f"(95% bootstrap interval {low:.3f} to {high:.3f}) at delta {site['delta']:g}",
         f"- epsilon, central DP's accountant after {site['rounds']} round(s): **{theory}**",
         f"- {site['canaries']} canary clients in every round's mean, each a random direction over "
         f"{site['dimension']:,} values with norm {site['canary_norm']}; {site['canaries']} more never inserted",
         f"- cosine with the run's change: inserted {site['mean_cosine']:.5f} ± {site['std_cosine']:.5f}, "
-        f"never inserted {site['unseen_mean_cosine']:.5f} ± {site['unseen_std_cosine']:.5f} "
-        f"(null: 0 ± {site['null_std']:.5f})",
+        f"never inserted {site['unseen_mean_cosine']:.5f} ± {site['unseen_std_cosine']:.5f}, which {null} "
+        f"(0 ± {site['null_std']:.5f})",
+        f"- with the inserted cosines' own spread fitted too (the paper's variant, biased upward at small delta): "
+        f"{site['epsilon_fitted_spread']:.3f}",
         "",
-        "An estimate, not a bound: it fits a normal law to the inserted canaries' cosines. Near the",
-        "accountant's epsilon it says the noise and the composition do what the accountant assumes; well",
-        "above it, that they do not.",
+        "An estimate, not a bound: the Gaussian mechanism's epsilon at the inserted canaries' mean shift.",
+        "Near the accountant's epsilon it says the noise and the composition do what the accountant",
+        "assumes; an accountant's epsilon below the whole interval says they do not.",
         "",
         "![canary cosines](plots/canary_cosines.png)",
         "",

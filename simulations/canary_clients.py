@@ -49,14 +49,16 @@ from flwr.serverapp.strategy import Strategy
 from fedlora.run_config import RunSettings
 
 
-@dataclass(frozen=True)
+@dataclass
 class CanaryClients:
     count: int  # k inserted canaries; k more are never inserted
     secret: int  # the auditor's: seeds every direction
+    # The tensors (name → shape) the canaries went into, as the first round's mean met them.
+    inserted_into: dict[str, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.count < 2:
-            raise ValueError(f"--canary-clients must be 0 (none) or at least 2, got {self.count}")
+            raise ValueError(f"canary clients: at least 2, got {self.count}")
 
     def directions(self, shapes: Mapping[str, tuple[int, ...]], inserted: bool) -> Iterator[np.ndarray]:
         """The unit directions u_j over the flattened tensors (sorted by name): the inserted
@@ -70,6 +72,9 @@ class CanaryClients:
     def cosines(self, change: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """cos(u_j, Δ) of the inserted and of the never-inserted canaries, for the run's change
         Δ = θ_T − θ_0 of the tensors the aggregator averaged."""
+        if _shapes(change) != self.inserted_into:
+            raise ValueError("the change measured is not over the tensors the canary clients went into"
+                             if self.inserted_into else "no round's mean took the canary clients")
         flat = _flatten(change)
         norm = np.linalg.norm(flat)
         if norm == 0:
@@ -112,11 +117,13 @@ class InsertCanaries(Strategy):
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None or self._global is None or not replies:
             return arrays, metrics
-        updates = [self._update(reply) for reply in replies]
         if self._sum is None:
-            self._sum = _split(np.sum(list(self.canaries.directions(_shapes(updates[0]), inserted=True)), axis=0),
-                               _shapes(updates[0]))
-        site_norm = self.clipping_norm or float(np.median([np.linalg.norm(_flatten(u)) for u in updates]))
+            shapes = {name: tuple(array.shape) for name, array in sorted(replies[0].content["arrays"].items())}
+            total = np.zeros(sum(int(np.prod(shape)) for shape in shapes.values()))
+            for direction in self.canaries.directions(shapes, inserted=True):  # one at a time: k × d may not fit
+                total += direction
+            self._sum, self.canaries.inserted_into = _split(total, shapes), shapes
+        site_norm = self.clipping_norm or float(np.median([np.linalg.norm(_flatten(self._update(r))) for r in replies]))
         scale = site_norm / len(replies)
         canaried = {}
         for name, array in arrays.items():
@@ -139,7 +146,7 @@ class InsertCanaries(Strategy):
 
 
 def _shapes(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    return {name: arrays[name].shape for name in sorted(arrays)}
+    return {name: tuple(arrays[name].shape) for name in sorted(arrays)}
 
 
 def _split(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

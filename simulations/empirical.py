@@ -35,7 +35,7 @@ from fedlora.run_config import RunSettings
 from fedlora.saved_adapter import load_adapter
 from fedlora.sources import resolve_label_names
 from privacy.canaries import canary_scores
-from privacy.canary_cosines import estimate_epsilon
+from privacy.canary_cosines import MIN_DIMENSION, estimate_epsilon
 from privacy.empirical_report import record_level, write_report
 from server.checkpoints import latest_checkpoint, restore
 from server.global_model import GlobalModel
@@ -46,6 +46,7 @@ from strategies.factory import averages_plainly
 from strategies.ffa_lora import trainable_subset
 
 DEFAULT_CANARY_CLIENTS = 100
+MIN_CANARY_CLIENTS = 10  # fewer make the mean cosine, and its bootstrap, too coarse to read
 
 def run_empirical(
     settings: RunSettings, sites: dict[str, Any], out_dir: Path, count: int, canary_clients: int | None = None,
@@ -78,8 +79,12 @@ def run_empirical(
     cosines = None
     if clients is not None:
         change = run_change(out_dir, settings)
-        cosines = clients.cosines(change)
-        result["site_level"] = _site_level(out_dir, settings, *cosines, sum(v.size for v in change.values()))
+        dimension = sum(v.size for v in change.values())
+        if dimension < MIN_DIMENSION:
+            result["site_level_skipped"] = f"the adapter has {dimension} values; the estimate needs {MIN_DIMENSION}"
+        else:
+            cosines = clients.cosines(change)
+            result["site_level"] = _site_level(out_dir, settings, *cosines, dimension)
     write_report(out_dir, result, scores, canaries.included, cosines)
     return result
 
@@ -88,7 +93,8 @@ def _site_audit(node_config: dict[str, Any], count: int) -> SelfAudit:
     """Site-0's audit of this run: the one run folder in its audit folder."""
     folders = sorted(SelfAudit.root(node_config).glob("run-*"))
     if len(folders) != 1:
-        raise RuntimeError(f"site-0's audit folder {SelfAudit.root(node_config)} should hold this run's only, holds {len(folders)}")
+        raise ValueError(f"site-0's audit folder {SelfAudit.root(node_config)} holds {len(folders)} runs, not this run's "
+                         "alone (did site-0 ever train? see report.md)")
     return SelfAudit(count, folders[0])
 
 
@@ -102,11 +108,12 @@ def canary_clients_for(settings: RunSettings, count: int | None) -> tuple[Canary
     count = DEFAULT_CANARY_CLIENTS if count is None else count
     if not count:
         return None, "no canary clients (--canary-clients 0)"
-    clients = CanaryClients(count, secrets.randbits(63))
+    if count < MIN_CANARY_CLIENTS:
+        raise ValueError(f"--canary-clients must be 0 (none) or at least {MIN_CANARY_CLIENTS}, got {count}")
     if not averages_plainly(settings.strategy):
         return None, (f"strategy {settings.strategy.strategy!r} does not average the site updates plainly; "
                       "canary clients need fedavg, fedprox, ffa-lora or ffa-lora+fedprox")
-    return clients, None
+    return CanaryClients(count, secrets.randbits(63)), None
 
 
 def run_change(out_dir: Path, settings: RunSettings) -> dict[str, np.ndarray]:

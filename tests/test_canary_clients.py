@@ -78,7 +78,9 @@ def test_only_a_plain_mean_takes_canary_clients():
     # By default only under central DP: without its noise, 100 canaries would swamp 3 sites' mean.
     assert canary_clients_for(settings(), None)[0] is None and "no central DP" in canary_clients_for(settings(), None)[1]
     assert canary_clients_for(central_dp(), None)[0].count == 100
-    assert canary_clients_for(settings(), 5)[0].count == 5
+    assert canary_clients_for(settings(), 12)[0].count == 12
+    with pytest.raises(ValueError, match="at least 10"):
+        canary_clients_for(central_dp(), 5)
     with pytest.raises(ValueError, match="plain mean"):
         run = settings(strategy="krum")
         build_strategy(run, CanaryClients(2, secret=1).insertion(run))

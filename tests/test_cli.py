@@ -93,7 +93,7 @@ def test_simulation_and_audit_usage_errors_are_one_line(capsys, tmp_path):
           "--site-config", str(tmp_path / "sites.toml")], "--site-config names site(s) [5], but sites are 0..1"),
         (["privacy", "empirical", "--canaries", "1", "--output", str(tmp_path / "a")], "--canaries must be at least 2"),
         (["privacy", "empirical", "--canary-clients", "1", "--output", str(tmp_path / "c")],
-         "--canary-clients must be 0 (none) or at least 2"),
+         "--canary-clients must be 0 (none) or at least 10"),
         (["privacy", "empirical", "--resume", str(tmp_path / "a")], "an empirical audit is one whole run"),
         (["simulate", "--set", "central-dp=true", "--set", "num-sampled-clients=2", "--strategy", "median",
           "--output", str(tmp_path / "b")], "central-dp works with a plain mean"),

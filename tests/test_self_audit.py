@@ -15,7 +15,6 @@ import pytest
 from flwr.app import ArrayRecord
 
 from client.local_data import UNIT_COLUMN, SiteData
-from client.refusals import RefusedRound
 from client.self_audit import SelfAudit
 from privacy.accountant import epsilon_for
 from privacy.ledger import PrivacyLedger
@@ -81,28 +80,44 @@ def test_a_site_audits_itself_and_sends_what_it_would_send_without(run_config, f
 
 
 def test_the_server_cannot_turn_the_audit_on(run_config, folder):
-    """The attack: a run config asking for canaries. It is refused, names only the key, spends
-    nothing and adds no canary anywhere."""
+    """The attack: a run config asking for canaries. It is refused as a key the site's run
+    config does not have, spends nothing and adds no canary anywhere."""
     ledger = folder / "server-asks.db"
     reply = train_round({**run_config, "audit-canaries": 1000}, node(run_config, ledger), 1, ArrayRecord())
-    assert dict(reply.content["status"]) == {"status": "config-error", "setting": "audit-canaries"}
+    assert dict(reply.content["status"]) == {"status": "config-error", "setting": ""}
     assert not ledger.with_suffix(".audit").exists()
     with PrivacyLedger(ledger, read_only=True) as kept:
         assert kept.spends() == []
 
 
-@pytest.mark.parametrize(("extra", "setting"), [
-    ({"audit-canaries": 1}, "audit-canaries"),
-    ({"audit-canaries": True}, "audit-canaries"),
-    ({"audit-canaries": "100"}, "audit-canaries"),
-    ({"audit-canaries": 10, "ledger-path": ""}, "audit-dir"),
+@pytest.mark.parametrize(("extra", "problem"), [
+    ({"audit-canaries": 1}, "audit-canaries must be 0"),
+    ({"audit-canaries": True}, "audit-canaries must be 0"),
+    ({"audit-canaries": "100"}, "audit-canaries must be 0"),
+    ({"audit-canaries": 10, "ledger-path": ""}, "set audit-dir"),
 ])
-def test_a_bad_audit_setting_is_refused_by_its_name(extra, setting):
-    with pytest.raises(RefusedRound) as refused:
+def test_a_bad_audit_setting_says_which(extra, problem):
+    with pytest.raises(ValueError, match=problem):
         SelfAudit.of({"ledger-path": "/site/ledger.db", **extra}, "1")
-    assert refused.value.setting == setting
     assert SelfAudit.of({"ledger-path": "/site/ledger.db"}, "1") is None
     assert SelfAudit.of({"audit-dir": "/audits", "audit-canaries": 4}, "9").folder == Path("/audits/run-9")
+
+
+def test_the_audit_never_changes_a_reply_even_when_it_fails(run_config, folder, caplog):
+    """A bad audit setting, or an audit folder that cannot be written, is an error in the
+    site's log; the server gets the replies of a site without the audit, and no hint of it."""
+    arrays = GlobalModel.load(settings_of(run_config)).arrays()
+    blocked = folder / "not-a-folder"
+    blocked.write_text("a file where the audit folder would go")
+    for name, extra in [("bad-setting", {"audit-canaries": 1}), ("unwritable", {"audit-canaries": 20, "audit-dir": str(blocked)})]:
+        audited = node(run_config, folder / f"{name}.db", **extra)
+        trained = train_round(run_config, audited, 1, arrays)
+        assert "status" not in trained.content.config_records, name
+        evaluated = evaluate_round(run_config, audited, 1, trained.content["arrays"])
+        assert "status" not in evaluated.content.config_records and "canar" not in reply_text(evaluated).lower(), name
+    assert "no self-audit: node config audit-canaries must be 0" in caplog.text
+    assert "the canaries could not be added this round" in caplog.text
+    assert "the canaries could not be scored this round" in caplog.text
 
 
 def test_the_secret_is_drawn_once_per_run_by_whichever_message_comes_first(tmp_path):
