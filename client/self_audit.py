@@ -15,8 +15,11 @@ deployment (its DP-SGD, the server's aggregation, every round).
   ``num-examples`` (``docs/privacy.md``, claim 2), which need not count the canaries.
 - **Scoring.** At every evaluation message the site scores all N canaries under the global
   adapter it was sent (the adapter after that round) and rewrites ``empirical.json``,
-  ``empirical.md`` and ``plots/canary_scores.png`` in the same folder. Nothing of it leaves the
-  site: its replies carry what they would carry without the audit.
+  ``empirical.md`` and ``plots/canary_scores.png`` in the same folder. After every training
+  round it scores them under its own trained adapter too, the release its ledger charged,
+  before averaging with other sites dilutes it: the same files in ``own-update/``, a stronger
+  check of its own DP-SGD. Nothing of it leaves the site: its replies carry what they would
+  carry without the audit.
 
 Only the site can turn this on: ``audit-canaries`` and ``audit-dir`` are node-config keys, and a
 run config naming them is refused like any key the site's code does not know (claim 18). A
@@ -48,8 +51,8 @@ from fedlora.run_config import DataSettings, RunSettings
 from privacy.canaries import Canaries, canary_scores, make_canaries
 from privacy.empirical_report import record_level, write_report
 
-AUDIT_KEYS = ("audit-canaries", "audit-dir")
 SECRET_FILE = "secret"
+OWN_UPDATE = "own-update"  # the reports on the site's own trained adapter
 
 
 @dataclass(frozen=True)
@@ -116,24 +119,27 @@ class SelfAudit:
         return int(path.read_text())
 
     def report_safely(self, model, tokenizer, run: RunSettings, server_round: int, epsilon_theory: float | None,
-                      delta: float, site: str, device: torch.device) -> None:
+                      delta: float, site: str, device: torch.device, own_update: bool = False) -> None:
         """:meth:`report`, whose failure is the site's own business: an error in its log only."""
         try:
-            self.report(model, tokenizer, run, server_round, epsilon_theory, delta, site, device)
+            self.report(model, tokenizer, run, server_round, epsilon_theory, delta, site, device, own_update)
         except Exception:  # noqa: BLE001 - the evaluation and its reply go on as without the audit
             log(ERROR, "%s: self-audit: the canaries could not be scored this round:\n%s", site, traceback.format_exc())
 
     def report(self, model, tokenizer, run: RunSettings, server_round: int, epsilon_theory: float | None,
-               delta: float, site: str, device: torch.device) -> dict:
-        """Score the canaries under ``model`` (the global adapter after ``server_round``) and
-        rewrite this run's report; returns it."""
+               delta: float, site: str, device: torch.device, own_update: bool = False) -> dict:
+        """Score the canaries under ``model``, the global adapter after ``server_round`` or the
+        site's ``own_update`` of it, and rewrite that report; returns it."""
         canaries = self.canaries(len(run.data.label_names))
         scores = canary_scores(model, tokenizer, canaries, run.data.max_seq_length, device)
-        result = {**record_level(scores, canaries.included, delta, epsilon_theory, site), "round": server_round}
-        write_report(self.folder, result, scores, canaries.included)
+        scored = f"{site}'s own update of round {server_round}" if own_update else f"the global adapter after round {server_round}"
+        result = {**record_level(scores, canaries.included, delta, epsilon_theory, site), "round": server_round,
+                  "adapter": scored}
+        folder = self.folder / OWN_UPDATE if own_update else self.folder
+        write_report(folder, result, scores, canaries.included)
         theory = "none (no DP)" if epsilon_theory is None else f"{epsilon_theory:.3f}"
-        log(INFO, "%s round %s: self-audit, epsilon lower bound %.3f (measured, %s) against %s (ledger, this run); %s",
-            site, server_round, result["epsilon_lower_bound"], result["method"], theory, self.folder)
+        log(INFO, "%s round %s: self-audit of %s, epsilon lower bound %.3f (measured, %s) against %s (ledger, this "
+            "run); %s", site, server_round, scored, result["epsilon_lower_bound"], result["method"], theory, folder)
         return result
 
 

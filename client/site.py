@@ -138,7 +138,11 @@ class Site:
                 for spend in spends:
                     ledger.confirm(spend.id)
             anchor = ledger.anchor() if ledger is not None else None
-            budget = _budget_line(before, self._spent(ledger, dp), dp)
+            after = self._spent(ledger, dp)
+            budget = _budget_line(before, after, dp)
+        if audit is not None:  # its own release, before any averaging hides part of it
+            audit.report_safely(model, tokenizer, self.run, server_round, after.this_run if after else None,
+                                dp.delta if dp.enabled else policy.delta, self.name, self.device, own_update=True)
         log(INFO, "%s round %s: trained (%s), %s; %s steps on %s rows (%s units), q %.4g, sigma %.4g, "
             "local train loss %.4f, %.1f s, %s non-finite gradients zeroed",
             self.name, server_round, phase.name, budget, result.steps, result.num_examples, encoded.num_units, q, noise,

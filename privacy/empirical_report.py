@@ -66,7 +66,7 @@ def _replace(path: Path, text: str) -> None:
 
 def markdown(result: dict) -> str:
     theory = "none: DP was off" if result["epsilon_theory"] is None else f"{result['epsilon_theory']:.3f}"
-    where = f"scored under the global adapter after round {result['round']}; " if result.get("round") else ""
+    where = f"scored under {result['adapter']}; " if result.get("adapter") else ""
     lines = [
         f"# Empirical privacy audit: {result['site']}",
         "",

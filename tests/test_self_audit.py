@@ -71,12 +71,18 @@ def test_a_site_audits_itself_and_sends_what_it_would_send_without(run_config, f
         *training, evaluation = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.spends()]
     # The adapter scored is what the run's releases so far made; this message's evaluation came after.
     assert result["epsilon_theory"] == pytest.approx(epsilon_for(training, 1e-5, ACCOUNTANT))
+    assert result["adapter"] == "the global adapter after round 1"
+    # The site's own trained adapter, scored when it trained, against the same spend.
+    own = json.loads((audit.folder / "own-update" / "empirical.json").read_text())
+    assert own["adapter"] == "node-7's own update of round 1"
+    assert own["epsilon_theory"] == pytest.approx(result["epsilon_theory"]) and own["canaries"] == 40
+    assert 0 <= own["epsilon_lower_bound"] <= own["epsilon_theory"]
     assert result["round"] == 1 and result["canaries"] == 40 and result["included"] == included
     assert 0 <= result["epsilon_lower_bound"] <= result["epsilon_theory"]
     assert (audit.folder / "plots" / "canary_scores.png").is_file()
     assert "round 1" in (audit.folder / "empirical.md").read_text()
     assert (audit.folder / "secret").stat().st_mode & 0o777 == 0o600
-    assert "self-audit, epsilon lower bound" in caplog.text
+    assert "self-audit of the global adapter after round 1, epsilon lower bound" in caplog.text
 
 
 def test_the_server_cannot_turn_the_audit_on(run_config, folder):
