@@ -42,8 +42,10 @@ def run_one(args: list[str], out: Path) -> dict:
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
     result = json.loads((out / "empirical.json").read_text())
     site = result["site_level"] or {}
+    own = result.get("own_update") or {}
     return {
         "lower_bound": result["epsilon_lower_bound"], "method": result["method"], "theory": result["epsilon_theory"],
+        "own_update_lower_bound": own.get("epsilon_lower_bound"),
         "site_estimate": site.get("epsilon"), "site_interval": site.get("epsilon_interval"),
         "site_theory": site.get("epsilon_theory"), "seconds": round(seconds), "peak_rss_mb": rss_kb // 1024,
         "load_at_start": round(load, 2),
@@ -55,14 +57,15 @@ def _number(value, digits: int = 3) -> str:
 
 
 def markdown(runs: dict[str, list[dict]]) -> str:
-    lines = ["| setting | run | epsilon (ledger, site-0) | lower bound (records) | site-level estimate [95%] | "
-             "central DP accountant | wall-clock | peak RSS | load at start |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | run | epsilon (ledger, site-0) | lower bound (records, final model) | lower bound (site-0's "
+             "own last update) | site-level estimate [95%] | central DP accountant | wall-clock | peak RSS | load at start |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for setting, results in runs.items():
         for i, r in enumerate(results, 1):
             interval = "" if r["site_interval"] is None else f" [{r['site_interval'][0]:.2f}, {r['site_interval'][1]:.2f}]"
             lines.append(
                 f"| {setting} | {i} | {_number(r['theory'])} | {_number(r['lower_bound'])} ({r['method']}) | "
+                f"{_number(r.get('own_update_lower_bound'))} | "
                 f"{_number(r['site_estimate'], 2)}{interval} | {_number(r['site_theory'])} | "
                 f"{r['seconds'] // 60}:{r['seconds'] % 60:02d} | {r['peak_rss_mb']} MB | {r['load_at_start']} |")
     return "\n".join(lines) + "\n"

@@ -85,6 +85,12 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|",
     ] + [f"| {b['method']} | {b['epsilon']:.3f} | {b['guesses']} | {b['correct']} | {b['two_sided']} |"
          for b in result["bounds"].values()] + ["", "![canary scores](plots/canary_scores.png)", ""]
+    own = result.get("own_update")
+    if own:
+        lines += [f"Scored under {own['adapter']} (its own release, before averaging): lower bound "
+                  f"**{own['epsilon_lower_bound']:.3f}** ({own['method']}) against "
+                  f"{'none' if own['epsilon_theory'] is None else format(own['epsilon_theory'], '.3f')} "
+                  "from its ledger at that point.", ""]
     return "\n".join(lines + (_site_level_markdown(result) if "site_level" in result else []))
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from client.self_audit import SelfAudit
+from client.self_audit import OWN_UPDATE, SelfAudit
 from fedlora.run_config import RunSettings
 from fedlora.saved_adapter import load_adapter
 from fedlora.sources import resolve_label_names
@@ -73,6 +73,7 @@ def run_empirical(
     theory = _site_epsilon(out_dir, "site-0") if settings.dp.dp else None
     result = {
         **record_level(scores, canaries.included, settings.dp.delta or 1e-5, theory, "site-0"),
+        "own_update": _own_update(audit),
         "site_level": None,
         "site_level_skipped": skipped,
     }
@@ -96,6 +97,15 @@ def _site_audit(node_config: dict[str, Any], count: int) -> SelfAudit:
         raise ValueError(f"site-0's audit folder {SelfAudit.root(node_config)} holds {len(folders)} runs, not this run's "
                          "alone (did site-0 ever train? see report.md)")
     return SelfAudit(count, folders[0])
+
+
+def _own_update(audit: SelfAudit) -> dict | None:
+    """Site-0's own report on its last trained adapter (``client.self_audit``), in brief."""
+    path = audit.folder / OWN_UPDATE / "empirical.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    return {key: report[key] for key in ("epsilon_lower_bound", "epsilon_theory", "method", "round", "adapter")}
 
 
 def canary_clients_for(settings: RunSettings, count: int | None) -> tuple[CanaryClients | None, str | None]:

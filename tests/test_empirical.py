@@ -39,6 +39,9 @@ def test_an_audit_run_writes_its_bounds_and_never_claims_more_than_the_accountan
     (own,) = (out / "privacy" / "site-0.audit").glob("run-*")
     assert (own / "secret").is_file() and json.loads((own / "empirical.json").read_text())["round"] == 1
     assert not (out / "privacy" / "site-1.audit").exists()
+    # ...and scores its own last update too: a bound against its ledger at that point.
+    assert result["own_update"]["adapter"] == "site-0's own update of round 1"
+    assert 0 <= result["own_update"]["epsilon_lower_bound"] <= result["own_update"]["epsilon_theory"]
     simulated = json.loads((out / "simulation.json").read_text())
     assert "canar" not in json.dumps(simulated) + (out / "config.json").read_text()  # the server never sees them
     assert (out / "plots" / "canary_scores.png").is_file()
