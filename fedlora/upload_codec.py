@@ -8,7 +8,7 @@ adapter it sent and screens and aggregates float32 values as before:
 |---|---|---|---|
 | ``fp32`` | 4 bytes | (the value itself) | none |
 | ``fp16`` | 2 bytes | IEEE half precision (|Δ| ≤ 65504, else infinite and rejected) | relative 2⁻¹¹ of Δ; absolute 2⁻²⁵ where |Δ| < 2⁻¹⁴ (subnormals) |
-| ``bf16`` | 2 bytes | the upper 16 bits of float32, rounded to nearest even (``uint16`` on the wire: NumPy has no bfloat16) | relative 2⁻⁸ of Δ |
+| ``bf16`` | 2 bytes | torch's bfloat16 (float32 rounded to nearest even), its bits as ``uint16`` on the wire: NumPy has no bfloat16 | relative 2⁻⁸ of Δ |
 | ``int8`` | 1 byte + 4 per tensor | q = ⌊Δ/s + U⌋, U ~ U[0, 1), clipped to ±127, with the tensor's scale s = max|Δ|/127 in ``<name>#scale`` | ≤ s, zero on average |
 
 Why the update and not the value: LoRA's A starts at a random init, and a round moves it by
@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
 
 SCALE_SUFFIX = "#scale"
@@ -50,7 +51,7 @@ def encode_upload(sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndar
         if upload_dtype == "fp16":
             encoded[name] = Array(delta.astype(np.float16))
         elif upload_dtype == "bf16":
-            encoded[name] = Array(_to_bfloat16_bits(delta))
+            encoded[name] = Array(torch.from_numpy(delta).to(torch.bfloat16).view(torch.uint16).numpy())
         else:
             scale = _int8_scale(delta)
             steps = delta.astype(np.float64) / scale if scale > 0 else np.zeros(delta.shape)
@@ -82,7 +83,7 @@ def decode_upload(arrays: ArrayRecord, received: ArrayRecord, upload_dtype: str)
         if upload_dtype == "fp16":
             delta = encoded.astype(np.float32)
         elif upload_dtype == "bf16":
-            delta = (encoded.astype(np.uint32) << 16).view(np.float32)
+            delta = torch.from_numpy(encoded).view(torch.bfloat16).float().numpy()
         else:
             scale = arrays[name + SCALE_SUFFIX].numpy()
             if scale.shape != (1,) or scale.dtype != np.float32 or not np.isfinite(scale[0]) or scale[0] < 0:
@@ -107,12 +108,3 @@ def _received_part(received: np.ndarray, shape: tuple[int, ...], name: str) -> n
     if len(shape) != received.ndim or any(n > m for n, m in zip(shape, received.shape)):
         raise ValueError(f"tensor {name!r}: shape {shape} does not fit the {received.shape} sent")
     return received[tuple(slice(0, n) for n in shape)]
-
-
-def _to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 → the upper 16 bits, rounded to nearest even (NaN stays NaN)."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(values)
-    rounded[nan] = 0x7FC0
-    return rounded

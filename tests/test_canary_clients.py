@@ -70,6 +70,17 @@ def test_directions_are_unit_fixed_by_the_secret_and_the_unseen_ones_differ():
         CanaryClients(1, secret=1)
 
 
+def test_cosines_are_only_taken_over_the_tensors_the_canaries_went_into():
+    canaries = CanaryClients(3, secret=1)
+    with pytest.raises(ValueError, match="no round's mean took the canary clients"):
+        canaries.cosines({"w": np.ones(2000)})
+    canaries.inserted_into = {"w": (2000,)}
+    with pytest.raises(ValueError, match="not over the tensors the canary clients went into"):
+        canaries.cosines({"w": np.ones(1000)})
+    seen, unseen = canaries.cosines({"w": np.ones(2000)})
+    assert seen.shape == unseen.shape == (3,)
+
+
 def test_only_a_plain_mean_takes_canary_clients():
     assert canary_clients_for(settings(strategy="ffa-lora+fedprox"), 10)[0] is not None
     clients, skipped = canary_clients_for(settings(strategy="median"), 10)

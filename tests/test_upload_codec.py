@@ -95,6 +95,11 @@ def test_the_outgoing_guard_passes_each_wire_form_and_nothing_beside_it(dtype):
     if dtype != "int8":  # a scale beside a tensor that is not int8 could carry anything
         with pytest.raises(DisclosureError, match="scale of an int8 tensor"):
             check_outgoing(reply(ArrayRecord(smuggled)), record(RECEIVED))
+    if dtype == "int8":  # a scale is one finite number >= 0, nothing else
+        for bad in (np.nan, -1.0):
+            odd = {**dict(wire.items()), "layer.lora_A.weight" + SCALE_SUFFIX: Array(np.array([bad], np.float32))}
+            with pytest.raises(DisclosureError, match="finite and >= 0"):
+                check_outgoing(reply(ArrayRecord(odd)), record(RECEIVED))
     wide = {**dict(wire.items()), "layer.lora_A.weight": Array(np.zeros((8, 384), np.float64))}
     with pytest.raises(DisclosureError, match="neither the received"):
         check_outgoing(reply(ArrayRecord(wide)), record(RECEIVED))
