@@ -4,7 +4,8 @@ Each training round: read the run config (once, here, into ``fedlora.run_config.
 check the server's DP request against the site's own policy, load the site's data, charge the
 privacy ledger *before* training, train the adapter with DP-SGD, release the noised metrics,
 confirm the charges, and send back only adapter tensors (as ``upload-dtype`` encodes them,
-``fedlora.upload_codec``), public scalars and the ledger's anchor.
+``fedlora.upload_codec``; in a SecAgg+ round, its update masked, ``client.secure_aggregation``),
+public scalars and the ledger's anchor.
 A site that cannot or will not train replies with a ``status`` record (a code and a setting
 name, ``client.refusals``) and no weights; the full reason goes to the site's own log, the code
 and setting to its ledger (a row that spends nothing), and the federation goes on without it.
@@ -22,12 +23,13 @@ from flwr.clientapp import ClientApp
 
 from client.outgoing_guard import outgoing_guard
 from client.refusals import SETTINGS, RefusedRound
+from client.secure_aggregation import is_secure_round, masked_upload, secure_aggregation
 from client.site import Site, record_refusal, site_name
 from fedlora.run_config import ConfigError, RunSettings
 from fedlora.upload_codec import encode_upload
 from privacy.ledger import Anchor, ledger_anchor
 
-app = ClientApp(mods=[outgoing_guard])
+app = ClientApp(mods=[outgoing_guard, secure_aggregation])
 
 
 @app.train()
@@ -45,20 +47,32 @@ def train_site(msg: Message, context: Context, run_config: Mapping[str, Any]) ->
     the simulation's for a simulated one."""
     config = msg.content["config"]
     server_round = int(config["server-round"])
+    secure = is_secure_round(msg)
     try:
         settings = _settings(run_config)
         proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx only
         outcome = Site(context, settings).train(msg.content["arrays"], server_round, proximal_mu)
+        weight = float(outcome.metrics["num-examples"])
+        if secure and weight > settings.secure.secagg_max_weight:
+            raise RefusedRound("config-error", "secagg-max-weight",
+                               f"this site's FedAvg weight {weight:g} exceeds secagg-max-weight; SecAgg+ would overflow")
     except RefusedRound as refusal:
         record_refusal(context, refusal, server_round, "training")
-        return _status_reply(msg, context, refusal)
-    # Stochastic rounding's randomness is the site's own: nothing the server knows seeds it.
-    arrays = encode_upload({name: value.numpy() for name, value in outcome.adapter.items()},
-                           {name: array.numpy() for name, array in msg.content["arrays"].items()},
-                           settings.strategy.upload_dtype, np.random.default_rng(secrets.randbits(128)))
+        reply = _status_reply(msg, context, refusal)
+        if secure:  # its masks must still reach the sum: a zero update at weight 0
+            for name, record in masked_upload({}, msg.content["arrays"], 0.0, 0.0).items():
+                reply.content[name] = record
+        return reply
+    adapter = {name: value.numpy() for name, value in outcome.adapter.items()}
+    if secure:
+        upload = dict(masked_upload(adapter, msg.content["arrays"], weight, settings.strategy.max_update_norm).items())
+    else:
+        # Stochastic rounding's randomness is the site's own: nothing the server knows seeds it.
+        upload = {"arrays": encode_upload(adapter, {name: array.numpy() for name, array in msg.content["arrays"].items()},
+                                          settings.strategy.upload_dtype, np.random.default_rng(secrets.randbits(128)))}
     content = RecordDict(
         {
-            "arrays": arrays,
+            **upload,
             "metrics": MetricRecord(outcome.metrics),
             "site": _site_record(context),
             **_ledger_record(outcome.anchor),

@@ -8,7 +8,10 @@ A reply may carry only
   (``fedlora.upload_codec``);
 - ``metrics``: whitelisted scalars (public DP parameters, the FedAvg weight, noised releases);
 - ``status``: a refusal's code and setting name, both from fixed lists (``client.refusals``);
-- ``site``: the site's display name; ``ledger``: its ledger's row count and head hash.
+- ``site``: the site's display name; ``ledger``: its ledger's row count and head hash;
+- ``secaggplus_configs``: in a SecAgg+ round, the protocol's public keys, encrypted shares,
+  shares and masked vector, each stage's fields with their types (``client.secure_aggregation``);
+  such a reply carries no ``arrays``: its update leaves only masked.
 
 Anything else (a base-model weight, a raw example, a free-form string) is a bug that would leak
 data, so the reply is replaced by a ``disclosure-blocked`` status. An exception raised at the
@@ -30,6 +33,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 
 from client.refusals import SETTINGS, STATUS_CODES
+from client.secure_aggregation import PROTOCOL_RECORD, REPLY_FIELDS
 from fedlora.upload_codec import SCALE_SUFFIX, WIRE_DTYPES
 from privacy.ledger import ledger_anchor
 
@@ -42,7 +46,7 @@ ALLOWED_METRICS = frozenset(
 )
 ALLOWED_RECORDS = {
     "arrays": ArrayRecord, "metrics": MetricRecord, "status": ConfigRecord, "site": ConfigRecord,
-    "ledger": ConfigRecord,
+    "ledger": ConfigRecord, PROTOCOL_RECORD: ConfigRecord,
 }
 _HEX_HASH = re.compile(r"^[0-9a-f]{64}$")
 
@@ -56,6 +60,8 @@ def check_outgoing(reply: Message, received: ArrayRecord | None = None) -> None:
     ``received`` is the adapter the server sent (arrays in the reply must match it)."""
     if reply.has_error():
         raise DisclosureError("error replies carry free text; send a status code instead")
+    if PROTOCOL_RECORD in reply.content.config_records and "arrays" in reply.content.array_records:
+        raise DisclosureError("a secure-aggregation reply sends its update masked, never as arrays")
     for name, record in reply.content.items():
         expected = ALLOWED_RECORDS.get(name)
         if expected is None or not isinstance(record, expected):
@@ -64,6 +70,8 @@ def check_outgoing(reply: Message, received: ArrayRecord | None = None) -> None:
             _check_arrays(record, received if received is not None else ArrayRecord())
         elif name == "metrics":
             _check_metrics(record)
+        elif name == PROTOCOL_RECORD:
+            _check_protocol(record)
         else:
             _check_fields(name, record)
 
@@ -134,6 +142,17 @@ def _check_metrics(record: MetricRecord) -> None:
     odd = [key for key, value in record.items() if not math.isfinite(value)]
     if odd:
         raise DisclosureError(f"metric(s) not finite: {', '.join(odd)}")
+
+
+def _check_protocol(record: ConfigRecord) -> None:
+    fields = REPLY_FIELDS.get(frozenset(record))
+    if fields is None:
+        raise DisclosureError(f"secure-aggregation fields {sorted(record)} are no stage's reply")
+    for key, (kind, is_list) in fields.items():
+        value = record[key]
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) != is_list or not all(type(item) is kind for item in items):
+            raise DisclosureError(f"secure-aggregation field {key!r} must be {'a list of' if is_list else 'one'} {kind.__name__}")
 
 
 def _check_fields(name: str, record: ConfigRecord) -> None:

@@ -15,6 +15,7 @@ checks every value's type and range and fails on the first bad key, naming it
 | :class:`ScheduleSettings` | each site's training schedule (``privacy.plan``; 0 = chosen from its size) |
 | :class:`DPRequest` | what the server asks of each site's DP (a request: ``privacy.budget``) |
 | :class:`StrategySettings` | aggregation, central DP, sampling and the screening of updates |
+| :class:`SecureAggregationSettings` | SecAgg+: whether the server may see only the round's sum, and its parameters |
 """
 
 from __future__ import annotations
@@ -155,6 +156,30 @@ class StrategySettings:
 
 
 @dataclass(frozen=True)
+class SecureAggregationSettings:
+    """SecAgg+ (``server.secure_aggregation``): the server learns only the weighted sum of a
+    round's updates. Shares and threshold are fractions: of the round's sites that each site
+    shares its keys with (1.0: all), and of those shares needed to unmask (the dropouts tolerated
+    are the rest; fewer than that many colluding sites learn nothing). Each site's weighted
+    update is clipped to [-clipping-range, clipping-range] per value before it is quantized, and
+    its weight (``num-examples``) must not exceed max-weight."""
+
+    secure_aggregation: bool
+    secagg_shares: float
+    secagg_threshold: float
+    secagg_clipping_range: float
+    secagg_max_weight: float
+
+    def check(self) -> None:
+        for key in ("secagg-shares", "secagg-threshold"):
+            value = getattr(self, key.replace("-", "_"))
+            _within(key, value, 0.0 < value <= 1.0, "in (0, 1]")
+        for key in ("secagg-clipping-range", "secagg-max-weight"):
+            value = getattr(self, key.replace("-", "_"))
+            _within(key, value, value > 0, "> 0")
+
+
+@dataclass(frozen=True)
 class RunSettings:
     num_server_rounds: int
     seed: int
@@ -167,6 +192,7 @@ class RunSettings:
     schedule: ScheduleSettings
     dp: DPRequest
     strategy: StrategySettings
+    secure: SecureAggregationSettings
 
     def check(self) -> None:
         _within("num-server-rounds", self.num_server_rounds, self.num_server_rounds >= 1, ">= 1")
@@ -185,7 +211,8 @@ class RunSettings:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise ConfigError(missing[0], f"the run config has no {', '.join(missing[:5])}{more}")
         settings = _build(cls, config)
-        for section in (settings, settings.data, settings.model, settings.schedule, settings.dp, settings.strategy):
+        for section in (settings, settings.data, settings.model, settings.schedule, settings.dp, settings.strategy,
+                        settings.secure):
             section.check()
         return settings
 

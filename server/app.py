@@ -23,6 +23,8 @@ from server.federation import Federation
 from server.global_model import GlobalModel
 from server.history import RunFailed, run_failure, save_history, write_json
 from server.privacy_report import write_privacy_report
+from server.progress import send_and_receive
+from server.secure_aggregation import SecAggPlus
 from server.report import write_report
 from strategies.factory import build_strategy
 from strategies.server_state import load_optimizer_state, optimizer_state
@@ -76,6 +78,7 @@ def run_server(
         evaluate_config={},
         central_eval=global_model.central_evaluator(settings.central_eval_data) if settings.central_eval_data else None,
         flag_after=settings.strategy.flag_after_rejections,
+        secure=SecAggPlus(settings.secure, send_and_receive) if settings.secure.secure_aggregation else None,
     )
 
     def on_round(server_round, arrays, rounds) -> None:

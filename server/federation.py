@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 
 from server.history import RoundRecord, SiteEvaluation, SiteRound
 from server.progress import send_and_receive
+from server.secure_aggregation import SecAggPlus
 from strategies.screening import ReplyOutcome, ScreenedStrategy
 from strategies.validation import TooFewUpdates
 
@@ -37,6 +38,7 @@ class Federation:
     train_config: dict[str, Any]
     evaluate_config: dict[str, Any]
     central_eval: Callable[[ArrayRecord], dict[str, float]] | None = None
+    secure: SecAggPlus | None = None  # SecAgg+: the server gets only each round's masked sum
     flag_after: int = 3  # flag a site whose update was rejected in this many rounds running (0: never)
     # node id -> site-name, learnt from the sites' replies: a site that stops answering (no-reply,
     # or a Flower error reply, which carries no site record) is still reported under its name.
@@ -62,11 +64,16 @@ class Federation:
         start = time.perf_counter()
         messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(dict(self.train_config)), self.grid))
         bytes_down = {m.metadata.dst_node_id: m.content["arrays"].count_bytes() for m in messages}
-        replies = _on_behalf_of_lost_nodes(messages, send_and_receive(
-            self.grid, messages, self.timeout, f"round {server_round}/{self.num_rounds} training"))
-        failure, train_metrics = None, None
+        label = f"round {server_round}/{self.num_rounds} training"
+        failure, train_metrics, secure_summary = None, None, None
         try:
-            new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
+            if self.secure is None:
+                replies = _on_behalf_of_lost_nodes(messages, send_and_receive(self.grid, messages, self.timeout, label))
+                new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
+            else:
+                secure_round = self.secure.run(self.grid, messages, self.timeout, label)
+                secure_summary = secure_round.summary(self.secure.settings.secagg_clipping_range)
+                new_arrays, train_metrics = self.strategy.aggregate_secure(server_round, secure_round)
             if new_arrays is not None:
                 arrays = new_arrays
         except TooFewUpdates as err:
@@ -96,6 +103,7 @@ class Federation:
             failure=failure,
             central_epsilon=self.strategy.central_epsilon,
             central_dp=self.strategy.central_release(),
+            secure_aggregation=secure_summary,
             clients=clients,
             evaluations=[
                 SiteEvaluation(o.site, o.node_id, o.outcome, o.reason, num_examples=o.metrics.get("num-examples"),
@@ -135,7 +143,8 @@ def _log_outcome(server_round: int, entry: SiteRound) -> None:
     """One line per site per round: what became of its training reply, and why."""
     if entry.outcome == "aggregated":
         spent = f", epsilon {entry.epsilon:.4f}" if entry.epsilon is not None else ", no DP"
-        log(INFO, "round %s: %s aggregated (update norm %.4g%s)", server_round, entry.client, entry.update_norm, spent)
+        size = "masked" if entry.update_norm is None else f"update norm {entry.update_norm:.4g}"
+        log(INFO, "round %s: %s aggregated (%s%s)", server_round, entry.client, size, spent)
     else:
         log(WARNING, "round %s: %s %s: %s", server_round, entry.client, entry.outcome, entry.reason)
 

@@ -77,6 +77,7 @@ class RoundRecord:
     failure: str | None = None
     central_epsilon: float | None = None
     central_dp: dict[str, float] | None = None
+    secure_aggregation: dict[str, float] | None = None  # SecAgg+'s round: sites, summed, dropped, shares, threshold
     clients: list[SiteRound] = field(default_factory=list)
     evaluations: list[SiteEvaluation] = field(default_factory=list)
 

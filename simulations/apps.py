@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client import app as site_handlers
 from client.outgoing_guard import outgoing_guard
+from client.secure_aggregation import secure_aggregation
 from fedlora.console import quiet_flower_console
 from fedlora.run_config import RunSettings
 from server.app import run_server
@@ -60,7 +61,7 @@ def build_site_app(
     # The handlers read the run config as a deployed site reads its SuperLink's: flat, and
     # parsed at their edge.
     run_config = settings.as_dict()
-    app = ClientApp(mods=[with_site_config, *attacking, outgoing_guard])
+    app = ClientApp(mods=[with_site_config, *attacking, outgoing_guard, secure_aggregation])
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return site_handlers.train_site(msg, context, run_config)

@@ -29,6 +29,14 @@ cumulative ε at ``central-dp-delta`` goes into every history record (``central_
 what the round's release used (``central_dp``: noise multiplier, clipping norm, number of sites,
 δ; null when nothing was released), from which a resumed run replays the earlier spend.
 
+``secure-aggregation = true`` (SecAgg+, ``server.secure_aggregation``) hands the server only the
+weighted mean of a round's updates: it works with the plain means (``fedavg``, ``fedprox``,
+``ffa-lora``, ``ffa-lora+fedprox``) and fp32 uploads (it quantizes them itself), and is refused
+with any strategy that needs each update (the robust ones, server-side optimizers, HetLoRA) and
+with central DP (which clips each update at the server). The size screen cannot see one update
+there either: each weighted update is clipped per value to ``secagg-clipping-range`` before
+masking, and an honest site bounds its own update's L2 norm to ``max-update-norm`` when set.
+
 Layers, outermost first: screening, then FFA-LoRA's A handling, then central DP, then the
 aggregator, so that validation sees the whole reply and DP clips and noises exactly the tensors
 the aggregator averages.
@@ -92,6 +100,8 @@ def build_strategy(settings: RunSettings, around_aggregation: Callable[[Strategy
     )
     ffa = given.freezes_lora_a
     aggregator = _aggregator_name(given)
+    if settings.secure.secure_aggregation:
+        _check_secure(given, aggregator, around_aggregation is not None)
 
     central_dp = None
     if aggregator == "hetlora":
@@ -134,6 +144,20 @@ def build_strategy(settings: RunSettings, around_aggregation: Callable[[Strategy
         central_dp=central_dp,
         upload_dtype=given.upload_dtype,
     )
+
+
+def _check_secure(given: StrategySettings, aggregator: str, wrapped: bool) -> None:
+    """What SecAgg+ cannot run with, refused by its key: it hides every single update."""
+    if aggregator not in _PLAIN_MEAN:
+        raise ConfigError("strategy", f"secure-aggregation sums the updates, so it works with a plain mean (fedavg, fedprox, "
+                                      f"ffa-lora, ffa-lora+fedprox), not with {given.strategy!r}, which needs each update")
+    if given.central_dp:
+        raise ConfigError("central-dp", "central-dp clips each site's update at the server, which secure-aggregation hides from it")
+    if given.upload_dtype != "fp32":
+        raise ConfigError("upload-dtype", "secure-aggregation quantizes the updates itself; set upload-dtype = fp32")
+    if wrapped:
+        raise ConfigError("secure-aggregation", "canary clients (the site-level audit) add to single updates, which "
+                                                "secure-aggregation hides; audit without it")
 
 
 def _aggregator(name: str, given: StrategySettings, learning_rate: float, common: dict[str, Any]) -> FedAvg:

@@ -18,6 +18,10 @@ and one that does not decode is rejected, saying why.
 A round whose aggregated replies number fewer than ``min_valid`` fails with a clear
 :class:`TooFewUpdates` error; the global adapter then stays as it was.
 
+Under SecAgg+ (``aggregate_secure``) no single update reaches the server: each reply is
+classified as above, a site whose masked vector is not in the sum is ``failed`` (it dropped
+out), and the new adapter is the global one plus the protocol's weighted mean update.
+
 The aggregate keeps the dtype of every global tensor: a server-side optimizer may promote it
 (Flower's FedAdam returns float64), and sites, validation and checkpoints expect what was sent.
 """
@@ -39,6 +43,7 @@ from strategies.validation import TooFewUpdates, spec_from_arrays, update_norm, 
 
 if TYPE_CHECKING:
     from server.history import RoundRecord
+    from server.secure_aggregation import SecureRound
     from strategies.central_dp import CentralDP
 
 
@@ -160,6 +165,34 @@ class ScreenedStrategy(Strategy):
                                 f"min-valid-updates = {self.min_valid}")
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
         return (None if arrays is None else _with_dtypes_of(self._reference, arrays)), metrics
+
+    def aggregate_secure(self, server_round: int, secure: SecureRound) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A SecAgg+ round: the global adapter plus the mean of the updates in the masked sum;
+        training metrics are the sites' (public) releases, weighted by num-examples."""
+        self.train_outcomes = []
+        for msg in secure.replies:
+            outcome = describe_reply(msg)
+            outcome.bytes_up = secure.bytes_up.get(outcome.node_id, 0)
+            if outcome.outcome == "aggregated" and outcome.node_id not in secure.summed:
+                stage = secure.dropped.get(outcome.node_id, "an earlier stage")
+                outcome.outcome, outcome.reason = "failed", f"dropped out of secure aggregation at {stage}"
+            self.train_outcomes.append(outcome)
+        if secure.mean_update is None:
+            raise TooFewUpdates(f"round {server_round}: {secure.failure}")
+        aggregated = [o for o in self.train_outcomes if o.outcome == "aggregated"]
+        if len(aggregated) < self.min_valid:
+            raise TooFewUpdates(f"round {server_round}: {len(aggregated)} update(s) in the secure sum, fewer than "
+                                f"min-valid-updates = {self.min_valid}")
+        trained = self.expected_upload(self._reference)
+        arrays = ArrayRecord({
+            name: Array(array.numpy() + secure.mean_update[name] if name in trained else array.numpy())
+            for name, array in self._reference.items()
+        })
+        weights = [float(o.metrics.get("num-examples", 0.0)) for o in aggregated]
+        losses = [(w, o.metrics["train-loss"]) for w, o in zip(weights, aggregated, strict=True) if "train-loss" in o.metrics]
+        total = sum(w for w, _ in losses)
+        metrics = MetricRecord({"train-loss": sum(w * loss for w, loss in losses) / total}) if total > 0 else None
+        return _with_dtypes_of(self._reference, arrays), metrics
 
     def _decode(self, msg: Message) -> str:
         """Put the float32 values of a compressed upload in place of its wire form; the

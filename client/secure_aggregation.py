@@ -1,0 +1,72 @@
+"""SecAgg+ at the site: Flower's ``secaggplus_mod`` for the training rounds whose server runs it
+(``server.secure_aggregation``), and the update it masks.
+
+A training message that carries the protocol's record (``secaggplus_configs``) goes through
+Flower's mod: its *setup*, *share keys* and *unmask* stages answer with public keys, encrypted
+Shamir shares and shares, without training; its *collect masked vectors* stage trains
+(``client.app.train_site``, which answers in the shape the mod reads, :func:`masked_upload`) and
+sends the masked, quantized update instead of the adapter. Every other message passes through.
+
+What the mod masks is the site's update Δ (its adapter minus the one received), every received
+tensor in the order received (0 where the site trains none of it, as FFA-LoRA's A), with
+``max-update-norm`` as a bound on its L2 norm when that is set: under SecAgg no server can
+screen one update's size, so an honest site bounds its own (the per-value clipping to
+``secagg-clipping-range`` bounds every site's, honest or not). A site that refuses sends a zero
+update at weight 0: its masks must still be in the sum for the others' to cancel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Array
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+PROTOCOL_RECORD = RECORD_KEY_CONFIGS
+# What each stage's reply may carry in the protocol record (the outgoing guard checks it): two
+# public keys; encrypted shares and their destinations; the masked vector; shares and their owners.
+# Each field: the type of its values, and whether it is a list of them.
+REPLY_FIELDS: dict[frozenset[str], dict[str, tuple[type, bool]]] = {
+    frozenset({Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}): {Key.PUBLIC_KEY_1: (bytes, False), Key.PUBLIC_KEY_2: (bytes, False)},
+    frozenset({Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST}): {Key.DESTINATION_LIST: (int, True), Key.CIPHERTEXT_LIST: (bytes, True)},
+    frozenset({Key.MASKED_PARAMETERS}): {Key.MASKED_PARAMETERS: (bytes, True)},
+    frozenset({Key.NODE_ID_LIST, Key.SHARE_LIST}): {Key.NODE_ID_LIST: (int, True), Key.SHARE_LIST: (bytes, True)},
+}
+_LEGACY_PREFIX = "fitres."  # the records Flower's mod reads the update from
+
+
+def is_secure_round(message: Message) -> bool:
+    return message.metadata.message_type == MessageType.TRAIN and PROTOCOL_RECORD in message.content.config_records
+
+
+def secure_aggregation(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower mod: run SecAgg+ on the messages of a secure round; pass every other one on."""
+    if not is_secure_round(message):
+        return call_next(message, context)
+    reply = secaggplus_mod(message, context, call_next)
+    for name in [name for name in reply.content if name.startswith(_LEGACY_PREFIX)]:
+        del reply.content[name]  # read by the mod, emptied of the update: nothing for the server
+    return reply
+
+
+def masked_upload(sent: Mapping[str, np.ndarray], received: ArrayRecord, weight: float, norm_bound: float) -> RecordDict:
+    """The update for Flower's mod to mask, in the (legacy) records it reads: Δ = sent − received
+    per received tensor (0 for one not sent), scaled down to ``norm_bound`` if over it (0: no
+    bound), at FedAvg weight ``weight``."""
+    delta = {}
+    for name, array in received.items():
+        base = array.numpy().astype(np.float32)
+        delta[name] = sent[name].astype(np.float32) - base if name in sent else np.zeros_like(base)
+    norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta.values())))
+    if norm_bound > 0 and norm > norm_bound:
+        delta = {name: d * np.float32(norm_bound / norm) for name, d in delta.items()}
+    return RecordDict({
+        f"{_LEGACY_PREFIX}parameters": ArrayRecord({name: Array(np.ascontiguousarray(d)) for name, d in delta.items()}),
+        f"{_LEGACY_PREFIX}num_examples": MetricRecord({"num_examples": weight}),
+        f"{_LEGACY_PREFIX}metrics": ConfigRecord({}),
+        f"{_LEGACY_PREFIX}status": ConfigRecord({"code": 0, "message": ""}),
+    })
