@@ -9,12 +9,12 @@ be checkpointed and reported before the next one begins.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -68,7 +68,7 @@ class Federation:
         failure, train_metrics, secure_summary = None, None, None
         try:
             if self.secure is None:
-                replies = _on_behalf_of_lost_nodes(messages, send_and_receive(self.grid, messages, self.timeout, label))
+                replies = send_and_receive(self.grid, messages, self.timeout, label)
                 new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
             else:
                 secure_round = self.secure.run(self.grid, messages, self.timeout, label)
@@ -86,8 +86,7 @@ class Federation:
         self._learn_names(clients)
 
         eval_messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(self.evaluate_config)), self.grid))
-        eval_replies = _on_behalf_of_lost_nodes(eval_messages, send_and_receive(
-            self.grid, eval_messages, self.timeout, f"round {server_round}/{self.num_rounds} evaluation"))
+        eval_replies = send_and_receive(self.grid, eval_messages, self.timeout, f"round {server_round}/{self.num_rounds} evaluation")
         eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies)
         central = self.central_eval(arrays) if self.central_eval else {}
         record = RoundRecord(
@@ -147,21 +146,6 @@ def _log_outcome(server_round: int, entry: SiteRound) -> None:
         log(INFO, "round %s: %s aggregated (%s%s)", server_round, entry.client, size, spent)
     else:
         log(WARNING, "round %s: %s %s: %s", server_round, entry.client, entry.outcome, entry.reason)
-
-
-def _on_behalf_of_lost_nodes(sent: list[Message], replies: Iterable[Message]) -> list[Message]:
-    """A node that stops sending heartbeats gets an error reply *from the SuperLink* (source node
-    1, "Node Unavailable"); make it the reply of the node it is about, so that the round records
-    that site as ``failed`` (under its name) instead of an unknown node plus a ``no-reply``."""
-    by_id = {m.metadata.message_id: m for m in sent if m.metadata.message_id}
-    destinations = {m.metadata.dst_node_id for m in sent}
-    return [
-        Message(reply.error, reply_to=by_id[reply.metadata.reply_to_message_id])
-        if reply.has_error() and reply.metadata.src_node_id not in destinations
-        and reply.metadata.reply_to_message_id in by_id
-        else reply
-        for reply in replies
-    ]
 
 
 def _client_entries(outcomes: list[ReplyOutcome], bytes_down: dict[int, int]) -> list[SiteRound]:

@@ -20,6 +20,8 @@ PULL_INTERVAL = 0.5  # seconds, as Flower's in-memory grid polls
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, label: str) -> list[Message]:
+    """The replies that came before ``timeout``; the SuperLink's error reply about a node it lost
+    comes as that node's own (see :func:`_on_behalf_of_lost_nodes`)."""
     messages = list(messages)
     if not messages:
         return []
@@ -37,4 +39,19 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, la
                 break
             if waiting and not arrived:
                 time.sleep(PULL_INTERVAL)
-    return replies
+    return _on_behalf_of_lost_nodes(messages, replies)
+
+
+def _on_behalf_of_lost_nodes(sent: list[Message], replies: list[Message]) -> list[Message]:
+    """A node that stops sending heartbeats gets an error reply *from the SuperLink* (source node
+    1, "Node Unavailable"); make it the reply of the node it is about, so that the round records
+    that site as ``failed`` (under its name) instead of an unknown node plus a ``no-reply``."""
+    by_id = {m.metadata.message_id: m for m in sent if m.metadata.message_id}
+    destinations = {m.metadata.dst_node_id for m in sent}
+    return [
+        Message(reply.error, reply_to=by_id[reply.metadata.reply_to_message_id])
+        if reply.has_error() and reply.metadata.src_node_id not in destinations
+        and reply.metadata.reply_to_message_id in by_id
+        else reply
+        for reply in replies
+    ]

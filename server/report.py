@@ -86,6 +86,15 @@ def _files(simulated: bool, completed: bool) -> list[str]:
     return files
 
 
+def _secure(settings: RunSettings, history: list[RoundRecord]) -> str:
+    """Whether the server saw only each round's masked sum (SecAgg+), and how many dropped out."""
+    if not settings.secure.secure_aggregation:
+        return "off (the server saw each site's update)"
+    dropped = sum(int((r.secure_aggregation or {}).get("dropped", 0)) for r in history)
+    return (f"ON, SecAgg+: the server saw only each round's masked sum (threshold {settings.secure.secagg_threshold:g} "
+            f"of the shares, values clipped to ±{settings.secure.secagg_clipping_range:g}); {dropped} dropout(s) survived")
+
+
 def write_report(out_dir: Path, settings: RunSettings, history: list[RoundRecord]) -> Path:
     plots = out_dir / "plots"
     plot_series(plots / "loss.png", "Loss per round", "loss", {
@@ -110,6 +119,7 @@ def write_report(out_dir: Path, settings: RunSettings, history: list[RoundRecord
         f"- data: {data}",
         f"- strategy: `{settings.strategy.strategy}`, rounds: {settings.num_server_rounds}",
         f"- differential privacy: {dp}",
+        f"- secure aggregation: {_secure(settings, history)}",
         "",
         "## Rounds",
         "",

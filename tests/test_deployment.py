@@ -720,3 +720,43 @@ class TestCoordinatorRestart:
         audit = restart.federation.audit([s.ledger for s in sites])
         assert audit.returncode == 0, audit.stdout + audit.stderr
 
+
+
+@pytest.fixture(scope="class")
+def secure(pki, procs, tiny_bert, tmp_path_factory) -> Outcome:
+    """SecAgg+ over TLS: three sites, and site-c's SuperNode goes down once it holds the round's
+    training (the third protocol message: after it shared its keys)."""
+    fed = Federation(tmp_path_factory.mktemp("secure"), pki, procs)
+    fed.start_superlink()
+    sites = [fed.site(name, site_rows(seed)) for seed, name in enumerate(HEALTHY)]
+    for site in sites:
+        fed.start_site(site)
+    fed.wait_online(3)
+    out = fed.root / "runs" / "secure"
+    config = fast_config(tiny_bert, out, **{"num-server-rounds": 1, "secure-aggregation": True, "round-timeout": 120.0})
+    run = fed.submit(config)
+    doomed = fed.sites["site-c"]
+    wait_for("site-c to receive its training", lambda: doomed.trainings_received() >= 3, 420, 0.2, run.output)
+    fed.procs.stop(doomed.service)
+    return Outcome(fed, out, [fed.finish(run, timeout=420)])
+
+
+@pytest.mark.usefixtures("secure")
+class TestSecureAggregation:
+    def test_the_round_completes_from_the_sites_left_and_says_so(self, secure):
+        (record,) = history(secure.out)
+        assert record["failure"] is None
+        assert record["secure_aggregation"] == {"sites": 3, "summed": 2, "dropped": 1, "shares": 3, "threshold": 2,
+                                                     "clipping_range": 1.0}
+        sites = by_site(record)
+        assert sites["site-a"]["outcome"] == sites["site-b"]["outcome"] == "aggregated"
+        assert sites["site-c"]["outcome"] in ("failed", "no-reply")
+        assert "secure aggregation: ON" in (secure.out / "report.md").read_text()
+        assert (secure.out / "adapter" / "adapter_model.safetensors").is_file()
+
+    def test_every_site_charged_its_training_and_the_ledgers_pass_the_audit(self, secure):
+        sites = secure.federation.sites
+        for name in ("site-a", "site-b"):
+            assert [s["confirmed"] for s in ledger_spends(sites[name].ledger)] == [True]
+        audit = secure.federation.audit([sites[name].ledger for name in HEALTHY])
+        assert audit.returncode == 0, audit.stdout + audit.stderr
