@@ -750,7 +750,9 @@ class TestSecureAggregation:
                                                      "clipping_range": 1.0}
         sites = by_site(record)
         assert sites["site-a"]["outcome"] == sites["site-b"]["outcome"] == "aggregated"
-        assert sites["site-c"]["outcome"] in ("failed", "no-reply")
+        # round 1 is its first: the coordinator has not learnt site-c's name, only its node id
+        (lost,) = [c for c in record["clients"] if c["node_id"] == secure.federation.sites["site-c"].node_id]
+        assert lost["outcome"] in ("failed", "no-reply"), lost
         assert "secure aggregation: ON" in (secure.out / "report.md").read_text()
         assert (secure.out / "adapter" / "adapter_model.safetensors").is_file()
 

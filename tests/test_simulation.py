@@ -36,7 +36,7 @@ def finished_run(tmp_path_factory, tiny_bert):
         "--output", str(out), "--partition", "dirichlet:1.0",
         "--set", "batch-size=8", "--set", "max-seq-length=32", "--set", "learning-rate=0.01",
         "--set", f"label-names={','.join(LABELS)}", "--node-config", "max-epsilon=20 delta=1e-5",
-        "--site-config", str(sites),
+        "--site-config", str(sites), "--set", "secure-aggregation=true",  # the server sees only each round's sum
     ]
     # As a person runs it, in a process of its own: the console output is part of the result.
     done = subprocess.run([sys.executable, "-m", "fedlora.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -88,6 +88,9 @@ def test_history_has_rounds_and_per_client_entries(finished_run):
             assert client["outcome"] == "aggregated"
             assert client["num_examples"] > 0 and client["bytes_up"] > 0 and client["epsilon"] > 0
         assert record["bytes_up"] == sum(c["bytes_up"] for c in record["clients"])
+        assert record["secure_aggregation"] == {"sites": 3, "summed": 3, "dropped": 0, "shares": 3, "threshold": 2,
+                                                "clipping_range": 1.0}
+    assert "secure aggregation: ON" in (out / "report.md").read_text()
     # Cumulative epsilon grows from round to round at every site.
     eps = {c["client"]: c["epsilon"] for c in history[0]["clients"]}
     assert all(c["epsilon"] > eps[c["client"]] for c in history[1]["clients"])
@@ -143,6 +146,8 @@ def test_resume_continues_and_an_exhausted_site_is_refused_while_others_train(fi
     assert outcomes["site-2"]["outcome"] == "refused"
     assert outcomes["site-2"]["reason"].startswith("budget-exhausted")
     assert outcomes["site-0"]["outcome"] == outcomes["site-1"]["outcome"] == "aggregated"
+    # under SecAgg+ the refusing site still sent its masks (a zero update at weight 0)
+    assert history[2]["secure_aggregation"]["summed"] == 3 and history[2]["failure"] is None
     # The ledgers continue across the restart: one DP-SGD spend per training actually run, each
     # with its train-loss release, every spend confirmed.
     # site-2's refusals of round 3 (training and evaluation) are rows that spend nothing.
