@@ -760,5 +760,6 @@ class TestSecureAggregation:
         sites = secure.federation.sites
         for name in ("site-a", "site-b"):
             assert [s["confirmed"] for s in ledger_spends(sites[name].ledger)] == [True]
-        audit = secure.federation.audit([sites[name].ledger for name in HEALTHY])
+        # site-c went down holding its training: it may have charged it (then it is audited too) or not
+        audit = secure.federation.audit([sites[name].ledger for name in HEALTHY if sites[name].ledger.exists()])
         assert audit.returncode == 0, audit.stdout + audit.stderr
