@@ -128,6 +128,9 @@ def resolve_simulation(args: argparse.Namespace) -> tuple[RunSettings, dict[str,
         sites["attack"] = attack.record()
         if attack.kind == "label-flip" and settings.data.task != "classification":
             raise UsageError("attack: label-flip needs task = classification")
+        if attack.kind != "label-flip" and settings.secure.secure_aggregation:
+            raise UsageError(f"attack: {attack.kind} rewrites a site's update, which secure-aggregation masks "
+                             "before it leaves; only label-flip (an attack on the data) runs with it")
     if not settings.dp.dp:
         # Turning DP off is explicit at both ends: the simulated sites allow it too.
         sites["node-config"].setdefault("dp", False)

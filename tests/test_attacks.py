@@ -140,6 +140,18 @@ def test_attack_keys_stay_out_of_the_run_config(tiny_bert):
         resolve_simulation(args)
 
 
+def test_an_update_attack_under_secure_aggregation_is_refused_not_run_honestly(tiny_bert):
+    """SecAgg+ masks the update before any mod could rewrite it: the run would be honest while
+    its report named an attack."""
+    from fedlora.cli import build_parser
+
+    base = ["simulate", "--num-clients", "5", "--model", tiny_bert, "--set", "secure-aggregation=true", "--set", "attackers=1"]
+    with pytest.raises(UsageError, match="masks"):
+        resolve_simulation(build_parser().parse_args([*base, "--set", "attack=sign-flip"]))
+    _, sites = resolve_simulation(build_parser().parse_args([*base, "--set", "attack=label-flip"]))
+    assert sites["attack"]["kind"] == "label-flip"
+
+
 def test_label_flip_reverses_every_label():
     rows = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, len(LABELS) - 1]})
     flipped = flip_labels(rows, len(LABELS))

@@ -63,3 +63,33 @@ def test_causal_lm_round_on_tiny_llama(tiny_llama, instruction_jsonl, tiny_run_c
     # Noised releases: unbiased, so not clamped to [0, 1] or to >= 0 (privacy.release).
     assert isinstance(evaluation.content["metrics"]["eval-accuracy"], float)
     assert isinstance(evaluation.content["metrics"]["eval-loss"], float)
+
+
+def _secure(message: Message) -> Message:
+    """The collect-stage message of a SecAgg+ round (what ``train_site`` sees inside the mod)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    message.content[RECORD_KEY_CONFIGS] = ConfigRecord({"ctxts": [b"c"], "srcs": [2]})
+    return message
+
+
+def test_a_secure_round_hands_the_mod_the_update_and_never_the_adapter(tiny_run_config, classification_csv, tmp_path):
+    config = apply_overrides(tiny_run_config, {"secure-aggregation": True})
+    sent = GlobalModel.load(settings_of(config)).arrays()
+    ctx = site_context(config, {"data-path": str(classification_csv), "ledger-path": str(tmp_path / "l.db"), "num-examples": 90})
+    reply = client_app.train_site(_secure(train_message(sent)), ctx, config)
+    assert "arrays" not in reply.content.array_records and "status" not in reply.content.config_records
+    update = reply.content["fitres.parameters"]
+    assert list(update.keys()) == list(sent.keys())  # the order the server unmasks in
+    assert all(torch.any(torch.tensor(update[k].numpy()) != 0) for k in sent)
+    assert reply.content["fitres.num_examples"]["num_examples"] == reply.content["metrics"]["num-examples"] > 0
+
+
+def test_a_site_over_the_secure_max_weight_refuses_by_that_key_and_still_sends_its_masks(tiny_run_config, classification_csv, tmp_path):
+    config = apply_overrides(tiny_run_config, {"secure-aggregation": True, "secagg-max-weight": 10.0})
+    sent = GlobalModel.load(settings_of(config)).arrays()
+    ctx = site_context(config, {"data-path": str(classification_csv), "ledger-path": str(tmp_path / "l.db"), "num-examples": 90})
+    reply = client_app.train_site(_secure(train_message(sent)), ctx, config)
+    assert dict(reply.content["status"]) == {"status": "config-error", "setting": "secagg-max-weight"}
+    assert reply.content["fitres.num_examples"]["num_examples"] == 0.0
+    assert all(not update.numpy().any() for update in reply.content["fitres.parameters"].values())
