@@ -16,10 +16,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.outgoing_guard import DisclosureError, check_outgoing, outgoing_guard
 from client.secure_aggregation import masked_upload, secure_aggregation
 from fedlora.run_config import ConfigError, RunSettings, apply_overrides, default_run_config
+from server.federation import Federation
+from server.history import history_json
 from server.secure_aggregation import MODULUS, QUANTIZATION_RANGE, SecAggPlus
 from server.progress import send_and_receive
 from strategies.factory import build_strategy
-from tests.fake_grid import FakeGrid, decode, record, run_federation
+from tests.fake_grid import FakeGrid, FakeSite, decode, honest, record, run_federation
 
 @pytest.fixture(autouse=True)
 def _server_process():
@@ -166,21 +168,23 @@ def test_a_site_that_drops_while_unmasking_still_counts():
         np.testing.assert_allclose(result.mean_update[name], expected[name], atol=2e-4)
 
 
+def _secure_federation(sites: dict, rounds: int = 1, **overrides) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """``rounds`` SecAgg+ rounds of the round loop over ``sites``, from the test's global adapter:
+    the final adapter and ``history.json``'s records."""
+    settings = _settings(**{"min-train-nodes": len(sites), "min-evaluate-nodes": 0, "fraction-evaluate": 0.0, **overrides})
+    federation = Federation(FakeGrid(sites), build_strategy(settings), rounds, timeout=10.0, train_config={},
+                            evaluate_config={}, secure=SecAggPlus(settings.secure, send_and_receive))
+    history = []
+    final = federation.run(record(_global()), 1, history, lambda *_: None)
+    return decode(final), history_json(history)
+
+
 def test_too_many_dropouts_fail_the_round_and_keep_the_global_adapter():
     deltas = _deltas(3, seed=4)
     sites = {i: _site(i, d, 100.0, fail_at=Stage.COLLECT_MASKED_VECTORS if i > 1 else "") for i, d in enumerate(deltas, 1)}
-    settings = _settings(**{"min-train-nodes": 3, "min-evaluate-nodes": 0, "fraction-evaluate": 0.0})
-    strategy = build_strategy(settings)
-    grid = FakeGrid(sites)
-    from server.federation import Federation
-    from server.history import history_json
-    federation = Federation(grid, strategy, 1, timeout=10.0, train_config={}, evaluate_config={},
-                            secure=SecAggPlus(settings.secure, send_and_receive))
-    history = []
-    final = federation.run(record(_global()), 1, history, lambda *_: None)
-    for name, value in decode(final).items():
+    final, (entry,) = _secure_federation(sites)
+    for name, value in final.items():
         np.testing.assert_array_equal(value, _global()[name])
-    entry = history_json(history)[0]
     assert "secure aggregation stopped" in entry["failure"]
     assert sorted(c["outcome"] for c in entry["clients"]) == ["failed", "failed", "valid"]  # site-1's update was fine
 
@@ -188,19 +192,10 @@ def test_too_many_dropouts_fail_the_round_and_keep_the_global_adapter():
 def test_a_refusing_site_adds_nothing_and_is_reported_refused():
     deltas, weights = _deltas(3, seed=5), [100.0, 300.0, 200.0]
     sites = {i: _site(i, d, w, refuse=i == 3) for i, (d, w) in enumerate(zip(deltas, weights, strict=True), 1)}
-    settings = _settings(**{"min-train-nodes": 3, "min-evaluate-nodes": 0, "fraction-evaluate": 0.0})
-    grid = FakeGrid(sites)
-    from server.federation import Federation
-    from server.history import history_json
-    strategy = build_strategy(settings)
-    federation = Federation(grid, strategy, 1, timeout=10.0, train_config={}, evaluate_config={},
-                            secure=SecAggPlus(settings.secure, send_and_receive))
-    history = []
-    final = decode(federation.run(record(_global()), 1, history, lambda *_: None))
+    final, (entry,) = _secure_federation(sites)
     expected = _weighted_mean(deltas[:2], weights[:2])
     for name in SHAPES:
         np.testing.assert_allclose(final[name], _global()[name] + expected[name], atol=2e-4)
-    entry = history_json(history)[0]
     outcomes = {c["client"]: c["outcome"] for c in entry["clients"]}
     assert outcomes == {"site-1": "aggregated", "site-2": "aggregated", "site-3": "refused"}
     assert entry["secure_aggregation"]["summed"] == 3 and entry["secure_aggregation"]["dropped"] == 0
@@ -249,22 +244,14 @@ def test_an_honest_site_bounds_its_update_before_masking():
 def test_a_federation_runs_secure_rounds_and_records_them():
     deltas = _deltas(3, seed=6)
     sites = {i: _site(i, d, 100.0) for i, d in enumerate(deltas, 1)}
-    settings = _settings(**{"min-evaluate-nodes": 0, "fraction-evaluate": 0.0})
-    strategy = build_strategy(settings)
-    from server.federation import Federation
-    from server.history import history_json
-    federation = Federation(FakeGrid(sites), strategy, 2, timeout=10.0, train_config={}, evaluate_config={},
-                            secure=SecAggPlus(settings.secure, send_and_receive))
-    history = []
-    federation.run(record(_global()), 1, history, lambda *_: None)
-    for entry in history_json(history):
+    _, history = _secure_federation(sites, rounds=2, **{"min-train-nodes": 2})
+    for entry in history:
         assert entry["failure"] is None
         assert entry["secure_aggregation"] == {"sites": 3, "summed": 3, "dropped": 0, "shares": 3, "threshold": 2,
                                                "clipping_range": 1.0}
 
 
 def test_run_federation_without_secure_aggregation_records_none():
-    from tests.fake_grid import FakeSite, honest
     grid = FakeGrid({i: FakeSite(f"site-{i}", 10, honest(i)) for i in (1, 2)})
     settings = RunSettings.parse(default_run_config())
     _, history = run_federation(build_strategy(settings), grid, _global(), rounds=1)
