@@ -256,3 +256,21 @@ def test_run_federation_without_secure_aggregation_records_none():
     settings = RunSettings.parse(default_run_config())
     _, history = run_federation(build_strategy(settings), grid, _global(), rounds=1)
     assert history[0]["secure_aggregation"] is None
+
+
+def test_with_fewer_shares_each_site_masks_with_its_neighbours_only_and_the_mean_holds():
+    """SecAgg+'s point: secagg-shares bounds the keys each site agrees (here 3 of 9 sites)."""
+    deltas, weights = _deltas(9, seed=8), [float(100 + 10 * i) for i in range(9)]
+    sites = {i: _site(i, d, w, fail_at=Stage.COLLECT_MASKED_VECTORS if i == 4 else "")
+             for i, (d, w) in enumerate(zip(deltas, weights, strict=True), 1)}
+    grid = FakeGrid(sites)
+    result = SecAggPlus(_settings(**{"secagg-shares": 0.3}).secure, send_and_receive).run(
+        grid, _train_messages(sorted(sites), _global()), timeout=10.0, label="test")
+    assert (result.num_shares, result.threshold) == (3, 2)
+    # the share-keys stage sends each site public keys by node id: its own and its two neighbours'
+    shared_keys = [sum(key.isdigit() for key in sent.content[RECORD_KEY_CONFIGS]) for sent in grid.sent]
+    assert sorted(n for n in shared_keys if n) == [3] * 9
+    kept = [i for i in range(9) if i != 3]
+    expected = _weighted_mean([deltas[i] for i in kept], [weights[i] for i in kept])
+    for name in SHAPES:
+        np.testing.assert_allclose(result.mean_update[name], expected[name], atol=2e-4)
