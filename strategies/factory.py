@@ -91,13 +91,7 @@ def build_strategy(settings: RunSettings, around_aggregation: Callable[[Strategy
     name = given.strategy
     if name not in STRATEGIES:
         raise ConfigError("strategy", f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
-    common = dict(
-        fraction_train=given.fraction_train,
-        fraction_evaluate=given.fraction_evaluate,
-        min_train_nodes=given.min_train_nodes,
-        min_evaluate_nodes=given.min_evaluate_nodes,
-        min_available_nodes=given.min_train_nodes,
-    )
+    common = _sampling(given)
     ffa = given.freezes_lora_a
     aggregator = _aggregator_name(given)
     if settings.secure.secure_aggregation:
@@ -144,6 +138,27 @@ def build_strategy(settings: RunSettings, around_aggregation: Callable[[Strategy
         central_dp=central_dp,
         upload_dtype=given.upload_dtype,
     )
+
+
+# A fraction so small that Flower's int(available * fraction) is 0 for any federation, so that
+# its sample size is exactly the minimum it is given.
+_NONE_BUT_THE_MINIMUM = 1e-9
+
+
+def _sampling(given: StrategySettings) -> dict[str, Any]:
+    """Which sites a round trains and evaluates: ``fraction-train`` / ``fraction-evaluate`` of
+    those connected (at least the ``min-*-nodes``), or, with ``num-sampled-clients`` = m > 0,
+    exactly m sites drawn at random each round for both (a round of 10 sites costs the same
+    whether 10 or 100 are connected)."""
+    sampled = given.num_sampled_clients
+    if sampled < 1:
+        return dict(fraction_train=given.fraction_train, fraction_evaluate=given.fraction_evaluate,
+                    min_train_nodes=given.min_train_nodes, min_evaluate_nodes=given.min_evaluate_nodes,
+                    min_available_nodes=given.min_train_nodes)
+    evaluates = given.fraction_evaluate > 0
+    return dict(fraction_train=_NONE_BUT_THE_MINIMUM, min_train_nodes=sampled,
+                fraction_evaluate=_NONE_BUT_THE_MINIMUM if evaluates else 0.0, min_evaluate_nodes=sampled if evaluates else 0,
+                min_available_nodes=max(sampled, given.min_train_nodes))
 
 
 def _check_secure(given: StrategySettings, aggregator: str, wrapped: bool) -> None:

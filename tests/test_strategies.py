@@ -23,7 +23,7 @@ from peft.utils import get_peft_model_state_dict
 
 from client import app as client_app
 from client.training import DPSettings, TrainSettings, train
-from fedlora.run_config import apply_overrides
+from fedlora.run_config import RunSettings, apply_overrides, default_run_config
 from fedlora.saved_adapter import load_adapter
 from fedlora.tasks import encode
 from server.global_model import GlobalModel
@@ -369,3 +369,14 @@ def test_simulation_ffa_lora_with_median_keeps_a_and_halves_uploads(tiny_run_con
                 np.testing.assert_array_equal(saved[name], initial[name])  # A: the run's seeded A, every round
             else:
                 assert not np.array_equal(saved[name], initial[name])
+
+
+def test_num_sampled_clients_trains_and_evaluates_exactly_that_many_of_those_connected():
+    """Round cost flat in the federation's size: 4 of 25 sites per round, a fresh draw each."""
+    settings = RunSettings.parse(apply_overrides(default_run_config(), {"num-sampled-clients": 4}))
+    grid = FakeGrid({i: FakeSite(f"site-{i}", 10, honest(i)) for i in range(1, 26)})
+    initial = {"layer.lora_A.weight": np.zeros((2, 4), np.float32), "layer.lora_B.weight": np.zeros((4, 2), np.float32)}
+    _, history = run_federation(build_strategy(settings), grid, initial, rounds=3)
+    for entry in history:
+        assert len(entry["clients"]) == 4 and len(entry["evaluations"]) == 4
+    assert len({c["client"] for r in history for c in r["clients"]}) > 4  # not the same 4 every round
