@@ -13,6 +13,9 @@ from fedlora.data import DataError, label_names_of, load_causal_lm, load_classif
 from fedlora.run_config import DataSettings
 
 EMBEDDED_DATA = "embedded:clinical-notes"
+# The embedded corpus has 1,500 notes, 500 for each of the default 3 sites; a simulation of more
+# sites gets 500 more notes per site, so that every site trains on as much as in the default run.
+EMBEDDED_NOTES_PER_SITE, EMBEDDED_MIN_SITES = 500, 3
 
 
 def resolve_label_names(data: DataSettings) -> list[str]:
@@ -27,14 +30,16 @@ def resolve_label_names(data: DataSettings) -> list[str]:
     return label_names_of(data.data, data.label_column)
 
 
-def load_source(data: DataSettings, seed: int, extra_columns: tuple[str, ...] = ()) -> datasets.Dataset:
+def load_source(data: DataSettings, seed: int, extra_columns: tuple[str, ...] = (), sites: int = EMBEDDED_MIN_SITES) -> datasets.Dataset:
     """The whole labelled dataset (``text``/``label`` or ``prompt``/``response``), plus the
     column that ``partition = "column:NAME"`` splits sites by and ``extra_columns`` (the
-    privacy-unit columns of user-level DP), as strings. ``seed`` generates the embedded corpus."""
+    privacy-unit columns of user-level DP), as strings. ``seed`` generates the embedded corpus,
+    500 notes per site of the ``sites`` it is split over (at least 3: the 1,500 of the default)."""
     labels = tuple(resolve_label_names(data)) if data.task == "classification" else ()
     site_column = data.partition.removeprefix("column:") if data.partition.startswith("column:") else ""
     columns = (data.text_column, data.label_column, data.prompt_column, data.response_column)
-    return _load_cached(data.data, data.task, columns, labels, seed, site_column, tuple(extra_columns))
+    notes = EMBEDDED_NOTES_PER_SITE * max(sites, EMBEDDED_MIN_SITES)
+    return _load_cached(data.data, data.task, columns, labels, seed, site_column, tuple(extra_columns), notes)
 
 
 def load_file(
@@ -56,16 +61,16 @@ def load_file(
 
 @lru_cache(maxsize=4)
 def _load_cached(source: str, task: str, names: tuple[str, str, str, str], labels: tuple[str, ...], seed: int,
-                 site_col: str, unit_cols: tuple[str, ...]) -> datasets.Dataset:
+                 site_col: str, unit_cols: tuple[str, ...], embedded_notes: int) -> datasets.Dataset:
     """Keyed on what decides the rows read: the source, its columns (``names``: text, label,
-    prompt, response), the resolved labels and the extra columns."""
+    prompt, response), the resolved labels, the extra columns and the embedded corpus's size."""
     columns = {column: "privacy-unit-column" for column in unit_cols} | ({site_col: "partition"} if site_col else {})
     if source == EMBEDDED_DATA:
         if task != "classification":
             raise DataError(f"{EMBEDDED_DATA} is a classification corpus; give --data for causal-lm", setting="data")
         from fedlora.corpus import generate_clinical_corpus
 
-        corpus = generate_clinical_corpus(seed=seed)
+        corpus = generate_clinical_corpus(num_samples=embedded_notes, seed=seed)
         missing = [c for c in columns if c not in corpus.column_names]
         if missing:
             raise DataError(f"{EMBEDDED_DATA} has no column {missing[0]!r}; columns: {', '.join(corpus.column_names)}",

@@ -43,7 +43,7 @@ def assign_site_files(
     if not needing:
         return {}
     unit_columns = tuple(sorted({str(sites[i]["privacy-unit-column"]) for i in needing if sites[i].get("privacy-unit-column")}))
-    dataset = load_source(settings.data, settings.seed, unit_columns)
+    dataset = load_source(settings.data, settings.seed, unit_columns, sites=len(sites))
     try:
         parts = partition_dataset(dataset, settings.data.partition, len(sites), "label", settings.seed)
     except ValueError as err:

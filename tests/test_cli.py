@@ -56,6 +56,15 @@ def test_column_partition_of_a_file_gives_one_site_per_value(tiny_run_config, tm
     assert set(data[1].train["privacy_unit"]) == {"h1"} and set(data[1].train["label"]) <= set(range(len(LABELS)))
 
 
+def test_the_embedded_corpus_grows_with_the_simulated_sites(tiny_run_config, tmp_path):
+    """500 notes a site, whether 3 or 40 sites share it: more sites are not starved sites."""
+    config = apply_overrides(tiny_run_config, {"data": "embedded:clinical-notes", "label-names": ""})
+    for count in (3, 40):
+        sites = {i: {} for i in range(count)}
+        assign_site_files(sites, settings_of(config), tmp_path / f"out-{count}", write=False)
+        assert [site["num-examples"] for site in sites.values()] == [500] * count
+
+
 def test_a_simulated_site_reads_its_own_file_under_the_run_column_names(tiny_run_config, tmp_path):
     """The simulation writes each partition as the file a deployed site would hold: the run's
     column names, label names (not indices), and the rows of that partition only."""
