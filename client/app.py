@@ -50,10 +50,12 @@ def train_site(msg: Message, context: Context, run_config: Mapping[str, Any]) ->
     secure = is_secure_round(msg)
     try:
         settings = _settings(run_config)
+        if secure:
+            _check_secure_site(context, settings)
         proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx only
         outcome = Site(context, settings).train(msg.content["arrays"], server_round, proximal_mu)
         weight = float(outcome.metrics["num-examples"])
-        if secure and weight > settings.secure.secagg_max_weight:
+        if secure and weight > settings.secure.secagg_max_weight:  # a site that declares no size (no DP)
             raise RefusedRound("config-error", "secagg-max-weight",
                                f"this site's FedAvg weight {weight:g} exceeds secagg-max-weight; SecAgg+ would overflow")
     except RefusedRound as refusal:
@@ -93,6 +95,20 @@ def evaluate_site(msg: Message, context: Context, run_config: Mapping[str, Any])
         {"metrics": MetricRecord(outcome.metrics), "site": _site_record(context), **_ledger_record(outcome.anchor)}
     )
     return Message(content=content, reply_to=msg)
+
+
+def _check_secure_site(context: Context, settings: RunSettings) -> None:
+    """What would make a SecAgg+ round fail after this site spent its budget on it, refused
+    before it trains: a declared size (its FedAvg weight's bound) over ``secagg-max-weight``, an
+    adapter of another rank than everyone's (its update could not be summed)."""
+    declared = context.node_config.get("num-examples")
+    if isinstance(declared, int | float) and declared > settings.secure.secagg_max_weight:
+        raise RefusedRound("config-error", "secagg-max-weight",
+                           f"node config num-examples {declared} exceeds secagg-max-weight; SecAgg+ would overflow")
+    rank = context.node_config.get("lora-rank", settings.model.lora_rank)
+    if rank != settings.model.lora_rank:
+        raise RefusedRound("model-error", "lora-rank", f"secure aggregation sums adapters of the run's lora-rank "
+                                                       f"{settings.model.lora_rank}; this site's node config says {rank}")
 
 
 def _settings(run_config: Mapping[str, Any]) -> RunSettings:

@@ -30,10 +30,11 @@ import numpy as np
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import bytes_to_ndarray
 from flwr.common.logger import log
 
 from client.refusals import SETTINGS, STATUS_CODES
-from client.secure_aggregation import PROTOCOL_RECORD, REPLY_FIELDS
+from client.secure_aggregation import MASKED_VECTOR, PROTOCOL_RECORD, REPLY_FIELDS
 from fedlora.upload_codec import SCALE_SUFFIX, WIRE_DTYPES
 from privacy.ledger import ledger_anchor
 
@@ -71,7 +72,7 @@ def check_outgoing(reply: Message, received: ArrayRecord | None = None) -> None:
         elif name == "metrics":
             _check_metrics(record)
         elif name == PROTOCOL_RECORD:
-            _check_protocol(record)
+            _check_protocol(record, received if received is not None else ArrayRecord())
         else:
             _check_fields(name, record)
 
@@ -144,7 +145,7 @@ def _check_metrics(record: MetricRecord) -> None:
         raise DisclosureError(f"metric(s) not finite: {', '.join(odd)}")
 
 
-def _check_protocol(record: ConfigRecord) -> None:
+def _check_protocol(record: ConfigRecord, received: ArrayRecord) -> None:
     fields = REPLY_FIELDS.get(frozenset(record))
     if fields is None:
         raise DisclosureError(f"secure-aggregation fields {sorted(record)} are no stage's reply")
@@ -153,6 +154,19 @@ def _check_protocol(record: ConfigRecord) -> None:
         items = value if isinstance(value, list) else [value]
         if isinstance(value, list) != is_list or not all(type(item) is kind for item in items):
             raise DisclosureError(f"secure-aggregation field {key!r} must be {'a list of' if is_list else 'one'} {kind.__name__}")
+    if MASKED_VECTOR in record:
+        _check_masked_vector(record[MASKED_VECTOR], received)
+
+
+def _check_masked_vector(parts: list[bytes], received: ArrayRecord) -> None:
+    """Integers in the shapes the protocol masks: the weight, then every received tensor."""
+    expected = [(1,), *(tuple(array.shape) for array in received.values())]
+    try:
+        arrays = [bytes_to_ndarray(part) for part in parts]
+    except (ValueError, OSError) as err:
+        raise DisclosureError(f"a masked vector part is no array: {err}") from err
+    if [tuple(a.shape) for a in arrays] != expected or any(a.dtype.kind not in "iu" for a in arrays):
+        raise DisclosureError("a masked vector must be integers in the received adapter's shapes, after the weight")
 
 
 def _check_fields(name: str, record: ConfigRecord) -> None:

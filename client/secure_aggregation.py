@@ -27,6 +27,7 @@ from flwr.common import Array
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 PROTOCOL_RECORD = RECORD_KEY_CONFIGS
+MASKED_VECTOR = Key.MASKED_PARAMETERS
 # What each stage's reply may carry in the protocol record (the outgoing guard checks it): two
 # public keys; encrypted shares and their destinations; the masked vector; shares and their owners.
 # Each field: the type of its values, and whether it is a list of them.

@@ -56,7 +56,12 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from fedlora.run_config import SecureAggregationSettings
 
 QUANTIZATION_RANGE = 2**22  # levels per value (Flower's default)
-MODULUS = 2**32  # masks and sums live mod this: with 2^22 levels, up to 1024 sites cannot overflow
+MODULUS = 2**32  # masks and sums live mod this: with 2^22 levels a sum of up to 1023 sites cannot wrap
+MAX_SITES = MODULUS // QUANTIZATION_RANGE - 1
+# Flower's mask generator seeds a 32-bit generator. Every site in a sum keeps at least this many
+# pairwise masks with other sites in it, whose seeds the server never learns, so that reading one
+# site's update means searching at least two 32-bit seeds at once, never one.
+MIN_HIDDEN_MASKS = 2
 SendAndReceive = Callable[[Grid, list[Message], float, str], list[Message]]
 
 
@@ -87,6 +92,7 @@ class SecAggPlus:
 
     settings: SecureAggregationSettings
     send_and_receive: SendAndReceive
+    min_updates: int = 2  # updates (replies without a refusal) a sum needs before it is unmasked
     rng: random.Random = field(default_factory=random.SystemRandom)  # the neighbour ring: not the run's seed
 
     def run(self, grid: Grid, messages: Sequence[Message], timeout: float, label: str) -> SecureRound:
@@ -96,8 +102,9 @@ class SecAggPlus:
         sampled = list(train)
         result = SecureRound(replies=[], num_shares=self._num_shares(len(sampled)))
         result.threshold = max(2, round(self.settings.secagg_threshold * result.num_shares))
-        if len(sampled) < 2:
-            result.failure = f"secure aggregation needs at least 2 sites in a round, {len(sampled)} sampled"
+        if not MIN_HIDDEN_MASKS + 1 <= len(sampled) <= MAX_SITES:
+            result.failure = (f"secure aggregation needs {MIN_HIDDEN_MASKS + 1} to {MAX_SITES} sites in a round, "
+                              f"{len(sampled)} sampled")
             return result
         group = str(messages[0].content["config"]["server-round"])
         self.rng.shuffle(sampled)
@@ -105,8 +112,10 @@ class SecAggPlus:
         neighbours = {nid: {sampled[(i + k) % len(sampled)] for k in range(-half, half + 1)} for i, nid in enumerate(sampled)}
         reported: dict[int, Message] = {}  # per site: its training reply, else the last it sent
 
-        def stage(name: str, nodes: set[int], make: Callable[[int], RecordDict], needed: tuple[str, ...]) -> dict[int, ConfigRecord]:
-            """One round trip: the nodes whose reply carries the stage's fields, and those fields."""
+        def stage(name: str, nodes: set[int], make: Callable[[int], RecordDict], needed: tuple[str, ...],
+                  drops: bool = True) -> dict[int, ConfigRecord]:
+            """One round trip: the nodes whose reply carries the stage's fields, and those fields;
+            the others dropped out there (``drops``)."""
             sent = [Message(make(nid), dst_node_id=nid, message_type=MessageType.TRAIN, group_id=group) for nid in sorted(nodes)]
             answered: dict[int, ConfigRecord] = {}
             for reply in self.send_and_receive(grid, sent, timeout, f"{label} ({name})"):
@@ -120,7 +129,7 @@ class SecAggPlus:
                 record = None if reply.has_error() else reply.content.config_records.get(RECORD_KEY_CONFIGS)
                 if record is not None and all(key in record for key in needed):
                     answered[nid] = record
-            for nid in nodes - set(answered):
+            for nid in nodes - set(answered) if drops else ():
                 result.dropped.setdefault(nid, name)
             return answered
 
@@ -137,20 +146,21 @@ class SecAggPlus:
             Key.TARGET_RANGE: QUANTIZATION_RANGE, Key.MOD_RANGE: MODULUS, Key.MAX_WEIGHT: self.settings.secagg_max_weight,
         }
         keys = stage("setup", set(sampled), lambda nid: _configs(setup), (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2))
-        public_keys = {nid: [cast(bytes, r[Key.PUBLIC_KEY_1]), cast(bytes, r[Key.PUBLIC_KEY_2])] for nid, r in keys.items()}
-        if _duplicates(public_keys) or not enough(set(keys), "setup"):
-            result.failure = result.failure or "secure aggregation stopped at setup: two sites sent the same public key"
+        public_keys = _usable_keys(keys, result.dropped)
+        if not enough(set(public_keys), "setup"):
             return _ended(result, reported)
 
-        alive = set(keys)
+        alive = set(public_keys)
         shared = stage("share keys", alive, lambda nid: _configs(
             {Key.STAGE: Stage.SHARE_KEYS, **{str(n): public_keys[n] for n in neighbours[nid] & alive}}),
             (Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST))
         sharers = set(shared)  # their pairwise masks go into their neighbours' vectors
         forward: dict[int, tuple[list[int], list[bytes]]] = {nid: ([], []) for nid in sharers}
         for src, record in shared.items():
+            sent_to: set[int] = set()  # one ciphertext per neighbour: a second would add its mask twice
             for dst, ciphertext in zip(cast(list[int], record[Key.DESTINATION_LIST]), cast(list[bytes], record[Key.CIPHERTEXT_LIST]), strict=False):
-                if dst in forward and dst in neighbours[src]:
+                if dst in forward and dst in neighbours[src] and dst not in sent_to and isinstance(ciphertext, bytes):
+                    sent_to.add(dst)
                     forward[dst][0].append(src)
                     forward[dst][1].append(ciphertext)
         if not enough(sharers, "share keys"):
@@ -177,17 +187,22 @@ class SecAggPlus:
         if total is None or not enough(result.summed, "collect masked vectors"):
             result.failure = result.failure or "secure aggregation stopped: no masked vector arrived"
             return _ended(result, reported)
-
         dead = sharers - result.summed
+        refusal = self._refused_unmasking(result.summed, dead, neighbours, reported, result.threshold)
+        if refusal:  # the sum stays masked: nothing of it is learnt
+            result.failure = f"secure aggregation stopped before unmasking: {refusal}"
+            return _ended(result, reported)
+
         unmask = stage("unmask", result.summed, lambda nid: _configs({
             Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: sorted(neighbours[nid] & result.summed),
-            Key.DEAD_NODE_ID_LIST: sorted(neighbours[nid] & dead)}), (Key.NODE_ID_LIST, Key.SHARE_LIST))
-        shares: dict[int, list[bytes]] = {nid: [] for nid in sharers}
+            Key.DEAD_NODE_ID_LIST: sorted(neighbours[nid] & dead)}), (Key.NODE_ID_LIST, Key.SHARE_LIST), drops=False)
+        by_holder: dict[int, dict[int, bytes]] = {nid: {} for nid in sharers}  # owner -> holder -> share
         for nid, record in unmask.items():
             for owner, share in zip(cast(list[int], record[Key.NODE_ID_LIST]), cast(list[bytes], record[Key.SHARE_LIST]), strict=False):
                 # a share the server may hold: the seed of a summed neighbour, the key of a dead one
-                if owner in shares and owner in neighbours[nid]:
-                    shares[owner].append(share)
+                if owner in by_holder and owner in neighbours[nid] and isinstance(share, bytes):
+                    by_holder[owner].setdefault(nid, share)
+        shares = {owner: list(held.values()) for owner, held in by_holder.items()}
         short = sorted(nid for nid, got in shares.items() if len(got) < result.threshold)
         if short:
             result.failure = (f"secure aggregation stopped at unmask: {len(short)} site(s) have fewer than "
@@ -199,6 +214,23 @@ class SecAggPlus:
         names = list(train[sampled[0]].content["arrays"].keys())
         result.mean_update = dict(zip(names, mean, strict=True))
         return _ended(result, reported)
+
+    def _refused_unmasking(self, summed: set[int], dead: set[int], neighbours: dict[int, set[int]],
+                           reported: dict[int, Message], threshold: int) -> str:
+        """Why this sum must stay masked, or "": it must hold at least ``min_updates`` updates
+        (a refusing site adds zero at weight 0, so a sum of one update and refusals would be that
+        update); each site in it must keep ``MIN_HIDDEN_MASKS`` pairwise masks with others in
+        it; a dropped site's masks must be removable (enough summed neighbours to hold its key)."""
+        updates = [nid for nid in summed if "status" not in reported[nid].content.config_records]
+        if len(updates) < self.min_updates:
+            return f"{len(updates)} update(s) in the sum, fewer than {self.min_updates} (min-valid-updates, at least 2)"
+        exposed = [nid for nid in summed if len((neighbours[nid] & summed) - {nid}) < MIN_HIDDEN_MASKS]
+        if exposed:
+            return f"{len(exposed)} site(s) with fewer than {MIN_HIDDEN_MASKS} other sites of the sum among their neighbours"
+        orphaned = [nid for nid in dead if len(neighbours[nid] & summed) < threshold]
+        if orphaned:
+            return f"{len(orphaned)} dropped site(s) with fewer than secagg-threshold = {threshold} neighbours left to unmask them"
+        return ""
 
     def _num_shares(self, sites: int) -> int:
         """Flower's rule: a fraction of the round's sites, odd when below all of them, at least 3."""
@@ -225,9 +257,19 @@ def _wire_bytes(content: RecordDict) -> int:
     return total
 
 
-def _duplicates(public_keys: dict[int, list[bytes]]) -> bool:
-    keys = [key for pair in public_keys.values() for key in pair]
-    return len(set(keys)) != len(keys)
+def _usable_keys(replies: dict[int, ConfigRecord], dropped: dict[int, str]) -> dict[int, list[bytes]]:
+    """Each site's two public keys, if they are bytes and no other site sent the same key (a
+    copied key would let its sender read another's shares); the others drop out here."""
+    keys = {nid: [r[Key.PUBLIC_KEY_1], r[Key.PUBLIC_KEY_2]] for nid, r in replies.items()}
+    owners: dict[bytes, set[int]] = {}
+    for nid, pair in keys.items():
+        for key in pair if all(isinstance(k, bytes) for k in pair) else ():
+            owners.setdefault(key, set()).add(nid)
+    usable = {nid: cast(list[bytes], pair) for nid, pair in keys.items()
+              if all(isinstance(k, bytes) and len(owners[k]) == 1 for k in pair) and pair[0] != pair[1]}
+    for nid in set(keys) - set(usable):
+        dropped[nid] = "setup (unusable public keys)"
+    return usable
 
 
 def _masked_vector(record: ConfigRecord, shapes: list[tuple[int, ...]]) -> list[np.ndarray] | None:

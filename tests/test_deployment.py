@@ -722,21 +722,26 @@ class TestCoordinatorRestart:
 
 
 
+SECURE_SITES = (*HEALTHY, "site-d")
+
+
 @pytest.fixture(scope="class")
 def secure(pki, procs, tiny_bert, tmp_path_factory) -> Outcome:
-    """SecAgg+ over TLS: three sites, and site-c's SuperNode goes down once it holds the round's
-    training (the third protocol message: after it shared its keys)."""
+    """SecAgg+ over TLS: four sites, and site-d's SuperNode goes down once it holds the round's
+    training (the third protocol message: after it shared its keys). Three stay in the sum, each
+    with two others whose masks the server never learns."""
     fed = Federation(tmp_path_factory.mktemp("secure"), pki, procs)
     fed.start_superlink()
-    sites = [fed.site(name, site_rows(seed)) for seed, name in enumerate(HEALTHY)]
+    sites = [fed.site(name, site_rows(seed)) for seed, name in enumerate(SECURE_SITES)]
     for site in sites:
         fed.start_site(site)
-    fed.wait_online(3)
+    fed.wait_online(len(sites))
     out = fed.root / "runs" / "secure"
-    config = fast_config(tiny_bert, out, **{"num-server-rounds": 1, "secure-aggregation": True, "round-timeout": 120.0})
+    config = fast_config(tiny_bert, out, **{"num-server-rounds": 1, "secure-aggregation": True, "round-timeout": 120.0,
+                                            "min-train-nodes": len(sites)})
     run = fed.submit(config)
-    doomed = fed.sites["site-c"]
-    wait_for("site-c to receive its training", lambda: doomed.trainings_received() >= 3, 420, 0.2, run.output)
+    doomed = fed.sites["site-d"]
+    wait_for("site-d to receive its training", lambda: doomed.trainings_received() >= 3, 420, 0.2, run.output)
     fed.procs.stop(doomed.service)
     return Outcome(fed, out, [fed.finish(run, timeout=420)])
 
@@ -746,20 +751,20 @@ class TestSecureAggregation:
     def test_the_round_completes_from_the_sites_left_and_says_so(self, secure):
         (record,) = history(secure.out)
         assert record["failure"] is None
-        assert record["secure_aggregation"] == {"sites": 3, "summed": 2, "dropped": 1, "shares": 3, "threshold": 2,
-                                                     "clipping_range": 1.0}
+        assert record["secure_aggregation"] == {"sites": 4, "summed": 3, "dropped": 1, "shares": 4, "threshold": 3,
+                                                "clipping_range": 1.0}
         sites = by_site(record)
-        assert sites["site-a"]["outcome"] == sites["site-b"]["outcome"] == "aggregated"
-        # round 1 is its first: the coordinator has not learnt site-c's name, only its node id
-        (lost,) = [c for c in record["clients"] if c["node_id"] == secure.federation.sites["site-c"].node_id]
+        assert all(sites[name]["outcome"] == "aggregated" for name in HEALTHY)
+        # round 1 is its first: the coordinator has not learnt site-d's name, only its node id
+        (lost,) = [c for c in record["clients"] if c["node_id"] == secure.federation.sites["site-d"].node_id]
         assert lost["outcome"] in ("failed", "no-reply"), lost
         assert "secure aggregation: ON" in (secure.out / "report.md").read_text()
         assert (secure.out / "adapter" / "adapter_model.safetensors").is_file()
 
     def test_every_site_charged_its_training_and_the_ledgers_pass_the_audit(self, secure):
         sites = secure.federation.sites
-        for name in ("site-a", "site-b"):
+        for name in HEALTHY:
             assert [s["confirmed"] for s in ledger_spends(sites[name].ledger)] == [True]
-        # site-c went down holding its training: it may have charged it (then it is audited too) or not
-        audit = secure.federation.audit([sites[name].ledger for name in HEALTHY if sites[name].ledger.exists()])
+        # site-d went down holding its training: it may have charged it (then it is audited too) or not
+        audit = secure.federation.audit([sites[name].ledger for name in SECURE_SITES if sites[name].ledger.exists()])
         assert audit.returncode == 0, audit.stdout + audit.stderr

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common import bytes_to_ndarray
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
@@ -232,6 +232,11 @@ def test_the_guard_lets_no_update_out_unmasked_in_a_secure_round():
     wrong_type = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.PUBLIC_KEY_1: b"k", Key.PUBLIC_KEY_2: [b"k"]})})
     with pytest.raises(DisclosureError, match="pk2"):
         check_outgoing(Message(wrong_type, reply_to=incoming), received)
+    # the update itself, as floats in the masked vector's place
+    plain = [ndarray_to_bytes(np.ones(1))] + [ndarray_to_bytes(a.numpy()) for a in received.values()]
+    unmasked = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: plain})})
+    with pytest.raises(DisclosureError, match="integers"):
+        check_outgoing(Message(unmasked, reply_to=incoming), received)
 
 
 def test_an_honest_site_bounds_its_update_before_masking():
@@ -259,18 +264,68 @@ def test_run_federation_without_secure_aggregation_records_none():
 
 
 def test_with_fewer_shares_each_site_masks_with_its_neighbours_only_and_the_mean_holds():
-    """SecAgg+'s point: secagg-shares bounds the keys each site agrees (here 3 of 9 sites)."""
+    """SecAgg+'s point: secagg-shares bounds the keys each site agrees (here 5 of 9 sites)."""
     deltas, weights = _deltas(9, seed=8), [float(100 + 10 * i) for i in range(9)]
     sites = {i: _site(i, d, w, fail_at=Stage.COLLECT_MASKED_VECTORS if i == 4 else "")
              for i, (d, w) in enumerate(zip(deltas, weights, strict=True), 1)}
     grid = FakeGrid(sites)
-    result = SecAggPlus(_settings(**{"secagg-shares": 0.3}).secure, send_and_receive).run(
+    result = SecAggPlus(_settings(**{"secagg-shares": 0.5}).secure, send_and_receive).run(
         grid, _train_messages(sorted(sites), _global()), timeout=10.0, label="test")
-    assert (result.num_shares, result.threshold) == (3, 2)
-    # the share-keys stage sends each site public keys by node id: its own and its two neighbours'
+    assert (result.num_shares, result.threshold) == (5, 3)
+    # the share-keys stage sends each site public keys by node id: its own and its four neighbours'
     shared_keys = [sum(key.isdigit() for key in sent.content[RECORD_KEY_CONFIGS]) for sent in grid.sent]
-    assert sorted(n for n in shared_keys if n) == [3] * 9
+    assert sorted(n for n in shared_keys if n) == [5] * 9
     kept = [i for i in range(9) if i != 3]
     expected = _weighted_mean([deltas[i] for i in kept], [weights[i] for i in kept])
+    for name in SHAPES:
+        np.testing.assert_allclose(result.mean_update[name], expected[name], atol=2e-4)
+
+
+def _unmask_requests(grid: FakeGrid) -> int:
+    return sum(Key.ACTIVE_NODE_ID_LIST in sent.content[RECORD_KEY_CONFIGS] for sent in grid.sent)
+
+
+def test_a_sum_of_one_update_and_refusals_is_never_unmasked():
+    """The attack: every site but one refuses (a zero update at weight 0), so that the mean
+    would be that one site's update. The sum stays masked and the round fails."""
+    deltas = _deltas(3, seed=9)
+    sites = {i: _site(i, d, 100.0, refuse=i > 1) for i, d in enumerate(deltas, 1)}
+    result, grid = _run(sites)
+    assert result.mean_update is None and "1 update(s) in the sum, fewer than 2" in result.failure
+    assert _unmask_requests(grid) == 0
+
+
+def test_a_site_left_with_one_hidden_mask_is_never_unmasked():
+    """Flower's masks come from 32-bit seeds: with 3 sites and one lost after sharing its keys,
+    the server would learn the lost site's masks and each survivor would keep only one hidden
+    pairwise mask. The sum stays masked."""
+    deltas = _deltas(3, seed=10)
+    sites = {i: _site(i, d, 100.0, fail_at=Stage.COLLECT_MASKED_VECTORS if i == 3 else "") for i, d in enumerate(deltas, 1)}
+    result, grid = _run(sites)
+    assert result.mean_update is None and "fewer than 2 other sites of the sum" in result.failure
+    assert _unmask_requests(grid) == 0
+
+
+def test_a_site_copying_another_public_key_takes_both_out_and_the_rest_go_on():
+    deltas, weights = _deltas(5, seed=11), [100.0] * 5
+    honest_sites = {i: _site(i, d, w) for i, (d, w) in enumerate(zip(deltas, weights, strict=True), 1)}
+    keys: dict[int, bytes] = {}
+
+    def copying(msg: Message) -> Message:
+        reply = honest_sites[5](msg)
+        record = reply.content.config_records.get(RECORD_KEY_CONFIGS, {})
+        if Key.PUBLIC_KEY_1 in record:
+            record[Key.PUBLIC_KEY_1] = keys[4]
+        return reply
+
+    def recording(msg: Message) -> Message:
+        reply = honest_sites[4](msg)
+        if Key.PUBLIC_KEY_1 in reply.content.config_records.get(RECORD_KEY_CONFIGS, {}):
+            keys[4] = reply.content[RECORD_KEY_CONFIGS][Key.PUBLIC_KEY_1]
+        return reply
+
+    result, _ = _run({**honest_sites, 4: recording, 5: copying})
+    assert result.dropped == {4: "setup (unusable public keys)", 5: "setup (unusable public keys)"}
+    expected = _weighted_mean(deltas[:3], weights[:3])
     for name in SHAPES:
         np.testing.assert_allclose(result.mean_update[name], expected[name], atol=2e-4)

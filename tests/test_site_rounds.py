@@ -10,6 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client import app as client_app
 from client.outgoing_guard import ALLOWED_METRICS
 from fedlora.run_config import apply_overrides
+from privacy.ledger import PrivacyLedger
 from server.global_model import GlobalModel
 from tests.conftest import settings_of
 
@@ -93,3 +94,17 @@ def test_a_site_over_the_secure_max_weight_refuses_by_that_key_and_still_sends_i
     assert dict(reply.content["status"]) == {"status": "config-error", "setting": "secagg-max-weight"}
     assert reply.content["fitres.num_examples"]["num_examples"] == 0.0
     assert all(not update.numpy().any() for update in reply.content["fitres.parameters"].values())
+    with PrivacyLedger(tmp_path / "l.db", read_only=True) as ledger:
+        assert ledger.spends() == []  # refused before it trained: nothing spent on a zero update
+
+
+def test_a_site_of_another_rank_refuses_a_secure_round_before_it_trains(tiny_run_config, classification_csv, tmp_path):
+    config = apply_overrides(tiny_run_config, {"secure-aggregation": True})
+    sent = GlobalModel.load(settings_of(config)).arrays()
+    rank = settings_of(config).model.lora_rank // 2
+    ctx = site_context(config, {"data-path": str(classification_csv), "ledger-path": str(tmp_path / "l.db"),
+                                "num-examples": 90, "lora-rank": rank})
+    reply = client_app.train_site(_secure(train_message(sent)), ctx, config)
+    assert dict(reply.content["status"]) == {"status": "model-error", "setting": "lora-rank"}
+    with PrivacyLedger(tmp_path / "l.db", read_only=True) as ledger:
+        assert ledger.spends() == []
