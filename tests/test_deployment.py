@@ -2,7 +2,7 @@
 
 Every command comes from the guide (blocks marked ``<!-- cmd: NAME -->``) and runs as written,
 through bash, with the guide's variables pointed at temporary folders and free ports on
-127.0.0.1. Two scenarios, each with its own SuperLink (TLS, SuperNode authentication, state
+127.0.0.1. Three scenarios, each with its own SuperLink (TLS, SuperNode authentication, state
 database) and SuperNodes; every process they start (and its children) is stopped at the end, also
 when a test fails, and dies with pytest if pytest itself is killed.
 
@@ -12,8 +12,10 @@ when a test fails, and dies with pytest if pytest itself is killed.
    that do not trust the CA are turned away.
 2. The coordinator (SuperLink + the run) is killed after round 1, restarted, and the run
    resubmitted with ``resume=true``; every training a site ran is exactly one ledger spend.
+3. SecAgg+ (``secure-aggregation=true``): four sites, one killed after it shared its keys; the
+   round completes from the other three.
 
-Speed (the file takes about 6 minutes on 2 cores): every message a SuperNode receives starts a
+Speed (the file takes about 8 minutes of one core's time, on 2 cores): every message a SuperNode receives starts a
 fresh ClientApp process (imports of torch, transformers, peft: most of the time here), so the runs
 use the tiny BERT, 2 rounds, a fixed noise multiplier and no federated evaluation
 (``fraction-evaluate=0``), and the failure cases share one run.
