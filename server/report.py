@@ -90,9 +90,10 @@ def _secure(settings: RunSettings, history: list[RoundRecord]) -> str:
     """Whether the server saw only each round's masked sum (SecAgg+), and how many dropped out."""
     if not settings.secure.secure_aggregation:
         return "off (the server saw each site's update)"
-    dropped = sum(int((r.secure_aggregation or {}).get("dropped", 0)) for r in history)
+    survived = sum(int((r.secure_aggregation or {}).get("dropped", 0)) for r in history if not r.failure)
     return (f"ON, SecAgg+: the server saw only each round's masked sum (threshold {settings.secure.secagg_threshold:g} "
-            f"of the shares, values clipped to ±{settings.secure.secagg_clipping_range:g}); {dropped} dropout(s) survived")
+            f"of the shares, values clipped to ±{settings.secure.secagg_clipping_range:g}); "
+            f"{survived} site dropout(s) in rounds that still aggregated")
 
 
 def write_report(out_dir: Path, settings: RunSettings, history: list[RoundRecord]) -> Path:

@@ -1,5 +1,5 @@
 """SecAgg+ (Bell et al. 2020) on Flower's Message API: the server learns only the weighted sum of
-a round's updates, never one site's.
+a round's updates, of at least two sites, never one site's.
 
 Flower 1.42's ``SecAggPlusWorkflow`` runs only inside the legacy strategy API (a
 ``LegacyContext``). This is the same four-stage protocol, driven by fedlora's round loop, with
@@ -19,8 +19,10 @@ the seeded mask generator, quantization) and Flower's own client mod at the site
    after sharing its keys (to cancel the pairwise masks it left in the others' vectors).
 
 With the masks cancelled, the sum is ``[Σ q(w_i), Σ q(w_i·Δ_i + c)]``, so the weighted mean
-update is ``(dequantize(Σ) + (n - 1)·c) / Σ w_i``. Any value the server holds before that is
-uniform mod 2^32 to it: a masked vector alone says nothing about its site's update.
+update is ``(dequantize(Σ) + (n - 1)·c) / Σ w_i``. Before that the server holds only masked
+vectors and their masked sum; a sum is unmasked only if it holds at least ``min_updates``
+updates (refusals add zero at weight 0) and every site in it keeps ``MIN_HIDDEN_MASKS`` pairwise
+masks with others in it (Flower's mask generator has 32-bit seeds: ``docs/privacy.md``, A11).
 
 Trust: this is SecAgg+ against an *honest-but-curious* server. A malicious server that tells
 some sites that a site dropped and others that it survived can collect both of its secrets and
