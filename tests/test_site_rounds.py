@@ -108,3 +108,13 @@ def test_a_site_of_another_rank_refuses_a_secure_round_before_it_trains(tiny_run
     assert dict(reply.content["status"]) == {"status": "model-error", "setting": "lora-rank"}
     with PrivacyLedger(tmp_path / "l.db", read_only=True) as ledger:
         assert ledger.spends() == []
+
+
+def test_under_ffa_lora_a_secure_round_masks_a_zero_change_of_the_frozen_a(tiny_run_config, classification_csv, tmp_path):
+    config = apply_overrides(tiny_run_config, {"secure-aggregation": True, "strategy": "ffa-lora"})
+    sent = GlobalModel.load(settings_of(config)).arrays()
+    ctx = site_context(config, {"data-path": str(classification_csv), "ledger-path": str(tmp_path / "l.db"), "num-examples": 90})
+    update = client_app.train_site(_secure(train_message(sent)), ctx, config).content["fitres.parameters"]
+    assert list(update.keys()) == list(sent.keys())
+    for name, value in update.items():
+        assert value.numpy().any() != (".lora_A." in name), name  # A unchanged, B and the head trained
