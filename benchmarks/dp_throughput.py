@@ -34,15 +34,15 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.training import DPSettings, TrainSettings, train
+from client.training import DPSettings, TrainSettings, train, without_dropout
 from fedlora.adapters import attach_adapter, lora_config
 from fedlora.model import EMBEDDED_MODEL, load_base_model, load_tokenizer, select_device
 from fedlora.tasks import encode
@@ -66,20 +66,6 @@ def hand_written_loop(model: torch.nn.Module, data: TensorDataset, batch_size: i
         optimizer.zero_grad()
         seen += len(labels)
     return seen / (time.perf_counter() - start)
-
-
-@contextmanager
-def dropout_off(model: torch.nn.Module, off: bool) -> Iterator[None]:
-    """Dropout probability 0 while inside (as DP-SGD trains), restored after."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)] if off else []
-    saved = [m.p for m in layers]
-    for m in layers:
-        m.p = 0.0
-    try:
-        yield
-    finally:
-        for m, p in zip(layers, saved, strict=True):
-            m.p = p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -116,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         def run(steps: int, seed: int) -> float:
             settings = TrainSettings(learning_rate=5e-3, batch_size=args.batch_size, steps=steps, device=device, seed=seed)
             torch.manual_seed(seed)
-            with dropout_off(model, not dropout):
+            with nullcontext() if dropout else without_dropout(model):
                 return train(model, examples, TASK, tokenizer.pad_token_id, settings, private).examples_per_second
         return run
 
