@@ -204,7 +204,7 @@ def _rows_of(rows: list[int], generator: torch.Generator) -> list[int]:
     return [rows[i] for i in sorted(chosen)]
 
 
-def _whole_units_per_pass(groups: list[list[int]], chunk: int) -> list[list[list[int]]]:
+def _whole_units_per_pass(groups: list[list[int]], chunk: float) -> list[list[list[int]]]:
     """Physical passes of at most ``chunk`` rows that never split a unit (a unit's gradient is
     the mean over its rows, which must be in one pass)."""
     passes: list[list[list[int]]] = [[]]
