@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -24,11 +24,15 @@ from flwr.clientapp import ClientApp
 from client.outgoing_guard import outgoing_guard
 from client.refusals import SETTINGS, RefusedRound
 from client.secure_aggregation import is_secure_round, masked_upload, secure_aggregation
-from client.site import Site, record_refusal, site_name
 from fedlora.run_config import ConfigError, RunSettings
 from fedlora.upload_codec import encode_upload
-from privacy.ledger import Anchor, ledger_anchor
 
+if TYPE_CHECKING:
+    from privacy.ledger import Anchor
+
+# A deployed site starts a fresh ClientApp process for every message. The site's training stack
+# (torch, transformers, peft, Opacus: about 4 s of imports) is imported by the handlers that train,
+# evaluate or refuse, never at load: a SecAgg+ round's key, share and unmask stages answer without it.
 app = ClientApp(mods=[outgoing_guard, secure_aggregation])
 
 
@@ -45,6 +49,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 def train_site(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
     """A training round under ``run_config``: the SuperLink's for a deployed site (the context's),
     the simulation's for a simulated one."""
+    from client.site import Site, record_refusal
+
     config = msg.content["config"]
     server_round = int(config["server-round"])
     secure = is_secure_round(msg)
@@ -84,6 +90,8 @@ def train_site(msg: Message, context: Context, run_config: Mapping[str, Any]) ->
 
 
 def evaluate_site(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    from client.site import Site, record_refusal
+
     server_round = int(msg.content["config"]["server-round"])
     try:
         site = Site(context, _settings(run_config))
@@ -122,6 +130,8 @@ def _settings(run_config: Mapping[str, Any]) -> RunSettings:
 
 def _site_record(context: Context) -> ConfigRecord:
     """The site's chosen display name (node config ``site-name``), for the server's reports."""
+    from client.site import site_name
+
     return ConfigRecord({"name": site_name(context)})
 
 
@@ -133,6 +143,8 @@ def _ledger_record(anchor: Anchor | None) -> dict[str, ConfigRecord]:
 
 def _status_reply(msg: Message, context: Context, refusal: RefusedRound) -> Message:
     """No weights and no metrics: only a code and a setting name (and the ledger's anchor)."""
+    from privacy.ledger import ledger_anchor
+
     anchor = ledger_anchor(context.node_config.get("ledger-path"))
     content = RecordDict({"status": refusal.record(), "site": _site_record(context), **_ledger_record(anchor)})
     return Message(content=content, reply_to=msg)

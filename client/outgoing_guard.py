@@ -36,7 +36,6 @@ from flwr.common.logger import log
 from client.refusals import SETTINGS, STATUS_CODES
 from client.secure_aggregation import MASKED_VECTOR, PROTOCOL_RECORD, REPLY_FIELDS
 from fedlora.upload_codec import SCALE_SUFFIX, WIRE_DTYPES
-from privacy.ledger import ledger_anchor
 
 ALLOWED_METRICS = frozenset(
     {
@@ -97,6 +96,8 @@ def _code_only(message: Message, context: Context, code: str) -> Message:
     """A code, and the ledger's anchor: a round that crashed after its charge still shows the
     server the rows it added, so they cannot vanish unnoticed."""
     content = RecordDict({"status": ConfigRecord({"status": code, "setting": ""})})
+    from privacy.ledger import ledger_anchor  # the training stack: only for a reply that failed
+
     anchor = ledger_anchor(context.node_config.get("ledger-path"))
     if anchor is not None:
         content["ledger"] = ConfigRecord({"rows": anchor.rows, "head": anchor.head})

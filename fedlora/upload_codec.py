@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord
 
 SCALE_SUFFIX = "#scale"
@@ -51,6 +50,8 @@ def encode_upload(sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndar
         if upload_dtype == "fp16":
             encoded[name] = Array(delta.astype(np.float16))
         elif upload_dtype == "bf16":
+            import torch  # NumPy has no bfloat16; torch is imported only where one is needed
+
             encoded[name] = Array(torch.from_numpy(delta).to(torch.bfloat16).view(torch.uint16).numpy())
         else:
             scale = _int8_scale(delta)
@@ -83,6 +84,8 @@ def decode_upload(arrays: ArrayRecord, received: ArrayRecord, upload_dtype: str)
         if upload_dtype == "fp16":
             delta = encoded.astype(np.float32)
         elif upload_dtype == "bf16":
+            import torch
+
             delta = torch.from_numpy(encoded).view(torch.bfloat16).float().numpy()
         else:
             scale = arrays[name + SCALE_SUFFIX].numpy()

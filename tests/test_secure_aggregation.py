@@ -5,6 +5,8 @@ survived; too many end the round with the global adapter unchanged."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -329,3 +331,29 @@ def test_a_site_copying_another_public_key_takes_both_out_and_the_rest_go_on():
     expected = _weighted_mean(deltas[:3], weights[:3])
     for name in SHAPES:
         np.testing.assert_allclose(result.mean_update[name], expected[name], atol=2e-4)
+
+
+def test_a_site_answers_the_key_stages_without_loading_its_training_stack():
+    """A deployed site starts a ClientApp process per message; the key, share and unmask stages
+    of a SecAgg+ round must not pay for importing torch, transformers, peft and Opacus."""
+    import subprocess
+    import sys
+
+    script = """
+import json, sys
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.supercore.task_identity import TaskIdentity
+from client.app import app
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+setup = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2, Key.CLIPPING_RANGE: 1.0,
+         Key.TARGET_RANGE: 2**22, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: 1000.0}
+msg = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup)}), dst_node_id=5, message_type="train")
+context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+reply = app(msg, context)
+assert Key.PUBLIC_KEY_1 in reply.content[RECORD_KEY_CONFIGS], reply.content
+print(json.dumps(sorted(m for m in ("torch", "transformers", "peft", "opacus") if m in sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [], done.stdout
