@@ -6,8 +6,10 @@ loop, and 10 sites a round out of 100 against 10 out of 10.
 1. ``fedlora simulate --num-clients 100 --set num-sampled-clients=10 --rounds 3`` and the same
    with ``--num-clients 10``, one after the other: wall-clock, mean round seconds from
    ``history.json``, the largest single process's peak RSS (``ru_maxrss`` of the waited-for
-   children), and the peak of the summed RSS of the run's process tree, sampled every 2 s (it
-   counts shared pages once per process, so it overstates).
+   children), the peak of the summed RSS of the run's process tree, sampled every 2 s (it
+   counts shared pages once per process, so it overstates), and the mean round's time split
+   (``history.json``'s ``time_split``: waiting on the sites' training and evaluation replies, and
+   the server's own work).
 2. ``benchmarks/dp_throughput.py`` (its four modes alternating in one process), in a process of
    its own.
 
@@ -66,9 +68,11 @@ def simulation(out: Path, sites: int, sampled: int) -> dict:
     sampler.join()
     if process.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{errors[-3000:]}")
-    rounds = [r["seconds"] for r in json.loads((run_dir / "history.json").read_text())]
+    history = json.loads((run_dir / "history.json").read_text())
+    rounds = [r["seconds"] for r in history]
+    split = {part: statistics.mean(r["time_split"][part] for r in history) for part in history[0]["time_split"]}
     return {"sites": sites, "sampled": sampled, "wall_s": round(time.perf_counter() - start),
-            "mean_round_s": statistics.mean(rounds), "rounds_s": rounds,
+            "mean_round_s": statistics.mean(rounds), "rounds_s": rounds, "mean_time_split_s": split,
             "largest_process_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
             "tree_rss_gib": round(tree_peak[0] / 2**30, 2), "load_at_start": round(load, 2)}
 
@@ -77,11 +81,14 @@ def markdown(results: dict) -> str:
     t, (many, few) = results["throughput"], results["simulations"]
     rows = [
         ("DP-SGD cost: fedlora no DP / DP examples per second", f"{t['slowdown']:.2f}x", t["load_at_start"]),
-        ("DP-SGD mechanism alone (both without dropout)", f"{t['mechanism']:.2f}x", t["load_at_start"]),
+        ("DP-SGD cost, both without dropout", f"{t['without_dropout']:.2f}x", t["load_at_start"]),
         ("fedlora / hand-written loop, no DP", f"{t['vs_hand']:.2f}x", t["load_at_start"]),
         ("fedlora DP-SGD / hand-written loop", f"{t['dp_vs_hand']:.2f}x", t["load_at_start"]),
         ("round time, 10 of 100 sites / 10 of 10", f"{many['mean_round_s'] / few['mean_round_s']:.2f}x "
          f"({many['mean_round_s']:.1f} / {few['mean_round_s']:.1f} s)", f"{many['load_at_start']} / {few['load_at_start']}"),
+        ("round time split, 10 of 100: sites training / sites evaluating / the server's own work",
+         " / ".join(f"{many['mean_time_split_s'][part] / many['mean_round_s']:.1%}"
+                    for part in ("sites-training", "sites-evaluation", "server")), many["load_at_start"]),
         ("100 sites, 10 a round, 3 rounds: wall-clock", f"{many['wall_s'] // 60}:{many['wall_s'] % 60:02d}", many["load_at_start"]),
         ("the same: peak RSS, largest process / process tree (sum)",
          f"{many['largest_process_rss_mb']} MB / {many['tree_rss_gib']} GiB", many["load_at_start"]),

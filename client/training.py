@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from client.batching import length_grouped_batches, length_passes
 from fedlora.tasks import collate, forward_logits, per_example_loss
 from privacy.dp_sgd import group_by_unit, make_private, noise_only_step, poisson_batches, zero_non_finite
 
@@ -47,10 +48,11 @@ class TrainResult:
     sample_rate: float
     seconds: float
     zeroed_gradients: int = 0  # non-finite per-unit gradients replaced by 0 (DP only)
+    rows_trained: int = 0  # rows in all batches (under DP a sum of Poisson batch sizes: private)
 
     @property
     def examples_per_second(self) -> float:
-        return self.steps * self.sample_rate * self.num_examples / max(self.seconds, 1e-9)
+        return self.rows_trained / max(self.seconds, 1e-9)
 
 
 MAX_ROWS_PER_UNIT = 16
@@ -78,6 +80,9 @@ def train(
     own), and ``population`` the public number of units the rate is computed from (default:
     the number of units present). Without DP, batches are shuffled mini-batches of examples.
     Either way the number of steps is the planned one, so the ledger records exactly what ran.
+    Without DP the batches group rows of similar length; with DP each sampled batch is computed
+    in passes of similar length (:mod:`client.batching`), which changes the padding, not the
+    update.
 
     ``proximal_mu`` = mu > 0 is FedProx: the local objective becomes
     loss(w) + (mu/2) ||w - w_global||^2 over the trainable (adapter) parameters, w_global being
@@ -94,6 +99,7 @@ def train(
     # other, since whether it holds usable rows is itself private.
     collate_batch = collate_batch or (lambda part: collate(part, pad_token_id, task))
     members = _members(units if units is not None else range(n))
+    lengths = [len(example.get("input_ids", ())) for example in examples]  # cached features: all 0
     population = population or len(members)
     q, steps = settings.sample_rate(population), settings.steps
     device = settings.device
@@ -113,27 +119,28 @@ def train(
             for sampled in (poisson_batches(len(members), q, steps, generator) if members else ([] for _ in range(steps)))
         )
     else:
-        batches = ([[i] for i in batch] for batch in _shuffled_batches(n, settings.batch_size, steps, generator))
+        batches = ([[i] for i in batch] for batch in length_grouped_batches(lengths, settings.batch_size, steps, generator))
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
-    # One pass per batch unless physical-batch-size bounds it: a Poisson batch is over its
-    # expected size about half the time, and splitting every such batch in two doubled the
-    # passes at no gain in memory that the site asked for.
-    chunk = settings.physical_batch_size or math.inf
+    # Passes are cut for padding (client.batching), and bounded only where physical-batch-size
+    # asks: splitting every Poisson batch over its expected size in two doubled the passes for
+    # memory the site did not ask to save.
+    max_rows = settings.physical_batch_size or math.inf
 
-    start, loss_sum, loss_count, zeroed = time.perf_counter(), 0.0, 0, 0
+    start, loss_sum, loss_count, zeroed, rows_trained = time.perf_counter(), 0.0, 0, 0, 0
     with without_dropout(model) if dp is not None else nullcontext():
         try:
             for groups in tqdm(batches, total=steps, desc="local training", leave=False, disable=None):
                 if not groups:  # only possible with Poisson sampling
                     noise_only_step(optimizer)
                     continue
-                passes = _whole_units_per_pass(groups, chunk)
+                passes = length_passes(groups, lengths, max_rows)
                 rows_in_batch = sum(len(g) for g in groups)
                 for number, pass_groups in enumerate(passes, start=1):
                     indices = [i for group in pass_groups for i in group]
                     part = [examples[i] for i in indices]
+                    rows_trained += len(part)
                     batch = {k: v.to(device) for k, v in collate_batch(part).items()}
                     with autocast:
                         losses = per_example_loss(forward_logits(runner, batch), batch["labels"], task)
@@ -165,6 +172,7 @@ def train(
         sample_rate=q,
         seconds=time.perf_counter() - start,
         zeroed_gradients=zeroed,
+        rows_trained=rows_trained,
     )
 
 
@@ -204,19 +212,6 @@ def _rows_of(rows: list[int], generator: torch.Generator) -> list[int]:
     return [rows[i] for i in sorted(chosen)]
 
 
-def _whole_units_per_pass(groups: list[list[int]], chunk: float) -> list[list[list[int]]]:
-    """Physical passes of at most ``chunk`` rows that never split a unit (a unit's gradient is
-    the mean over its rows, which must be in one pass)."""
-    passes: list[list[list[int]]] = [[]]
-    rows = 0
-    for group in groups:
-        if passes[-1] and rows + len(group) > chunk:
-            passes.append([])
-            rows = 0
-        passes[-1].append(group)
-        rows += len(group)
-    return passes
-
 
 def _add_proximal_gradient(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], mu: float) -> None:
     """Make every step of ``optimizer`` descend (mu/2) ||w - w0||^2 too, w0 = ``params`` now.
@@ -242,13 +237,3 @@ def _add_proximal_gradient(optimizer: torch.optim.Optimizer, params: list[torch.
     # On the plain optimizer: a DPOptimizer wrapping it calls its step after adding the noise.
     optimizer.register_step_pre_hook(add_proximal_gradient)
 
-
-def _shuffled_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
-    done = 0
-    while done < steps:
-        order = torch.randperm(n, generator=generator).tolist()
-        for lo in range(0, n, batch_size):
-            if done == steps:
-                return
-            yield order[lo : lo + batch_size]
-            done += 1

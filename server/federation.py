@@ -19,7 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from server.history import RoundRecord, SiteEvaluation, SiteRound
-from server.progress import send_and_receive
+from server.progress import SiteClock
 from server.secure_aggregation import SecAggPlus
 from strategies.screening import ReplyOutcome, ScreenedStrategy
 from strategies.validation import TooFewUpdates
@@ -39,6 +39,7 @@ class Federation:
     evaluate_config: dict[str, Any]
     central_eval: Callable[[ArrayRecord], dict[str, float]] | None = None
     secure: SecAggPlus | None = None  # SecAgg+: the server gets only each round's masked sum
+    clock: SiteClock = field(default_factory=SiteClock)  # SecAgg+'s exchanges go through it too
     flag_after: int = 3  # flag a site whose update was rejected in this many rounds running (0: never)
     # node id -> site-name, learnt from the sites' replies: a site that stops answering (no-reply,
     # or a Flower error reply, which carries no site record) is still reported under its name.
@@ -66,9 +67,10 @@ class Federation:
         bytes_down = {m.metadata.dst_node_id: m.content["arrays"].count_bytes() for m in messages}
         label = f"round {server_round}/{self.num_rounds} training"
         failure, train_metrics, secure_summary = None, None, None
+        waited = self.clock.waiting
         try:
             if self.secure is None:
-                replies = send_and_receive(self.grid, messages, self.timeout, label)
+                replies = self.clock.send_and_receive(self.grid, messages, self.timeout, label)
                 new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
             else:
                 secure_round = self.secure.run(self.grid, messages, self.timeout, label)
@@ -86,9 +88,13 @@ class Federation:
         self._learn_names(clients)
 
         eval_messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(self.evaluate_config)), self.grid))
-        eval_replies = send_and_receive(self.grid, eval_messages, self.timeout, f"round {server_round}/{self.num_rounds} evaluation")
+        training, waited = self.clock.waiting - waited, self.clock.waiting
+        eval_replies = self.clock.send_and_receive(self.grid, eval_messages, self.timeout,
+                                                   f"round {server_round}/{self.num_rounds} evaluation")
+        evaluation = self.clock.waiting - waited
         eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies)
         central = self.central_eval(arrays) if self.central_eval else {}
+        seconds = time.perf_counter() - start
         record = RoundRecord(
             round=server_round,
             train_loss=(train_metrics or {}).get("train-loss"),
@@ -98,7 +104,9 @@ class Federation:
             central_accuracy=central.get("accuracy"),
             bytes_up=sum(c.bytes_up for c in clients),
             bytes_down=sum(bytes_down.values()),
-            seconds=time.perf_counter() - start,
+            seconds=seconds,
+            time_split={"sites-training": training, "sites-evaluation": evaluation,
+                        "server": seconds - training - evaluation},
             failure=failure,
             central_epsilon=self.strategy.central_epsilon,
             central_dp=self.strategy.central_release(),

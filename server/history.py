@@ -2,7 +2,8 @@
 
 Each entry: ``round``, ``train_loss``, ``eval_loss``, ``eval_accuracy`` (weighted over the
 sites' held-out splits), ``central_loss``/``central_accuracy`` (server-side test set, when
-configured), ``bytes_up``/``bytes_down`` (adapter payloads), ``seconds``, ``failure`` (why a
+configured), ``bytes_up``/``bytes_down`` (adapter payloads), ``seconds``, ``time_split`` (of those seconds:
+``sites-training``, ``sites-evaluation`` waiting on the sites' replies, ``server`` its own work), ``failure`` (why a
 round could not be aggregated, else null), ``central_epsilon`` and ``central_dp`` (the central-DP
 noise multiplier, clipping norm, sample size and delta this round released with; null when it
 released nothing) and ``clients``: one item per site sent work, with
@@ -74,6 +75,9 @@ class RoundRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0
+    # seconds waiting on the sites' training replies (SecAgg+: its four exchanges), on their
+    # evaluation replies, and the server's own work (the rest of ``seconds``)
+    time_split: dict[str, float] | None = None
     failure: str | None = None
     central_epsilon: float | None = None
     central_dp: dict[str, float] | None = None

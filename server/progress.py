@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -55,3 +56,19 @@ def _on_behalf_of_lost_nodes(sent: list[Message], replies: list[Message]) -> lis
         else reply
         for reply in replies
     ]
+
+
+@dataclass
+class SiteClock:
+    """:func:`send_and_receive` that also adds up the seconds spent in it: the time a round
+    waits on its sites, which the round's ``time_split`` in ``history.json`` separates from the
+    server's own work. One clock serves every exchange of a run (SecAgg+'s stages too)."""
+
+    waiting: float = 0.0
+
+    def send_and_receive(self, grid: Grid, messages: Iterable[Message], timeout: float, label: str) -> list[Message]:
+        start = time.perf_counter()
+        try:
+            return send_and_receive(grid, messages, timeout, label)
+        finally:
+            self.waiting += time.perf_counter() - start

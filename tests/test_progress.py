@@ -67,3 +67,36 @@ def test_the_bar_is_drawn_on_a_terminal_only(monkeypatch):
         progress.send_and_receive(TrickleGrid(), messages([1, 2]), timeout=10.0, label="round 1/2 training")
         text = stream.getvalue()
         assert ("round 1/2 training" in text and "/2 [" in text) == drawn, text
+
+
+def test_a_round_splits_its_seconds_into_waiting_on_sites_and_the_servers_own_work(tiny_bert, tmp_path, monkeypatch):
+    """Sites that take 0.3 s to answer a training message and 0.1 s an evaluation, and a server
+    whose aggregation takes 0.2 s: ``time_split`` puts each where it was spent, and the parts add
+    up to the round's seconds."""
+    from server.global_model import GlobalModel
+    from strategies.factory import build_strategy
+    from tests.conftest import settings_of
+    from tests.fake_grid import FakeGrid, FakeSite, decode, honest, run_federation, server_run_config
+
+    class SlowGrid(FakeGrid):
+        def pull_messages(self, message_ids):
+            replies = list(super().pull_messages(message_ids))
+            time.sleep(0.3 if any(r.metadata.message_type == "train" for r in replies) else 0.1)
+            return replies
+
+    config = server_run_config(tiny_bert, tmp_path)
+    strategy = build_strategy(settings_of(config))
+    aggregate_train = strategy.aggregate_train
+
+    def slow_aggregation(*args):
+        time.sleep(0.2)
+        return aggregate_train(*args)
+
+    monkeypatch.setattr(strategy, "aggregate_train", slow_aggregation)
+    initial = decode(GlobalModel.load(settings_of(config)).arrays())
+    sites = {n: FakeSite(f"site-{n}", 100, honest(n)) for n in (1, 2)}
+    _, history = run_federation(strategy, SlowGrid(sites), initial, rounds=1)
+    split = history[0]["time_split"]
+    assert 0.3 <= split["sites-training"] < 0.5 and 0.1 <= split["sites-evaluation"] < 0.3
+    assert 0.2 <= split["server"] < 0.6
+    assert sum(split.values()) == pytest.approx(history[0]["seconds"])

@@ -1,14 +1,22 @@
-"""Local training: physical batch splitting changes memory use, never the result."""
+"""Local training: how a batch is split into passes changes memory use and padding, never the
+result; length-grouped batches still visit every row once per epoch."""
 
 from __future__ import annotations
+
+import itertools
+import math
+import random
 
 import pytest
 import torch
 
+import client.batching
+from client.batching import PASS_COST_TOKENS, length_grouped_batches, length_passes
 from client.training import DPSettings, TrainSettings, train
 from fedlora.adapters import adapter_state, attach_adapter, lora_config
 from fedlora.model import load_base_model, load_tokenizer
 from fedlora.tasks import encode
+import client.training
 from tests.conftest import LABELS, make_classification_rows
 
 import datasets
@@ -70,3 +78,107 @@ def test_dropout_is_off_under_dp_only(tiny_bert, dp, monkeypatch):
     train(model, examples, "classification", tokenizer.pad_token_id, settings, dp)
     assert (seen == {0.0}) if dp else (max(seen) > 0)
     assert all(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))  # restored for later use
+
+
+def _train_varied_lengths(model_dir: str, dp: DPSettings | None) -> dict[str, torch.Tensor]:
+    tokenizer = load_tokenizer(model_dir)
+    rows = make_classification_rows(40)
+    dataset = datasets.Dataset.from_list([{"text": r["text"], "label": LABELS.index(r["label"])} for r in rows])
+    examples = encode(dataset, tokenizer, "classification", 32)
+    assert len({len(e["input_ids"]) for e in examples}) > 4
+    torch.manual_seed(0)
+    model = attach_adapter(load_base_model(model_dir, "classification", LABELS), lora_config("classification", 4, 8, 0.0))
+    for module in model.modules():  # dropout would draw different masks per pass
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    settings = TrainSettings(learning_rate=0.01, batch_size=12, steps=3, seed=5)
+    torch.manual_seed(1)
+    train(model, examples, "classification", tokenizer.pad_token_id, settings, dp)
+    return adapter_state(model)
+
+
+@pytest.mark.parametrize("dp", [None, DPSettings(noise_multiplier=1.0, max_grad_norm=0.5)], ids=["no-dp", "dp"])
+def test_length_passes_give_the_same_update(tiny_bert, dp, monkeypatch):
+    """Rows of many lengths: one pass per batch (a pass priced out of reach) and a pass per
+    length (passes free) train the same adapter; only the padding differs."""
+    monkeypatch.setattr(client.batching, "PASS_COST_TOKENS", 10**9)
+    whole = _train_varied_lengths(tiny_bert, dp)
+    monkeypatch.setattr(client.batching, "PASS_COST_TOKENS", 0)
+    cut = _train_varied_lengths(tiny_bert, dp)
+    passes = []
+    monkeypatch.setattr(client.training, "length_passes", lambda *a: passes.append(length_passes(*a)) or passes[-1])
+    _train_varied_lengths(tiny_bert, dp)
+    assert max(len(p) for p in passes) > 2  # the batches really were computed in several passes
+    for key in whole:
+        torch.testing.assert_close(cut[key], whole[key], rtol=1e-4, atol=1e-6)
+
+
+def _brute_force_cost(units: list[list[int]], lengths: list[int], max_rows: float) -> float:
+    """The cheapest cut of ``units`` into passes, over every set partition (small cases only)."""
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for partition in partitions(rest):
+            yield [[first], *partition]
+            for k in range(len(partition)):
+                yield [*partition[:k], [first, *partition[k]], *partition[k + 1:]]
+
+    best = math.inf
+    for partition in partitions(units):
+        rows = [sum(len(u) for u in part) for part in partition]
+        if any(r > max_rows and len(part) > 1 for r, part in zip(rows, partition)):
+            continue
+        cost = sum(r * max(lengths[i] for u in part for i in u) + PASS_COST_TOKENS for r, part in zip(rows, partition))
+        best = min(best, cost)
+    return best
+
+
+def _cost(passes, lengths):
+    return sum(sum(len(u) for u in p) * max(lengths[i] for u in p for i in u) + PASS_COST_TOKENS for p in passes)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_length_passes_are_the_cheapest_cut_and_keep_units_whole(seed):
+    """Against every partition of the units: the cheapest, unless a row bound meets units of
+    several rows (a packing problem; then only the cheapest cut of the sorted units)."""
+    rng = random.Random(seed)
+    lengths = [rng.choice([3, 8, 20, 47, 48, 90, 200]) for _ in range(12)]
+    indices = list(range(12))
+    rng.shuffle(indices)
+    units, i = [], 0
+    most_rows = 1 if seed % 2 else 3
+    while i < len(indices):  # units of 1 to 3 rows
+        size = rng.randint(1, most_rows)
+        units.append(indices[i : i + size])
+        i += size
+    units = units[:7]
+    max_rows = rng.choice([math.inf, 4, 2])
+    passes = length_passes(units, lengths, max_rows)
+    assert sorted(map(tuple, itertools.chain.from_iterable(passes))) == sorted(map(tuple, units))  # every unit once, whole
+    assert all(sum(len(u) for u in p) <= max_rows or len(p) == 1 for p in passes)
+    if max_rows == math.inf or most_rows == 1:
+        assert _cost(passes, lengths) == _brute_force_cost(units, lengths, max_rows)
+    else:
+        assert _cost(passes, lengths) >= _brute_force_cost(units, lengths, max_rows)
+
+
+def test_equal_lengths_take_one_pass():
+    """Cached features (no tokens) and notes of one length: a batch is one pass, as before."""
+    assert length_passes([[i] for i in range(32)], [0] * 32, math.inf) == [[[i] for i in range(32)]]
+    assert len(length_passes([[i] for i in range(32)], [48] * 32, math.inf)) == 1
+
+
+def test_length_grouped_batches_visit_every_row_once_per_epoch_with_less_padding():
+    rng = random.Random(0)
+    lengths = [min(48, int(rng.lognormvariate(3.3, 0.45))) for _ in range(1000)]
+    batches = list(length_grouped_batches(lengths, 32, 2 * 32, torch.Generator().manual_seed(1)))  # 2 epochs of 32 batches
+    for epoch in (batches[:32], batches[32:]):
+        assert sorted(i for b in epoch for i in b) == list(range(1000))
+    assert batches != list(length_grouped_batches(lengths, 32, 64, torch.Generator().manual_seed(2)))  # random
+    assert batches == list(length_grouped_batches(lengths, 32, 64, torch.Generator().manual_seed(1)))  # seeded
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
+    random_padded = 2 * sum(len(order[k:k + 32]) * max(lengths[i] for i in order[k:k + 32]) for k in range(0, 1000, 32))
+    assert padded < 0.8 * random_padded
