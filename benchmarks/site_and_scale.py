@@ -1,5 +1,5 @@
 """Issue 16's figures in one table, from one command: DP's cost, fedlora against a hand-written
-loop, and 10 sites a round out of 100 against 10 out of 10.
+loop, the split of a round's time, and 10 sites a round out of 100 against 10 out of 10.
 
     python benchmarks/site_and_scale.py --out /tmp/site-and-scale [--steps 8] [--repeats 3]
 
@@ -10,7 +10,7 @@ loop, and 10 sites a round out of 100 against 10 out of 10.
    counts shared pages once per process, so it overstates), and the mean round's time split
    (``history.json``'s ``time_split``: waiting on the sites' training and evaluation replies, and
    the server's own work).
-2. ``benchmarks/dp_throughput.py`` (its four modes alternating in one process), in a process of
+2. ``benchmarks/dp_throughput.py`` (its five modes alternating in one process), in a process of
    its own.
 
 Writes ``results.json`` and ``results.md`` under ``--out`` with the load average at each part's
@@ -82,6 +82,7 @@ def markdown(results: dict) -> str:
     rows = [
         ("DP-SGD cost: fedlora no DP / DP examples per second", f"{t['slowdown']:.2f}x", t["load_at_start"]),
         ("DP-SGD cost, both without dropout", f"{t['without_dropout']:.2f}x", t["load_at_start"]),
+        ("DP-SGD's mechanism alone (the same batches, no dropout)", f"{t['mechanism']:.2f}x", t["load_at_start"]),
         ("fedlora / hand-written loop, no DP", f"{t['vs_hand']:.2f}x", t["load_at_start"]),
         ("fedlora DP-SGD / hand-written loop", f"{t['dp_vs_hand']:.2f}x", t["load_at_start"]),
         ("round time, 10 of 100 sites / 10 of 10", f"{many['mean_round_s'] / few['mean_round_s']:.2f}x "
