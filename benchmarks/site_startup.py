@@ -47,13 +47,15 @@ def timed_train(*args, **kwargs):
     return train(*args, **kwargs)
 
 client.training.train = timed_train  # before client.site imports it
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as the SuperNode sets them
 arrays = np.load(sys.argv[2])
 message = Message(RecordDict({"arrays": ArrayRecord({k: Array(arrays[k]) for k in arrays.files}),
                               "config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="train")
 context = Context(run_id=1, node_id=7, node_config=json.loads(sys.argv[3]), state=RecordDict(),
                   run_config=json.loads(sys.argv[4]))
 reply = client_app.app(message, context)
-assert not reply.has_error(), reply.error
+assert not reply.has_error() and "arrays" in reply.content, reply.error if reply.has_error() else reply.content
 marks["reply"] = time.time() - started
 print(json.dumps(marks))
 """
@@ -67,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from fedlora.corpus import generate_clinical_corpus
+    from fedlora.corpus import CLINICAL_LABELS, generate_clinical_corpus
     from fedlora.run_config import RunSettings, default_run_config
     from server.global_model import GlobalModel
 
-    run_config = default_run_config()
+    run_config = {**default_run_config(), "label-names": ",".join(CLINICAL_LABELS)}  # public under DP
     arrays = GlobalModel.load(RunSettings.parse(run_config)).arrays()
     runs = []
     with tempfile.TemporaryDirectory() as work:
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         generate_clinical_corpus(num_samples=500, seed=1).to_csv(data)
         np.savez(Path(work, "adapter.npz"), **{name: array.numpy() for name, array in arrays.items()})
         for repeat in range(args.repeats):
-            node_config = {"data-path": str(data), "ledger-path": str(Path(work, f"ledger-{repeat}.db"))}
+            node_config = {"data-path": str(data), "ledger-path": str(Path(work, f"ledger-{repeat}.db")), "num-examples": 500}
             started = time.time()
             child = subprocess.run([sys.executable, "-c", CHILD, str(started), str(Path(work, "adapter.npz")),
                                     json.dumps(node_config), json.dumps(run_config)],

@@ -153,3 +153,24 @@ def test_calibrate_noise_rejects_bad_arguments(kwargs, message):
     arguments = dict(target_epsilon=2.0, delta=DELTA, phases=[(0.01, 100)]) | kwargs
     with pytest.raises(ValueError, match=message):
         calibrate_noise(**arguments)
+
+
+def test_epsilon_is_opacus_rdp_accountants_to_the_last_bit():
+    """epsilon_for computes each row's per-step RDP once per process (noise calibration asks
+    for the same rows again and again); the result must stay exactly Opacus' accountant's, which
+    the ledger's recorded epsilons and an auditor's recomputation rely on."""
+    import random
+
+    from opacus.accountants import RDPAccountant
+
+    from privacy.accountant import _contributing, epsilon_for
+
+    rng = random.Random(0)
+    for _ in range(60):
+        history = [(rng.choice([0.6, 1.1, rng.uniform(0.3, 5)]), rng.choice([0.01, 1.0, rng.uniform(0.001, 1)]),
+                    rng.randint(1, 400)) for _ in range(rng.randint(1, 5))]
+        delta = rng.choice([1e-5, 1e-3])
+        opacus = RDPAccountant()
+        opacus.history = _contributing(history)
+        for _ in range(2):  # computed, then from the cache
+            assert epsilon_for(history, delta) == max(0.0, float(opacus.get_epsilon(delta)))
