@@ -11,7 +11,7 @@ loop, the split of a round's time, and 10 sites a round out of 100 against 10 ou
    (``history.json``'s ``time_split``: waiting on the sites' training and evaluation replies, and
    the server's own work).
 2. ``benchmarks/dp_throughput.py`` (its five modes alternating in one process), in a process of
-   its own.
+   its own, once the load average has fallen below 0.5 (at most 5 minutes' wait).
 
 Writes ``results.json`` and ``results.md`` under ``--out`` with the load average at each part's
 start.
@@ -35,8 +35,18 @@ import psutil
 HERE = Path(__file__).resolve().parent
 
 
+def settle(below: float = 0.5, longest: float = 300.0) -> None:
+    """Wait (at most ``longest`` s) until the 1-minute load average falls below ``below``: the
+    simulations' Ray processes take a while to go, and the throughput modes' ratios are finer
+    than what they leave behind."""
+    deadline = time.monotonic() + longest
+    while os.getloadavg()[0] >= below and time.monotonic() < deadline:
+        time.sleep(5)
+
+
 def throughput(out: Path, steps: int, repeats: int) -> dict:
     path = out / "throughput.json"
+    settle()
     load = os.getloadavg()[0]
     subprocess.run([sys.executable, str(HERE / "dp_throughput.py"), "--steps", str(steps), "--repeats", str(repeats),
                     "--json", str(path)], check=True, capture_output=True, text=True)
