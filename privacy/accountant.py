@@ -144,9 +144,12 @@ def calibrate_noise(
     """Smallest sigma (to 0.1 %) with ``epsilon_for(prior + [(sigma, q, T) for (q, T) in phases])
     <= target_epsilon``: one sigma shared by every phase (a phase: T steps at sampling rate q).
 
-    Epsilon falls monotonically as sigma grows, so bisection finds it: the returned sigma
-    meets the target, and sigma * (1 - 1e-3) does not. Raises :class:`BudgetExhausted` when
-    ``prior`` alone already reaches the target (no amount of noise then helps).
+    Epsilon falls monotonically as sigma grows, so a bracket [low, high] with
+    epsilon(low) > target >= epsilon(high), shrunk until high - low <= 1e-3 * high, finds it:
+    the returned sigma (high) meets the target, and sigma * (1 - 1e-3) does not. The bracket
+    shrinks by probes aimed at the answer (:func:`_aim`), with bisection as the fallback.
+    Raises :class:`BudgetExhausted` when ``prior`` alone already reaches the target (no amount
+    of noise then helps).
     """
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon must be a positive finite number, got {target_epsilon!r}")
@@ -172,7 +175,8 @@ def calibrate_noise(
 
     # Invariant: epsilon(low) > target >= epsilon(high); sigma = 0 is non-private (inf).
     low, high = 0.0, 1.0
-    while epsilon(high) > target_epsilon:
+    seen = [(high, epsilon(high))]  # every (sigma, epsilon) evaluated, in order
+    while seen[-1][1] > target_epsilon:
         low, high = high, 2 * high
         if high > _MAX_SIGMA:
             raise BudgetExhausted(
@@ -180,13 +184,52 @@ def calibrate_noise(
                 f"multiplier {_MAX_SIGMA:g} cannot keep {steps} more steps within target-epsilon "
                 f"{target_epsilon:.4f}"
             )
+        seen.append((high, epsilon(high)))
+    step, aimed_from, missed = "aim", high - low, 0  # step: aim, close (after an aim) or bisect
     while high - low > _SIGMA_RTOL * high:
-        middle = (low + high) / 2
-        if epsilon(middle) > target_epsilon:
-            low = middle
+        probe = None
+        if step == "close":  # the aim's probe moved one end: try just past it, on the other side
+            probe = high * (1 - _SIGMA_RTOL) if seen[-1][0] == high else low / (1 - _SIGMA_RTOL)
+        elif step == "aim":
+            probe, aimed_from = _aim(seen, target_epsilon, low, high), high - low
+        if probe is None:
+            probe, step = (low + high) / 2, "bisect"
+        seen.append((probe, epsilon(probe)))
+        if seen[-1][1] > target_epsilon:
+            low = probe
         else:
-            high = middle
+            high = probe
+        # after an aim, close; bisect once after two aims in a row that did not halve the bracket
+        if step == "aim":
+            step = "close"
+        elif step == "close" and high - low > aimed_from / 2:
+            missed += 1
+            step = "bisect" if missed == 2 else "aim"
+        else:
+            missed, step = 0, "aim"
     return high
+
+
+def _aim(seen: list[tuple[float, float]], target: float, low: float, high: float) -> float | None:
+    """Where the secant through the last two evaluations, in (log sigma, log epsilon), crosses
+    the target, a third of the tolerance above it; None if that is not inside (low, high).
+
+    Epsilon is close to a power of sigma, so near the answer this line is nearly exact. A probe
+    aimed just above the answer becomes the new ``high``, and the probe after it,
+    ``high * (1 - tol)``, lands below and closes the bracket: each probe costs an RDP vector per
+    phase (about 0.12 s), and this takes about half the probes of bisection (4 to 8 instead of
+    10 to 12 on a site's plans). The caller bisects instead when there is no line (an epsilon of
+    0 or infinity) and after two aims in a row that did not halve the bracket, so even a
+    function this line fits badly costs at most five probes per halving."""
+    if len(seen) < 2:
+        return None
+    (s1, e1), (s2, e2) = seen[-2], seen[-1]
+    if s1 == s2 or not (0 < e1 < math.inf and 0 < e2 < math.inf) or e1 == e2:
+        return None
+    slope = (math.log(e2) - math.log(e1)) / (math.log(s2) - math.log(s1))
+    crossing = math.exp(math.log(s2) + (math.log(target) - math.log(e2)) / slope)
+    probe = crossing * (1 + _SIGMA_RTOL / 3)
+    return probe if low < probe < high else None
 
 
 def _opacus_accountant(name: str) -> IAccountant:

@@ -133,6 +133,33 @@ def test_calibrate_noise_with_prior_accounts_for_earlier_rounds():
     assert epsilon_for(prior + [(sigma * 0.99, 0.01, 300)], DELTA) > 3.0
 
 
+@pytest.mark.parametrize("target, phases, prior", [
+    (8.0, [(0.125, 300)], []),
+    (8.0, [(0.125, 300), (0.06, 26)], [(3.0, 1.0, 2)]),
+    (0.5, [(0.01, 1000)], []),
+    (30.0, [(0.3, 40)], []),
+    (2.0, [(1.0, 3)], [(1.0, 0.02, 100)]),
+    (8.0, [(0.001, 10)], []),
+])
+def test_calibrate_noise_is_the_smallest_sigma_to_its_tolerance_in_few_probes(target, phases, prior, monkeypatch):
+    """The contract: the returned sigma meets the target and sigma * (1 - 1e-3) does not; the
+    search aims at the answer instead of bisecting, so it needs fewer epsilon evaluations (each
+    costs a tenth of a second or more of a site's round) than bisection."""
+    import privacy.accountant as accountant
+
+    calls = []
+    real = accountant.epsilon_for
+    monkeypatch.setattr(accountant, "epsilon_for", lambda *a, **k: calls.append(a) or real(*a, **k))
+    sigma = calibrate_noise(target, DELTA, phases, prior=prior)
+    history = lambda s: prior + [(s, q, t) for q, t in phases]  # noqa: E731
+    assert real(history(sigma), DELTA) <= target < real(history(sigma * (1 - 1e-3)), DELTA)
+    doublings = max(0, math.ceil(math.log2(sigma)))
+    bracket = 2.0 ** (doublings - 1) if doublings else 1.0  # (2^(k-1), 2^k], or (0, 1]
+    bisection = math.ceil(math.log2(bracket / (1e-3 * sigma)))  # probes to shrink it to the tolerance
+    searched = len(calls) - 1 - (doublings + 1)  # less the prior's and the bracket's evaluations
+    assert searched <= bisection - 3
+
+
 def test_calibrate_noise_refuses_when_prior_exhausts_target():
     prior = [(0.8, 0.02, 1000)]
     spent = epsilon_for(prior, DELTA)
