@@ -3,7 +3,8 @@
 Each entry: ``round``, ``train_loss``, ``eval_loss``, ``eval_accuracy`` (weighted over the
 sites' held-out splits), ``central_loss``/``central_accuracy`` (server-side test set, when
 configured), ``bytes_up``/``bytes_down`` (adapter payloads), ``seconds``, ``time_split`` (of those seconds:
-``sites-training``, ``sites-evaluation`` waiting on the sites' replies, ``server`` its own work), ``failure`` (why a
+``sites-training``, ``sites-evaluation`` waiting on the sites' replies, ``server`` its own work
+within the round; the checkpoint and reports are written after it), ``failure`` (why a
 round could not be aggregated, else null), ``central_epsilon`` and ``central_dp`` (the central-DP
 noise multiplier, clipping norm, sample size and delta this round released with; null when it
 released nothing) and ``clients``: one item per site sent work, with
