@@ -6,9 +6,10 @@ random batch of 32 is padded to 48 although the median sentence has 28. Two reme
 kind of step:
 
 * **Without DP**, :func:`length_grouped_batches` forms the batches themselves from rows of
-  similar length, as Hugging Face's ``group_by_length`` does: each epoch is a random order of
-  all rows, cut into mega-batches of :data:`BATCHES_PER_GROUP` batches, each sorted by length
-  and cut into batches, and the batches are then taken in random order.
+  similar length, like Hugging Face's ``group_by_length``: each epoch is a random order of all
+  rows, cut into mega-batches of :data:`BATCHES_PER_GROUP` batches, each sorted by length and
+  cut into batches; unlike it, the batches are then taken in random order, so that an epoch
+  does not run from long rows to short ones within each mega-batch.
 * **With DP**, the batch is Poisson-sampled (each unit in independently at rate q) and must stay
   that batch: the accountant assumes nothing else. :func:`length_passes` only chooses how the
   sampled batch is *computed*: its units sorted by length and cut into contiguous passes, each
@@ -17,7 +18,7 @@ kind of step:
 
 The cut minimises the padded tokens plus a fixed price per pass,
 
-    cost(P_1 .. P_k) = sum_j ( |P_j| * max_{r in P_j} len(r) + PASS_COST_TOKENS ),
+    cost(P_1 .. P_k) = sum_j ( |P_j| * max_{r in P_j} len(r) + pass cost ),
 
 over the cuts of the units sorted by length, by dynamic programming (O(n^2) for a batch of n
 units: a few thousand operations for the batches a site runs).
@@ -35,10 +36,15 @@ BATCHES_PER_GROUP = 50
 ``LengthGroupedSampler`` uses 50 too): enough rows to find similar lengths, few enough that a
 batch is still drawn from a random slice of the data."""
 
-PASS_COST_TOKENS = 90
-"""The fixed price of one forward-backward pass, in tokens: on 2 CPU cores MiniLM-L6 with LoRA
-costs about 14 ms per pass plus 0.16 ms per token (with or without Opacus' hooks), so an extra
-pass pays off when it saves more than about 90 padded tokens."""
+PASS_COST_TOKENS = {"cpu": 90}
+"""The fixed price of one forward-backward pass, in tokens, by device type: on 2 CPU cores
+MiniLM-L6 with LoRA costs about 14 ms per pass plus 0.16 ms per token (with or without Opacus'
+hooks), so an extra pass pays off when it saves more than about 90 padded tokens. Other devices
+are not measured: a GPU's cost per token is far smaller against its cost per pass (kernel
+launches, Opacus' hooks), so they get :data:`UNMEASURED_PASS_COST`, as few passes as
+``physical-batch-size`` allows."""
+
+UNMEASURED_PASS_COST = 10**9  # more than any padding a pass could save: fewest passes first
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, steps: int,
@@ -46,6 +52,8 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, steps: int,
     """``steps`` batches of row indices; each epoch visits every row once, in batches of rows
     of similar length taken in random order."""
     n, done = len(lengths), 0
+    if n == 0 and steps > 0:
+        raise ValueError("no rows to draw batches from")
     group = batch_size * BATCHES_PER_GROUP
     while done < steps:
         order = torch.randperm(n, generator=generator).tolist()
@@ -60,15 +68,18 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, steps: int,
             done += 1
 
 
-def length_passes(groups: list[list[int]], lengths: Sequence[int], max_rows: float) -> list[list[list[int]]]:
+def length_passes(groups: list[list[int]], lengths: Sequence[int], max_rows: float,
+                  pass_cost: int = PASS_COST_TOKENS["cpu"]) -> list[list[list[int]]]:
     """Cut a batch of units (each a list of row indices, never split: a unit's gradient is the
     mean over its rows, which must be in one pass) into passes of at most ``max_rows`` rows
-    (``math.inf``: no bound) that minimise padded tokens + :data:`PASS_COST_TOKENS` per pass.
+    (``math.inf``: no bound) that minimise padded tokens + ``pass_cost`` per pass.
 
     A unit counts as its longest row and the units are cut in order of that length: the
     cheapest of all cuts when no bound applies or every unit is one row, else the cheapest cut
     of the sorted units (packing units of several rows under a bound is a knapsack problem). A
     unit larger than ``max_rows`` gets a pass of its own."""
+    if max_rows == math.inf and len({lengths[i] for group in groups for i in group}) <= 1:
+        return [groups]  # one length (cached features: none): nothing to save by cutting
     units = sorted(groups, key=lambda group: max(lengths[i] for i in group))
     longest = [max(lengths[i] for i in unit) for unit in units]
     rows = [len(unit) for unit in units]
@@ -80,7 +91,7 @@ def length_passes(groups: list[list[int]], lengths: Sequence[int], max_rows: flo
             in_pass += rows[i]
             if in_pass > max_rows and i < j - 1:
                 break
-            cost = best[i] + in_pass * longest[j - 1] + PASS_COST_TOKENS
+            cost = best[i] + in_pass * longest[j - 1] + pass_cost
             if cost < best[j]:
                 best[j], cut_at[j] = cost, i
     passes, j = [], len(units)

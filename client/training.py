@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from client.batching import length_grouped_batches, length_passes
+from client.batching import PASS_COST_TOKENS, UNMEASURED_PASS_COST, length_grouped_batches, length_passes
 from fedlora.tasks import collate, forward_logits, per_example_loss
 from privacy.dp_sgd import group_by_unit, make_private, noise_only_step, poisson_batches, zero_non_finite
 
@@ -127,6 +127,7 @@ def train(
     # asks: splitting every Poisson batch over its expected size in two doubled the passes for
     # memory the site did not ask to save.
     max_rows = settings.physical_batch_size or math.inf
+    pass_cost = PASS_COST_TOKENS.get(device.type, UNMEASURED_PASS_COST)
 
     start, loss_sum, loss_count, zeroed, rows_trained = time.perf_counter(), 0.0, 0, 0, 0
     with without_dropout(model) if dp is not None else nullcontext():
@@ -135,7 +136,7 @@ def train(
                 if not groups:  # only possible with Poisson sampling
                     noise_only_step(optimizer)
                     continue
-                passes = length_passes(groups, lengths, max_rows)
+                passes = length_passes(groups, lengths, max_rows, pass_cost)
                 rows_in_batch = sum(len(g) for g in groups)
                 for number, pass_groups in enumerate(passes, start=1):
                     indices = [i for group in pass_groups for i in group]

@@ -65,6 +65,7 @@ RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
 
 _MAX_SIGMA = 1e6  # as in opacus.accountants.utils.get_noise_multiplier
 _SIGMA_RTOL = 1e-3  # calibrate_noise's precision on sigma
+_CLOSE = _SIGMA_RTOL * (1 - 1e-9)  # the step of a closing probe
 
 
 def epsilon_for(
@@ -98,7 +99,7 @@ def epsilon_for(
 @lru_cache(maxsize=4096)
 def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
     """One step's RDP at Opacus' orders, as Opacus' ``compute_rdp`` gives it (which returns
-    this vector times the steps). It takes 50 ms (a series per fractional order), and noise
+    this vector times the steps). It takes 0.05 to 0.12 s (a series per fractional order), and noise
     calibration asks for the same rows' epsilon with one new sigma at a time: a site's plan
     took 4.3 s of its round without this cache. Read-only, since it is shared."""
     vector = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
@@ -189,7 +190,8 @@ def calibrate_noise(
     while high - low > _SIGMA_RTOL * high:
         probe = None
         if step == "close":  # the aim's probe moved one end: try just past it, on the other side
-            probe = high * (1 - _SIGMA_RTOL) if seen[-1][0] == high else low / (1 - _SIGMA_RTOL)
+            # a hair inside the tolerance, so that rounding cannot leave the bracket just too wide
+            probe = high * (1 - _CLOSE) if seen[-1][0] == high else low / (1 - _CLOSE)
         elif step == "aim":
             probe, aimed_from = _aim(seen, target_epsilon, low, high), high - low
         if probe is None:
@@ -199,10 +201,11 @@ def calibrate_noise(
             low = probe
         else:
             high = probe
-        # after an aim, close; bisect once after two aims in a row that did not halve the bracket
+        # after an aim, close; bisect once after two aims in a row that did not quarter the
+        # bracket (an aim and its close are two probes: bisection's quartering)
         if step == "aim":
             step = "close"
-        elif step == "close" and high - low > aimed_from / 2:
+        elif step == "close" and high - low > aimed_from / 4:
             missed += 1
             step = "bisect" if missed == 2 else "aim"
         else:
@@ -217,18 +220,20 @@ def _aim(seen: list[tuple[float, float]], target: float, low: float, high: float
     Epsilon is close to a power of sigma, so near the answer this line is nearly exact. A probe
     aimed just above the answer becomes the new ``high``, and the probe after it,
     ``high * (1 - tol)``, lands below and closes the bracket: each probe costs an RDP vector per
-    phase (about 0.12 s), and this takes about half the probes of bisection (4 to 8 instead of
-    10 to 12 on a site's plans). The caller bisects instead when there is no line (an epsilon of
-    0 or infinity) and after two aims in a row that did not halve the bracket, so even a
-    function this line fits badly costs at most five probes per halving."""
+    phase (0.05 to 0.12 s), and this typically takes half the probes of bisection (4 to 6
+    instead of 10 to 12 on the plans of the tests). The caller bisects instead when there is no
+    line (an epsilon of 0 or infinity) and after two aims in a row that did not quarter the
+    bracket, so a function this line fits badly costs at most five probes per quartering."""
     if len(seen) < 2:
         return None
     (s1, e1), (s2, e2) = seen[-2], seen[-1]
     if s1 == s2 or not (0 < e1 < math.inf and 0 < e2 < math.inf) or e1 == e2:
         return None
     slope = (math.log(e2) - math.log(e1)) / (math.log(s2) - math.log(s1))
-    crossing = math.exp(math.log(s2) + (math.log(target) - math.log(e2)) / slope)
-    probe = crossing * (1 + _SIGMA_RTOL / 3)
+    exponent = math.log(s2) + (math.log(target) - math.log(e2)) / slope if slope else math.inf
+    if not abs(exponent) < 700:  # a flat line: it crosses nowhere useful (and exp would overflow)
+        return None
+    probe = math.exp(exponent) * (1 + _SIGMA_RTOL / 3)
     return probe if low < probe < high else None
 
 

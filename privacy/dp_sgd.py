@@ -101,10 +101,11 @@ def zero_non_finite(optimizer: DPOptimizer) -> int:
 
     The test is on each gradient's sum of entries, one pass over memory (``isfinite().all()``
     took six times as long, 1.3% of a DP step): a NaN or infinite entry makes the sum NaN or
-    infinite. A sum of finite entries can also overflow, but only with entries whose squares
-    overflow the norm too (torch does not rescale it), so Opacus would clip that gradient to 0
-    anyway (factor C / ||g|| = 0); and zeroing a unit's gradient depends on that unit alone,
-    which is the whole privacy argument above."""
+    infinite. In fp32 and bf16 a sum of finite entries overflows only with entries whose
+    squares overflow the norm too (torch does not rescale it), so Opacus would clip that
+    gradient to 0 anyway (factor C / ||g|| = 0); in fp16 a large finite gradient can be zeroed
+    instead of clipped. Either way, zeroing a unit's gradient depends on that unit alone, which
+    is the whole privacy argument above."""
     params = [p for p in optimizer.params if getattr(p, "grad_sample", None) is not None]
     if not params:
         return 0

@@ -23,7 +23,7 @@ from server.federation import Federation
 from server.global_model import GlobalModel
 from server.history import RunFailed, run_failure, save_history, write_json
 from server.privacy_report import write_privacy_report
-from server.progress import SiteClock
+from server.progress import send_and_receive
 from server.secure_aggregation import SecAggPlus
 from server.report import write_report
 from strategies.factory import build_strategy
@@ -69,7 +69,6 @@ def run_server(
         log(INFO, "resuming %s from round %s", out_dir, checkpoint.round)
     write_json(out_dir / "config.json", {**settings.as_dict(), "output-dir": str(out_dir)})
 
-    clock = SiteClock()
     federation = Federation(
         grid=grid,
         strategy=strategy,
@@ -79,8 +78,7 @@ def run_server(
         evaluate_config={},
         central_eval=global_model.central_evaluator(settings.central_eval_data) if settings.central_eval_data else None,
         flag_after=settings.strategy.flag_after_rejections,
-        clock=clock,
-        secure=(SecAggPlus(settings.secure, clock.send_and_receive, min_updates=max(2, settings.strategy.min_valid_updates))
+        secure=(SecAggPlus(settings.secure, send_and_receive, min_updates=max(2, settings.strategy.min_valid_updates))
                 if settings.secure.secure_aggregation else None),
     )
 

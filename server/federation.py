@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any
 
@@ -39,11 +39,15 @@ class Federation:
     evaluate_config: dict[str, Any]
     central_eval: Callable[[ArrayRecord], dict[str, float]] | None = None
     secure: SecAggPlus | None = None  # SecAgg+: the server gets only each round's masked sum
-    clock: SiteClock = field(default_factory=SiteClock)  # SecAgg+'s exchanges go through it too
+    clock: SiteClock = field(default_factory=SiteClock)  # every exchange with the sites, SecAgg+'s too
     flag_after: int = 3  # flag a site whose update was rejected in this many rounds running (0: never)
     # node id -> site-name, learnt from the sites' replies: a site that stops answering (no-reply,
     # or a Flower error reply, which carries no site record) is still reported under its name.
     site_names: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.secure is not None:  # SecAgg+'s four exchanges are waiting on the sites too
+            self.secure = replace(self.secure, send_and_receive=self.clock.send_and_receive)
 
     def run(self, arrays: ArrayRecord, start_round: int, history: list[RoundRecord], on_round: RoundCallback) -> ArrayRecord:
         for record in history:  # a resumed run knows the sites from the rounds before

@@ -181,6 +181,26 @@ def _secure_federation(sites: dict, rounds: int = 1, **overrides) -> tuple[dict[
     return decode(final), history_json(history)
 
 
+def test_the_round_loop_counts_secaggs_four_exchanges_as_waiting_on_the_sites(monkeypatch):
+    """Each pull from the grid takes 0.1 s: the four SecAgg+ stages' waits land in the round's
+    ``sites-training``, not in the server's own work, even though SecAggPlus was given the
+    plain send_and_receive (the round loop times every exchange it drives)."""
+    import time
+
+    pull = FakeGrid.pull_messages
+
+    def slow_pull(self, message_ids):
+        time.sleep(0.1)
+        return pull(self, message_ids)
+
+    monkeypatch.setattr(FakeGrid, "pull_messages", slow_pull)
+    sites = {i: _site(i, d, 100.0) for i, d in enumerate(_deltas(3, seed=9), 1)}
+    _, (entry,) = _secure_federation(sites)
+    split = entry["time_split"]
+    assert split["sites-training"] >= 0.4 and split["server"] < split["sites-training"] / 2
+    assert sum(split.values()) == pytest.approx(entry["seconds"])
+
+
 def test_too_many_dropouts_fail_the_round_and_keep_the_global_adapter():
     deltas = _deltas(3, seed=4)
     sites = {i: _site(i, d, 100.0, fail_at=Stage.COLLECT_MASKED_VECTORS if i > 1 else "") for i, d in enumerate(deltas, 1)}

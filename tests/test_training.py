@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import client.batching
-from client.batching import PASS_COST_TOKENS, length_grouped_batches, length_passes
+from client.batching import PASS_COST_TOKENS, UNMEASURED_PASS_COST, length_grouped_batches, length_passes
 from client.training import DPSettings, TrainSettings, train
 from fedlora.adapters import adapter_state, attach_adapter, lora_config
 from fedlora.model import load_base_model, load_tokenizer
@@ -101,9 +101,9 @@ def _train_varied_lengths(model_dir: str, dp: DPSettings | None) -> dict[str, to
 def test_length_passes_give_the_same_update(tiny_bert, dp, monkeypatch):
     """Rows of many lengths: one pass per batch (a pass priced out of reach) and a pass per
     length (passes free) train the same adapter; only the padding differs."""
-    monkeypatch.setattr(client.batching, "PASS_COST_TOKENS", 10**9)
+    monkeypatch.setattr(client.training, "PASS_COST_TOKENS", {"cpu": 10**9})
     whole = _train_varied_lengths(tiny_bert, dp)
-    monkeypatch.setattr(client.batching, "PASS_COST_TOKENS", 0)
+    monkeypatch.setattr(client.training, "PASS_COST_TOKENS", {"cpu": 0})
     cut = _train_varied_lengths(tiny_bert, dp)
     passes = []
     monkeypatch.setattr(client.training, "length_passes", lambda *a: passes.append(length_passes(*a)) or passes[-1])
@@ -111,6 +111,9 @@ def test_length_passes_give_the_same_update(tiny_bert, dp, monkeypatch):
     assert max(len(p) for p in passes) > 2  # the batches really were computed in several passes
     for key in whole:
         torch.testing.assert_close(cut[key], whole[key], rtol=1e-4, atol=1e-6)
+
+
+COST = PASS_COST_TOKENS["cpu"]
 
 
 def _brute_force_cost(units: list[list[int]], lengths: list[int], max_rows: float) -> float:
@@ -130,13 +133,13 @@ def _brute_force_cost(units: list[list[int]], lengths: list[int], max_rows: floa
         rows = [sum(len(u) for u in part) for part in partition]
         if any(r > max_rows and len(part) > 1 for r, part in zip(rows, partition)):
             continue
-        cost = sum(r * max(lengths[i] for u in part for i in u) + PASS_COST_TOKENS for r, part in zip(rows, partition))
+        cost = sum(r * max(lengths[i] for u in part for i in u) + COST for r, part in zip(rows, partition))
         best = min(best, cost)
     return best
 
 
 def _cost(passes, lengths):
-    return sum(sum(len(u) for u in p) * max(lengths[i] for u in p for i in u) + PASS_COST_TOKENS for p in passes)
+    return sum(sum(len(u) for u in p) * max(lengths[i] for u in p for i in u) + COST for p in passes)
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -162,6 +165,21 @@ def test_length_passes_are_the_cheapest_cut_and_keep_units_whole(seed):
         assert _cost(passes, lengths) == _brute_force_cost(units, lengths, max_rows)
     else:
         assert _cost(passes, lengths) >= _brute_force_cost(units, lengths, max_rows)
+
+
+def test_an_unmeasured_device_takes_as_few_passes_as_its_bound_allows():
+    """A GPU's price per pass is not measured, and far above its price per token: cutting a
+    batch by length there would slow it down."""
+    lengths = list(range(5, 49)) * 2
+    groups = [[i] for i in range(len(lengths))]
+    assert len(length_passes(groups, lengths, math.inf)) > 1  # on the CPU, worth it
+    assert len(length_passes(groups, lengths, math.inf, UNMEASURED_PASS_COST)) == 1
+    assert len(length_passes(groups, lengths, 32, UNMEASURED_PASS_COST)) == 3
+
+
+def test_no_rows_is_an_error_not_an_endless_loop():
+    with pytest.raises(ValueError, match="no rows"):
+        next(length_grouped_batches([], 32, 1, torch.Generator()))
 
 
 def test_equal_lengths_take_one_pass():
