@@ -213,7 +213,6 @@ def _rows_of(rows: list[int], generator: torch.Generator) -> list[int]:
     return [rows[i] for i in sorted(chosen)]
 
 
-
 def _add_proximal_gradient(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], mu: float) -> None:
     """Make every step of ``optimizer`` descend (mu/2) ||w - w0||^2 too, w0 = ``params`` now.
 
@@ -237,4 +236,3 @@ def _add_proximal_gradient(optimizer: torch.optim.Optimizer, params: list[torch.
 
     # On the plain optimizer: a DPOptimizer wrapping it calls its step after adding the noise.
     optimizer.register_step_pre_hook(add_proximal_gradient)
-
