@@ -26,6 +26,9 @@ adapter for ``--steps`` steps with ``client.training.train``, the code a site ru
 interleaved (no-DP, DP, then DP, no-DP, ...) so that a change in machine load hits all modes
 alike.
 
+On CUDA fedlora trains under bf16 autocast (``client.training``) and the hand-written loop in
+fp32, as the tutorials write it.
+
 Throughput is rows trained per second (``TrainResult.examples_per_second``; DP's Poisson
 batches vary in size, and each mode is credited with the rows it really trained).
 """
@@ -187,6 +190,7 @@ def summarise(args: argparse.Namespace, device: torch.device, throughput: dict[s
             "max_seq_length": args.max_seq_length, "steps": args.steps, "repeats": args.repeats,
             "num_examples": num_examples, "noise_multiplier": args.noise_multiplier,
             "max_grad_norm": args.max_grad_norm, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch_threads": torch.get_num_threads(),
             "versions": {p: metadata.version(p) for p in ("torch", "opacus", "peft", "transformers")},
         },

@@ -11,7 +11,8 @@ loop, the split of a round's time, and 10 sites a round out of 100 against 10 ou
    (``history.json``'s ``time_split``: waiting on the sites' training and evaluation replies, and
    the server's own work).
 2. ``benchmarks/dp_throughput.py`` (its five modes alternating in one process), in a process of
-   its own, once the load average has fallen below 0.5 (at most 5 minutes' wait).
+   its own, once the load average has fallen below 0.5 (at most 5 minutes' wait); again with
+   ``--device cuda`` when the machine has a CUDA device (the GPU rows).
 
 Writes ``results.json`` and ``results.md`` under ``--out`` with the load average at each part's
 start.
@@ -44,13 +45,20 @@ def settle(below: float = 0.5, longest: float = 300.0) -> None:
         time.sleep(5)
 
 
-def throughput(out: Path, steps: int, repeats: int) -> dict:
-    path = out / "throughput.json"
+def throughput(out: Path, steps: int, repeats: int, device: str = "cpu") -> dict:
+    path = out / f"throughput-{device}.json"
     settle()
     load = os.getloadavg()[0]
     subprocess.run([sys.executable, str(HERE / "dp_throughput.py"), "--steps", str(steps), "--repeats", str(repeats),
-                    "--json", str(path)], check=True, capture_output=True, text=True)
+                    "--device", device, "--json", str(path)], check=True, capture_output=True, text=True)
     return {**json.loads(path.read_text()), "load_at_start": round(load, 2)}
+
+
+def has_cuda() -> bool:
+    """Asked in a child, so that this process never loads torch (its RSS would count above)."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, check=True)
+    return probe.stdout.strip() == "True"
 
 
 def simulation(out: Path, sites: int, sampled: int) -> dict:
@@ -104,6 +112,17 @@ def markdown(results: dict) -> str:
         ("the same: peak RSS, largest process / process tree (sum)",
          f"{many['largest_process_rss_mb']} MB / {many['tree_rss_gib']} GiB", many["load_at_start"]),
     ]
+    g = results.get("gpu_throughput")
+    if g is None:
+        rows.append(("GPU rows", "no CUDA device on this machine", "–"))
+    else:
+        gpu = g["setup"].get("device_name", "cuda")
+        rows += [
+            (f"{gpu}: DP-SGD cost as each trains / mechanism alone", f"{g['slowdown']:.2f}x / {g['mechanism']:.2f}x",
+             g["load_at_start"]),
+            (f"{gpu}: fedlora / hand-written loop, no DP / DP", f"{g['vs_hand']:.2f}x / {g['dp_vs_hand']:.2f}x",
+             g["load_at_start"]),
+        ]
     lines = ["| figure | value | load at start |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"
 
@@ -117,7 +136,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     # The 100-site run first: ru_maxrss is the largest of all the children waited for so far.
     simulations = [simulation(args.out, 100, 10), simulation(args.out, 10, 10)]
-    results = {"simulations": simulations, "throughput": throughput(args.out, args.steps, args.repeats)}
+    results = {"simulations": simulations, "throughput": throughput(args.out, args.steps, args.repeats),
+               "gpu_throughput": throughput(args.out, args.steps, args.repeats, "cuda") if has_cuda() else None}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "results.md").write_text(markdown(results))
     print(markdown(results))
