@@ -5,7 +5,8 @@ A training message that carries the protocol's record (``secaggplus_configs``) g
 Flower's mod: its *setup*, *share keys* and *unmask* stages answer with public keys, encrypted
 Shamir shares and shares, without training; its *collect masked vectors* stage trains
 (``client.app.train_site``, which answers in the shape the mod reads, :func:`masked_upload`) and
-sends the masked, quantized update instead of the adapter. Every other message passes through.
+sends the masked, quantized update instead of the adapter, as uint32 (:func:`_as_uint32`).
+Every other message passes through.
 
 What the mod masks is the site's update Δ (its adapter minus the one received), every received
 tensor in the order received (0 where the site trains none of it, as FFA-LoRA's A), with
@@ -23,7 +24,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Array
+from flwr.common import Array, bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 PROTOCOL_RECORD = RECORD_KEY_CONFIGS
@@ -51,7 +52,17 @@ def secure_aggregation(message: Message, context: Context, call_next: ClientAppC
     reply = secaggplus_mod(message, context, call_next)
     for name in [name for name in reply.content if name.startswith(_LEGACY_PREFIX)]:
         del reply.content[name]  # read by the mod, emptied of the update: nothing for the server
+    if not reply.has_error() and MASKED_VECTOR in reply.content.config_records.get(PROTOCOL_RECORD, {}):
+        record = reply.content.config_records[PROTOCOL_RECORD]
+        record[MASKED_VECTOR] = [_as_uint32(part) for part in record[MASKED_VECTOR]]
     return reply
+
+
+def _as_uint32(part: bytes) -> bytes:
+    """A masked vector part as uint32. Flower's mod sends the masked values, integers mod 2^32,
+    as int64 (half their bytes zero), and the sum needs each only mod 2^32, which the cast keeps
+    exactly (it keeps the low 32 bits): a site uploads what an fp32 adapter takes, not twice it."""
+    return ndarray_to_bytes(bytes_to_ndarray(part).astype(np.uint32))
 
 
 def masked_upload(sent: Mapping[str, np.ndarray], received: ArrayRecord, weight: float, norm_bound: float) -> RecordDict:

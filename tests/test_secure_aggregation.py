@@ -138,9 +138,12 @@ def test_the_server_never_holds_an_unmasked_update():
     assert result.mean_update is not None and set(wire) == {20, 21, 22}
     for nid, sent in wire.items():
         vector = [bytes_to_ndarray(b) for b in sent]
+        # uint32 on the wire: the bytes of an fp32 adapter (plus the weight), not int64's twice that
+        assert all(v.dtype == np.uint32 for v in vector)
+        assert sum(len(b) for b in sent) < 1.02 * sum(d.nbytes for d in deltas[nid - 20].values()) + 1024
         delta = deltas[nid - 20]
         assert _best_correlation(vector, delta) < 0.1
-        scaled = dequantize([np.mod(v, MODULUS) for v in vector[1:]], 1.0, QUANTIZATION_RANGE)
+        scaled = dequantize([np.mod(v.astype(np.int64), MODULUS) for v in vector[1:]], 1.0, QUANTIZATION_RANGE)
         assert _best_correlation(scaled, delta) < 0.1
     # and what the round kept for the report holds no vector at all
     for reply in result.replies:
