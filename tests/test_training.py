@@ -80,7 +80,7 @@ def test_dropout_is_off_under_dp_only(tiny_bert, dp, monkeypatch):
     assert all(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))  # restored for later use
 
 
-def _train_varied_lengths(model_dir: str, dp: DPSettings | None) -> dict[str, torch.Tensor]:
+def _train_varied_lengths(model_dir: str, dp: DPSettings | None, users: bool = False) -> dict[str, torch.Tensor]:
     tokenizer = load_tokenizer(model_dir)
     rows = make_classification_rows(40)
     dataset = datasets.Dataset.from_list([{"text": r["text"], "label": LABELS.index(r["label"])} for r in rows])
@@ -91,24 +91,28 @@ def _train_varied_lengths(model_dir: str, dp: DPSettings | None) -> dict[str, to
     for module in model.modules():  # dropout would draw different masks per pass
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    settings = TrainSettings(learning_rate=0.01, batch_size=12, steps=3, seed=5)
+    settings = TrainSettings(learning_rate=0.01, batch_size=4 if users else 12, steps=3, seed=5)
     torch.manual_seed(1)
-    train(model, examples, "classification", tokenizer.pad_token_id, settings, dp)
+    units = [i % 10 for i in range(len(examples))] if users else None  # 10 users of 4 rows, rows of each far apart
+    train(model, examples, "classification", tokenizer.pad_token_id, settings, dp, units=units)
     return adapter_state(model)
 
 
-@pytest.mark.parametrize("dp", [None, DPSettings(noise_multiplier=1.0, max_grad_norm=0.5)], ids=["no-dp", "dp"])
-def test_length_passes_give_the_same_update(tiny_bert, dp, monkeypatch):
+@pytest.mark.parametrize("dp, users", [(None, False), (DPSettings(noise_multiplier=1.0, max_grad_norm=0.5), False),
+                                       (DPSettings(noise_multiplier=1.0, max_grad_norm=0.5), True)],
+                         ids=["no-dp", "dp", "dp-user-level"])
+def test_length_passes_give_the_same_update(tiny_bert, dp, users, monkeypatch):
     """Rows of many lengths: one pass per batch (a pass priced out of reach) and a pass per
-    length (passes free) train the same adapter; only the padding differs."""
+    length (passes free) train the same adapter; only the padding differs. With user-level DP
+    a user's rows stay in one pass (its gradient is their mean), whatever the cut."""
     monkeypatch.setattr(client.training, "PASS_COST_TOKENS", {"cpu": 10**9})
-    whole = _train_varied_lengths(tiny_bert, dp)
+    whole = _train_varied_lengths(tiny_bert, dp, users)
     monkeypatch.setattr(client.training, "PASS_COST_TOKENS", {"cpu": 0})
-    cut = _train_varied_lengths(tiny_bert, dp)
+    cut = _train_varied_lengths(tiny_bert, dp, users)
     passes = []
     monkeypatch.setattr(client.training, "length_passes", lambda *a: passes.append(length_passes(*a)) or passes[-1])
-    _train_varied_lengths(tiny_bert, dp)
-    assert max(len(p) for p in passes) > 2  # the batches really were computed in several passes
+    _train_varied_lengths(tiny_bert, dp, users)
+    assert max(len(p) for p in passes) > (1 if users else 2)  # the batches really were computed in several passes
     for key in whole:
         torch.testing.assert_close(cut[key], whole[key], rtol=1e-4, atol=1e-6)
 
