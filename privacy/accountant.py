@@ -220,7 +220,7 @@ def _aim(seen: list[tuple[float, float]], target: float, low: float, high: float
     Epsilon is close to a power of sigma, so near the answer this line is nearly exact. A probe
     aimed just above the answer becomes the new ``high``, and the probe after it,
     ``high * (1 - tol)``, lands below and closes the bracket: each probe costs an RDP vector per
-    phase (0.05 to 0.12 s), and this typically takes half the probes of bisection (4 to 6
+    phase (0.05 to 0.12 s), and this typically takes half the probes of bisection (4 to 8
     instead of 10 to 12 on the plans of the tests). The caller bisects instead when there is no
     line (an epsilon of 0 or infinity) and after two aims in a row that did not quarter the
     bracket, so a function this line fits badly costs at most five probes per quartering."""
