@@ -131,7 +131,7 @@ def write_report(out_dir: Path, settings: RunSettings, history: list[RoundRecord
         lines.append(
             f"| {r.round} | {_fmt(r.train_loss)} | {_fmt(r.eval_loss)} | {_fmt(r.eval_accuracy)} "
             f"| {_fmt(r.central_accuracy)} | {len(r.aggregated)}/{len(r.clients)} | {r.bytes_up} "
-            f"| {r.bytes_down} | {_fmt(r.seconds, 1)} | {_fmt((r.time_split or {}).get('server'), 1)} |"
+            f"| {r.bytes_down} | {_fmt(r.seconds, 1)} | {_fmt((r.time_split or {}).get('server'), 2)} |"
         )
     problems = [
         f"- round {r.round}: {c.client} {c.outcome}: {c.reason}"

@@ -36,3 +36,15 @@ def test_a_run_without_an_aggregated_round_is_failed_and_lists_each_reason_once(
     report = write_report(tmp_path, settings_of(config), read_history([entry(1, "refused", refused), entry(2, "refused", refused)])).read_text()
     assert "status: **FAILED**: no round aggregated an update (2 round(s) ran). No adapter was written." in report
     assert report.count(refused) == 2 and "`adapter/`" not in report
+
+
+def test_the_rounds_table_shows_the_servers_own_seconds(tmp_path):
+    """From ``time_split`` (waiting on sites vs the server's own work); a history written before
+    the split existed shows a dash, not a zero."""
+    config = default_run_config() | {"num-server-rounds": 2}
+    split = entry(1, "aggregated") | {"seconds": 42.5, "time_split": {"sites-training": 38.0, "sites-evaluation": 4.46,
+                                                                       "server": 0.04}}
+    report = write_report(tmp_path, settings_of(config), read_history([split, entry(2, "aggregated")])).read_text()
+    assert "| seconds | server's own seconds |" in report
+    rows = [line for line in report.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert rows[0].endswith("| 42.5 | 0.04 |") and rows[1].endswith("| 1.0 | – |")
