@@ -30,10 +30,13 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from privacy import skellam
 from privacy.budget import BudgetExhausted
+from privacy.skellam import SkellamRow
 
-History = list[tuple[float, float, int]]
-"""(noise_multiplier, sample_rate, steps) per round: Opacus' accountant history format."""
+History = list[tuple[float, float, int] | SkellamRow]
+"""(noise_multiplier, sample_rate, steps) per round: Opacus' accountant history format; and, for
+a distributed-DP round, a :class:`~privacy.skellam.SkellamRow` (four fields)."""
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -68,23 +71,31 @@ _SIGMA_RTOL = 1e-3  # calibrate_noise's precision on sigma
 _CLOSE = _SIGMA_RTOL * (1 - 1e-9)  # the step of a closing probe
 
 
-def epsilon_for(
-    history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp"
-) -> float:
+def epsilon_for(history: Sequence[tuple[float, float, int] | SkellamRow], delta: float, accountant: str = "rdp") -> float:
     """Epsilon after composing every row of ``history``, at ``delta``, with Opacus.
 
     An empty history has spent nothing (0.0). A row with sigma = 0 is non-private training:
     no finite epsilon covers it, so the result is ``math.inf``. Rows with equal (sigma, q)
-    are composed as one (see :func:`_contributing`).
+    are composed as one (see :func:`_contributing`). A history with a Skellam row (distributed
+    DP) composes in RDP over the integer orders, where the Skellam bound holds
+    (:mod:`privacy.skellam`); Opacus' PRV accountant has no Skellam mechanism, so ``"prv"``
+    refuses it.
     """
     engine = _opacus_accountant(accountant)
     _check_delta(delta)
-    rows = _contributing(history)
-    if not rows:
+    rows, skellam_rows = _contributing(history)
+    if not rows and not skellam_rows:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in rows):
         return math.inf
-    if accountant == "rdp":
+    if skellam_rows:
+        if accountant != "rdp":
+            raise ValueError(f"the {accountant} accountant has no Skellam mechanism (distributed DP): use rdp")
+        at_integers = [RDPAccountant.DEFAULT_ALPHAS.index(a) for a in skellam.INTEGER_ORDERS]
+        rdp = sum([_rdp_per_step(sigma, q)[at_integers] * steps for sigma, q, steps in rows],
+                  start=sum(skellam.rdp(z, d2) * steps for z, _, steps, d2 in skellam_rows))
+        epsilon = get_privacy_spent(orders=list(skellam.INTEGER_ORDERS), rdp=rdp, delta=delta)[0]
+    elif accountant == "rdp":
         # What RDPAccountant.get_epsilon computes, term for term, with each row's per-step RDP
         # computed once per process (see _rdp_per_step).
         rdp = sum([_rdp_per_step(sigma, q) * steps for sigma, q, steps in rows])
@@ -107,20 +118,23 @@ def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
     return vector
 
 
-def epsilon_dp_accounting(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+def epsilon_dp_accounting(history: Sequence[tuple[float, float, int] | SkellamRow], delta: float) -> float:
     """The same RDP epsilon as :func:`epsilon_for` (``"rdp"``), recomputed with Google's
     ``dp_accounting``: each distinct (sigma, q) of the history is the event
     ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), T)``, on Opacus' order grid.
 
     Agrees with Opacus to within :data:`DP_ACCOUNTING_RTOL` (see there for the measurement).
+    dp-accounting has no Skellam event: a Skellam row enters as the Gaussian that dominates its
+    bound (:func:`privacy.skellam.dominating_gaussian`, on all of the site's units), on the
+    integer orders, so the recomputation is an upper bound that checks the bound's main term.
     """
     _check_delta(delta)
-    rows = _contributing(history)
-    if not rows:
+    rows, skellam_rows = _contributing(history)
+    if not rows and not skellam_rows:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in rows):
         return math.inf
-    engine = RdpAccountant(orders=list(RDP_ORDERS))
+    engine = RdpAccountant(orders=list(skellam.INTEGER_ORDERS if skellam_rows else RDP_ORDERS))
     # At large sample rates (q ~ 0.3) dp-accounting's series for fractional orders near 1 may
     # not converge; it then drops those orders (its bound only gets looser) and logs a warning
     # per order and row, which would bury an audit's output. The tolerance check still applies.
@@ -130,6 +144,8 @@ def epsilon_dp_accounting(history: Sequence[tuple[float, float, int]], delta: fl
         for sigma, q, steps in rows:
             step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
             engine.compose(dp_accounting.SelfComposedDpEvent(step, steps))
+        for z, _, steps, d2 in skellam_rows:
+            engine.compose(dp_accounting.GaussianDpEvent(skellam.dominating_gaussian(z, d2)), steps)
         return float(engine.get_epsilon(delta))
     finally:
         absl_logging.set_verbosity(verbosity)
@@ -141,9 +157,12 @@ def calibrate_noise(
     phases: Sequence[tuple[float, int]],
     accountant: str = "rdp",
     prior: Sequence[tuple[float, float, int]] = (),
+    skellam_sensitivity: float | None = None,
 ) -> float:
     """Smallest sigma (to 0.1 %) with ``epsilon_for(prior + [(sigma, q, T) for (q, T) in phases])
     <= target_epsilon``: one sigma shared by every phase (a phase: T steps at sampling rate q).
+    With ``skellam_sensitivity`` D2 the phases are Skellam rows ``SkellamRow(sigma, 1, T, D2)``
+    instead (distributed DP, q = 1).
 
     Epsilon falls monotonically as sigma grows, so a bracket [low, high] with
     epsilon(low) > target >= epsilon(high), shrunk until high - low <= 1e-3 * high, finds it:
@@ -172,6 +191,9 @@ def calibrate_noise(
         )
 
     def epsilon(sigma: float) -> float:
+        if skellam_sensitivity is not None:
+            return epsilon_for(prior_rows + [SkellamRow(sigma, 1.0, t, skellam_sensitivity) for _, t in phases],
+                               delta, accountant)
         return epsilon_for(prior_rows + [(sigma, q, t) for q, t in phases], delta, accountant)
 
     # Invariant: epsilon(low) > target >= epsilon(high); sigma = 0 is non-private (inf).
@@ -250,8 +272,9 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
 
 
-def _contributing(history: Sequence[tuple[float, float, int]]) -> History:
-    """The validated history as one row per distinct (sigma, q), steps summed.
+def _contributing(history: Sequence[tuple[float, float, int] | SkellamRow]) -> tuple[History, list[SkellamRow]]:
+    """The validated history as one row per distinct (sigma, q), steps summed, and one Skellam
+    row per distinct (z, sensitivity).
 
     Composition is commutative, so T_1 steps and later T_2 steps of the same mechanism are
     that mechanism self-composed T_1 + T_2 times (Opacus' own ``step`` merges consecutive
@@ -260,7 +283,9 @@ def _contributing(history: Sequence[tuple[float, float, int]]) -> History:
     example compose the identity and are dropped (PRV cannot discretise zero steps).
     """
     steps_by_mechanism: dict[tuple[float, float], int] = {}
-    for index, (sigma, q, steps) in enumerate(history):
+    steps_by_skellam: dict[tuple[float, float], int] = {}
+    for index, row in enumerate(history):
+        sigma, q, steps = row[:3]
         if not (isinstance(steps, Integral) and not isinstance(steps, bool) and steps >= 0):
             raise ValueError(f"history row {index}: steps must be an integer >= 0, got {steps!r}")
         if not (isinstance(q, Real) and 0 <= q <= 1):
@@ -269,7 +294,15 @@ def _contributing(history: Sequence[tuple[float, float, int]]) -> History:
             raise ValueError(
                 f"history row {index}: noise_multiplier must be finite and >= 0, got {sigma!r}"
             )
-        if steps > 0 and q > 0:
+        if isinstance(row, SkellamRow):
+            if q != 1 or not sigma > 0 or not (isinstance(row.sensitivity, Real) and row.sensitivity >= 1):
+                raise ValueError(f"history row {index}: a Skellam row needs rate 1, a positive multiplier and "
+                                 f"a sensitivity >= 1, got {tuple(row)!r}")
+            if steps > 0:
+                key = (float(sigma), float(row.sensitivity))
+                steps_by_skellam[key] = steps_by_skellam.get(key, 0) + int(steps)
+        elif steps > 0 and q > 0:
             key = (float(sigma), float(q))
             steps_by_mechanism[key] = steps_by_mechanism.get(key, 0) + int(steps)
-    return [(sigma, q, steps) for (sigma, q), steps in steps_by_mechanism.items()]
+    return ([(sigma, q, steps) for (sigma, q), steps in steps_by_mechanism.items()],
+            [SkellamRow(z, 1.0, steps, d2) for (z, d2), steps in steps_by_skellam.items()])

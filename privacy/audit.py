@@ -5,8 +5,11 @@ three ways: Opacus with the row's own accountant (must equal the recorded value)
 dp-accounting RDP (independent implementation; compared for ``rdp`` rows, within
 :data:`privacy.accountant.DP_ACCOUNTING_RTOL`) and Opacus PRV (for information: a tighter
 numerical bound). It also verifies the hash chain and flags any row whose recomputed epsilon
-exceeds the budget recorded with it. Each row shows its mechanism (``dp-sgd`` or a noised
-``release:...``) and its privacy unit (``row`` or ``user:<column>``).
+exceeds the budget recorded with it. Each row shows its mechanism (``dp-sgd``, a noised
+``release:...`` or a distributed-DP round, ``distributed:skellam``) and its privacy unit (``row``
+or ``user:<column>``). Once a Skellam row is in the history, Opacus' RDP runs over the integer
+orders, dp-accounting composes the Gaussian that dominates the Skellam bound
+(``privacy.skellam``), and PRV, which has no Skellam mechanism, is not shown.
 
 With ``--history OUT/history.json`` it also checks every ledger against the anchors (row count,
 head hash) its site reported to the server each round: a ledger whose tail was truncated or
@@ -37,6 +40,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from privacy.accountant import DP_ACCOUNTING_RTOL, History, epsilon_dp_accounting, epsilon_for
+from privacy.skellam import SkellamRow
 from privacy.ledger import Anchor, LedgerError, PrivacyLedger
 from server.history import RoundRecord, load_history
 
@@ -60,7 +64,7 @@ class AuditRow:
     recorded_epsilon: float
     opacus_epsilon: float
     dp_accounting_epsilon: float
-    prv_epsilon: float
+    prv_epsilon: float | None  # None once a Skellam row (distributed DP) is in the history: PRV has none
     confirmed: bool
     max_epsilon: float
     budget_left: float
@@ -114,11 +118,12 @@ def audit_ledger(path: str | Path, tolerance: float = 1e-6) -> LedgerAudit:
                 f"{label}: {c} holds {getattr(spend, c)!r}, not a number" for c in not_numbers
             )
             continue
-        history.append((spend.noise_multiplier, spend.sample_rate, spend.steps))
+        history.append(spend.charge.row)
         try:
             opacus = epsilon_for(history, spend.delta, spend.accountant)
             independent = epsilon_dp_accounting(history, spend.delta)
-            prv = opacus if spend.accountant == "prv" else epsilon_for(history, spend.delta, "prv")
+            distributed = any(isinstance(row, SkellamRow) for row in history)
+            prv = None if distributed else opacus if spend.accountant == "prv" else epsilon_for(history, spend.delta, "prv")
         except ValueError as err:
             mismatches.append(f"{label}: cannot recompute epsilon: {err}")
             continue
@@ -268,7 +273,7 @@ def _print_audit(console: Console, audit: LedgerAudit) -> None:
     accountants = ", ".join(sorted({row.accountant for row in audit.rows})) or "none"
     table = Table(
         title=escape(f"site {audit.site}  ({audit.path})"), title_justify="left",
-        caption=f"eps: as recorded; opacus, dp-acc: recomputed ({accountants}); prv: Opacus' PRV bound",
+        caption=f"eps: as recorded; opacus, dp-acc: recomputed ({accountants}); prv: Opacus' PRV bound (- with a Skellam row)",
         caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
     )
     left_aligned = ("run", "mechanism", "unit", "status")
@@ -283,7 +288,7 @@ def _print_audit(console: Console, audit: LedgerAudit) -> None:
             f"{row.noise_multiplier:.4g}", f"{row.sample_rate:.3g}", str(row.steps),
             f"{row.max_grad_norm:.3g}", f"{row.delta:.0e}",
             f"{row.recorded_epsilon:.4f}", f"{row.opacus_epsilon:.4f}",
-            f"{row.dp_accounting_epsilon:.4f}", f"{row.prv_epsilon:.4f}",
+            f"{row.dp_accounting_epsilon:.4f}", "-" if row.prv_epsilon is None else f"{row.prv_epsilon:.4f}",
             "confirmed" if row.confirmed else "[yellow]pending[/]",
             f"{row.budget_left:.4f}" if row.budget_left >= 0 else f"[red]{row.budget_left:.4f}[/]",
         )

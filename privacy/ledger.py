@@ -160,14 +160,14 @@ class PrivacyLedger:
         with self._transaction():
             history = self.history()
             if enforce_budget:
-                coming = [(c.noise_multiplier, c.sample_rate, c.steps) for c in charges]
+                coming = [c.row for c in charges]
                 check_budget(epsilon_for(history + coming, delta, accountant), max_epsilon)
                 if max_run_epsilon is not None:
-                    this_run = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.spends() if e.run_id == str(run_id)]
+                    this_run = [e.charge.row for e in self.spends() if e.run_id == str(run_id)]
                     check_budget(epsilon_for(this_run + coming, delta, accountant), max_run_epsilon, "max-epsilon-per-run")
             entries = []
             for charge in charges:
-                history.append((charge.noise_multiplier, charge.sample_rate, charge.steps))
+                history.append(charge.row)
                 entries.append(self._append(
                     kind="spend", run_id=str(run_id), round=int(round),
                     noise_multiplier=float(charge.noise_multiplier),
@@ -226,8 +226,8 @@ class PrivacyLedger:
         return [e for e in self.entries() if e.kind == "refusal"]
 
     def history(self) -> History:
-        """(noise_multiplier, sample_rate, steps) of every spend row, confirmed or pending."""
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.spends()]
+        """The accountant's row of every spend row, confirmed or pending (``Charge.row``)."""
+        return [e.charge.row for e in self.spends()]
 
     def cumulative_epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
         """Epsilon of the whole history, recomputed (not read from the rows). ``delta`` and
@@ -246,7 +246,7 @@ class PrivacyLedger:
         """Epsilon composed over run ``run_id``'s spend rows, over every other run's (the base of
         a run's allowance, ``privacy.budget``), and over all of them."""
         spends = self.spends()
-        rows = [(e.noise_multiplier, e.sample_rate, e.steps) for e in spends]
+        rows = [e.charge.row for e in spends]
         in_run = [row for row, e in zip(rows, spends) if e.run_id == str(run_id)]
         others = [row for row, e in zip(rows, spends) if e.run_id != str(run_id)]
         return Spent(*(epsilon_for(h, delta, accountant) for h in (in_run, others, rows)))

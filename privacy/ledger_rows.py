@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from privacy.skellam import MECHANISM as SKELLAM
+from privacy.skellam import SkellamRow
+
 GENESIS_HASH = "0" * 64
 VERSIONED_PACKAGES = ("torch", "opacus", "peft", "transformers", "flwr")
 
@@ -105,7 +108,9 @@ class LedgerEntry:
 class Charge:
     """One mechanism of a round, as the accountant sees it: ``steps`` applications of the
     Gaussian mechanism with ``noise_multiplier`` on a Poisson sample at ``sample_rate``,
-    whose L2 sensitivity (stored in the ``max_grad_norm`` column) is ``sensitivity``."""
+    whose L2 sensitivity (stored in the ``max_grad_norm`` column) is ``sensitivity``; or, for
+    mechanism ``distributed:skellam``, of the Skellam mechanism on SecAgg's integer grid
+    (``privacy.skellam``: multiplier of the honest sites' summed noise, sensitivity in grid units)."""
 
     mechanism: str
     noise_multiplier: float
@@ -113,6 +118,14 @@ class Charge:
     steps: int
     sensitivity: float
     privacy_unit: str = "row"
+
+    @property
+    def row(self) -> tuple[float, float, int] | SkellamRow:
+        """The accountant's history row: (sigma, q, steps) for a Gaussian mechanism, a
+        :class:`~privacy.skellam.SkellamRow` for a distributed-DP round."""
+        if self.mechanism == SKELLAM:
+            return SkellamRow(self.noise_multiplier, self.sample_rate, self.steps, self.sensitivity)
+        return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def site_status(ledger_path: str, node_config: Mapping[str, Any]) -> dict[str, A
     runs: dict[str, list] = {}
     for entry in spends:
         runs.setdefault(entry.run_id, []).append(entry)
-    spent = epsilon_for([(e.noise_multiplier, e.sample_rate, e.steps) for e in spends], policy.delta, ACCOUNTANT)
+    spent = epsilon_for([e.charge.row for e in spends], policy.delta, ACCOUNTANT)
     left = max(0.0, policy.max_epsilon - spent)
     return {
         "ledger": str(ledger_path),
@@ -51,7 +51,7 @@ def site_status(ledger_path: str, node_config: Mapping[str, Any]) -> dict[str, A
         "max_epsilon_per_run": policy.max_epsilon_per_run,
         "runs": [
             {"run_id": run_id, "rounds": len({e.round for e in rows}), "first": rows[0].recorded_at,
-             "epsilon": epsilon_for([(e.noise_multiplier, e.sample_rate, e.steps) for e in rows], policy.delta, ACCOUNTANT)}
+             "epsilon": epsilon_for([e.charge.row for e in rows], policy.delta, ACCOUNTANT)}
             for run_id, rows in runs.items()
         ],
         "refusals": [{"run_id": r.run_id, "round": r.round, "recorded_at": r.recorded_at, "reason": r.reason}

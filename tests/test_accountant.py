@@ -198,6 +198,6 @@ def test_epsilon_is_opacus_rdp_accountants_to_the_last_bit():
                     rng.randint(1, 400)) for _ in range(rng.randint(1, 5))]
         delta = rng.choice([1e-5, 1e-3])
         opacus = RDPAccountant()
-        opacus.history = _contributing(history)
+        opacus.history = _contributing(history)[0]
         for _ in range(2):  # computed, then from the cache
             assert epsilon_for(history, delta) == max(0.0, float(opacus.get_epsilon(delta)))
