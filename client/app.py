@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 
 from client.outgoing_guard import outgoing_guard
 from client.refusals import SETTINGS, RefusedRound
-from client.secure_aggregation import is_secure_round, masked_upload, secure_aggregation
+from client.secure_aggregation import grid_upload, is_secure_round, masked_upload, secure_aggregation
 from fedlora.run_config import ConfigError, RunSettings
 from fedlora.upload_codec import encode_upload
 
@@ -49,7 +49,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def train_site(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
     """A training round under ``run_config``: the SuperLink's for a deployed site (the context's),
     the simulation's for a simulated one."""
-    from client.site import Site, record_refusal
+    from client.site import record_refusal
 
     config = msg.content["config"]
     server_round = int(config["server-round"])
@@ -58,8 +58,12 @@ def train_site(msg: Message, context: Context, run_config: Mapping[str, Any]) ->
         settings = _settings(run_config)
         if secure:
             _check_secure_site(context, settings)
+        elif settings.dp.distributed:  # one site's vector alone would carry only its share of the noise
+            raise RefusedRound("policy-refused", "secure-aggregation", "dp-mode = distributed, but this round is "
+                               "not a SecAgg+ round; a site's share of the noise protects nothing alone")
         proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx only
-        outcome = Site(context, settings).train(msg.content["arrays"], server_round, proximal_mu)
+        site = _site_class(settings)(context, settings)
+        outcome = site.train(msg.content["arrays"], server_round, proximal_mu)
         weight = float(outcome.metrics["num-examples"])
         if secure and weight > settings.secure.secagg_max_weight:  # a site that declares no size (no DP)
             raise RefusedRound("config-error", "secagg-max-weight",
@@ -72,7 +76,10 @@ def train_site(msg: Message, context: Context, run_config: Mapping[str, Any]) ->
                 reply.content[name] = record
         return reply
     adapter = {name: value.numpy() for name, value in outcome.adapter.items()}
-    if secure:
+    if outcome.grid is not None:
+        upload = dict(grid_upload(outcome.grid, msg.content["arrays"], settings.secure.secagg_clipping_range,
+                                  settings.secure.secagg_max_weight).items())
+    elif secure:
         upload = dict(masked_upload(adapter, msg.content["arrays"], weight, settings.strategy.max_update_norm).items())
     else:
         # Stochastic rounding's randomness is the site's own: nothing the server knows seeds it.
@@ -103,6 +110,17 @@ def evaluate_site(msg: Message, context: Context, run_config: Mapping[str, Any])
         {"metrics": MetricRecord(outcome.metrics), "site": _site_record(context), **_ledger_record(outcome.anchor)}
     )
     return Message(content=content, reply_to=msg)
+
+
+def _site_class(settings: RunSettings) -> type:
+    """The round's site: DP-SGD (or no DP) trains locally; distributed DP sends a gradient."""
+    if settings.dp.distributed:
+        from client.distributed_site import DistributedSite
+
+        return DistributedSite
+    from client.site import Site
+
+    return Site
 
 
 def _check_secure_site(context: Context, settings: RunSettings) -> None:

@@ -41,7 +41,7 @@ ALLOWED_METRICS = frozenset(
     {
         "num-examples", "train-loss", "eval-loss", "eval-accuracy", "steps", "sample-rate",
         "noise-multiplier", "max-grad-norm", "epsilon", "delta", "max-epsilon", "dp",
-        "seconds", "examples-per-second", "lora-rank", "user-level",
+        "seconds", "examples-per-second", "lora-rank", "user-level", "grid-scale",
     }
 )
 ALLOWED_RECORDS = {

@@ -14,6 +14,10 @@ tensor in the order received (0 where the site trains none of it, as FFA-LoRA's 
 screen one update's size, so an honest site bounds its own (the per-value clipping to
 ``secagg-clipping-range`` bounds every site's, honest or not). A site that refuses sends a zero
 update at weight 0: its masks must still be in the sum for the others' to cancel.
+
+Under distributed DP (``dp-mode = distributed``) the site masks no update but its integer vector
+(clipped gradient sum plus its share of the noise, ``client.distributed_site``), passed through
+the mod's quantization exactly (:func:`grid_upload`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Array, bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+from fedlora.secagg_grid import quantizer_input
 
 PROTOCOL_RECORD = RECORD_KEY_CONFIGS
 MASKED_VECTOR = Key.MASKED_PARAMETERS
@@ -65,6 +71,18 @@ def _as_uint32(part: bytes) -> bytes:
     return ndarray_to_bytes(bytes_to_ndarray(part).astype(np.uint32))
 
 
+def grid_upload(vectors: Mapping[str, np.ndarray], received: ArrayRecord, clipping_range: float,
+                max_weight: float) -> RecordDict:
+    """Distributed DP's integer vectors for Flower's mod to mask, in the (legacy) records it
+    reads: per received tensor (0 for one not trained), as the floats its quantization maps to
+    the vector exactly (``fedlora.secagg_grid``), at weight ratio 1 (num-examples = max-weight)."""
+    parameters = {}
+    for name, array in received.items():
+        k = vectors[name] if name in vectors else np.zeros(array.numpy().shape, np.int64)
+        parameters[name] = Array(np.ascontiguousarray(quantizer_input(k, clipping_range)))
+    return _legacy_records(ArrayRecord(parameters), max_weight)
+
+
 def masked_upload(sent: Mapping[str, np.ndarray], received: ArrayRecord, weight: float, norm_bound: float) -> RecordDict:
     """The update for Flower's mod to mask, in the (legacy) records it reads: Δ = sent − received
     per received tensor (0 for one not sent), scaled down to ``norm_bound`` if over it (0: no
@@ -76,8 +94,12 @@ def masked_upload(sent: Mapping[str, np.ndarray], received: ArrayRecord, weight:
     norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta.values())))
     if norm_bound > 0 and norm > norm_bound:
         delta = {name: d * np.float32(norm_bound / norm) for name, d in delta.items()}
+    return _legacy_records(ArrayRecord({name: Array(np.ascontiguousarray(d)) for name, d in delta.items()}), weight)
+
+
+def _legacy_records(parameters: ArrayRecord, weight: float) -> RecordDict:
     return RecordDict({
-        f"{_LEGACY_PREFIX}parameters": ArrayRecord({name: Array(np.ascontiguousarray(d)) for name, d in delta.items()}),
+        f"{_LEGACY_PREFIX}parameters": parameters,
         f"{_LEGACY_PREFIX}num_examples": MetricRecord({"num_examples": weight}),
         f"{_LEGACY_PREFIX}metrics": ConfigRecord({}),
         f"{_LEGACY_PREFIX}status": ConfigRecord({"code": 0, "message": ""}),

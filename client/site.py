@@ -56,6 +56,7 @@ class TrainOutcome:
     adapter: dict[str, torch.Tensor]
     metrics: dict[str, float | int]
     anchor: Anchor | None
+    grid: dict[str, Any] | None = None  # distributed DP: the integer vector for SecAgg+ (client.distributed_site)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class Site:
                     ledger.confirm(spend.id)
             anchor = ledger.anchor() if ledger is not None else None
             after = self._spent(ledger, dp)
-            budget = _budget_line(before, after, dp)
+            budget = budget_line(before, after, dp)
         if audit is not None:  # its own release, before any averaging hides part of it
             audit.report_safely(model, tokenizer, self.run, server_round, after.this_run if after else None,
                                 dp.delta if dp.enabled else policy.delta, self.name, self.device, own_update=True)
@@ -201,7 +202,7 @@ class Site:
             )
             ledger.confirm(spend.id)
             anchor = ledger.anchor()
-            budget = _budget_line(before, self._spent(ledger, dp), dp)
+            budget = budget_line(before, self._spent(ledger, dp), dp)
         log(INFO, "%s round %s: evaluated (noised release), %s; %s held-out rows", self.name, server_round, budget, len(encoded.examples))
         weight = _fedavg_weight(dp, encoded.num_units, population)
         return EvalOutcome({"num-examples": weight, **metrics, "epsilon": spend.epsilon, "dp": 1}, anchor)
@@ -360,7 +361,7 @@ class Site:
         return model, tokenizer
 
 
-def _budget_line(before: Spent | None, after: Spent | None, dp: EffectiveDP) -> str:
+def budget_line(before: Spent | None, after: Spent | None, dp: EffectiveDP) -> str:
     """What a message cost the site and what it has left, for the site's own log."""
     if before is None or after is None:
         return "no DP"
@@ -384,9 +385,8 @@ def site_name(context: Context) -> str:
 
 
 def record_refusal(context: Context, refusal: RefusedRound, server_round: int, event: str) -> None:
-    """A refusal, seen by the site: one line with the full reason in its log, and its code
-    and setting as a ledger row that spends nothing (``privacy.ledger``). Not for a ledger
-    that cannot be written, nor for report-metrics = none, a standing choice."""
+    """A refusal, seen by the site: one line with the full reason in its log, and its code and setting
+    as a ledger row that spends nothing (``privacy.ledger``); not for an unwritable ledger or report-metrics = none."""
     name = site_name(context)
     refusal.log_locally(name, f"round {server_round} {event}")
     path = context.node_config.get("ledger-path")

@@ -66,7 +66,7 @@ def adapter_state(model: PeftModel, trainable_only: bool = False) -> dict[str, t
     """
     state = _peft_state(model)
     if trainable_only:
-        trained = {_state_key(n) for n, p in model.named_parameters() if p.requires_grad}
+        trained = {state_key(n) for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trained}
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
 
@@ -78,7 +78,7 @@ def _peft_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
-def _state_key(param_name: str) -> str:
+def state_key(param_name: str) -> str:
     """Map a parameter name to its ``get_peft_model_state_dict`` key (adapter name removed)."""
     return param_name.replace(".default.", ".").replace(".modules_to_save.", ".")
 

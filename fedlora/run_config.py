@@ -32,6 +32,7 @@ from typing import Any
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 TASKS = ("classification", "causal-lm")
 UPLOAD_DTYPES = ("fp32", "fp16", "bf16", "int8")  # fedlora.upload_codec
+DP_MODES = ("local", "distributed")  # where the noise is added: each site alone, or shared through SecAgg+
 POOLINGS = ("auto", "mean", "cls", "pooler")
 
 
@@ -107,11 +108,25 @@ class DPRequest:
     max_grad_norm: float
     max_epsilon: float
     secure_noise: bool
+    # ``distributed``: each site adds a share of the noise to its full-batch clipped gradient sum
+    # and SecAgg+ sums them (``client.distributed_site``); the server takes a gradient step of
+    # distributed-learning-rate. A site takes part only if its node config states how many
+    # sites may collude with the server (distributed-dp-colluders); the run's value is a floor.
+    dp_mode: str
+    distributed_dp_colluders: int
+    distributed_learning_rate: float
+
+    @property
+    def distributed(self) -> bool:
+        return self.dp and self.dp_mode == "distributed"
 
     def check(self) -> None:
         for key in ("noise-multiplier", "target-epsilon", "max-epsilon"):
             value = getattr(self, key.replace("-", "_"))
             _within(key, value, value >= 0, ">= 0 (0 = not given)")
+        _one_of("dp-mode", self.dp_mode, DP_MODES)
+        _within("distributed-dp-colluders", self.distributed_dp_colluders, self.distributed_dp_colluders >= 0, ">= 0")
+        _within("distributed-learning-rate", self.distributed_learning_rate, self.distributed_learning_rate > 0, "> 0")
         _within("delta", self.delta, 0 <= self.delta < 1, "in [0, 1) (0 = not given)")
         _within("max-grad-norm", self.max_grad_norm, self.max_grad_norm > 0, "> 0")
 
@@ -193,6 +208,12 @@ class RunSettings:
     dp: DPRequest
     strategy: StrategySettings
     secure: SecureAggregationSettings
+
+    @property
+    def secure_sum_minimum(self) -> int:
+        """The fewest updates a SecAgg+ sum is unmasked with: ``min-valid-updates``, never fewer
+        than two. Distributed DP's sites read it too: a sum holds at least that many noise shares."""
+        return max(2, self.strategy.min_valid_updates)
 
     def check(self) -> None:
         _within("num-server-rounds", self.num_server_rounds, self.num_server_rounds >= 1, ">= 1")

@@ -82,6 +82,9 @@ class SitePolicy:
     privacy_unit_column: str | None = None
     secure_noise: bool = False
     max_epsilon_per_run: float | None = None  # None: RUN_SHARE of what is left when a run begins
+    # Distributed DP: how many other sites this site assumes may collude with the server. None:
+    # the site has not opted in, and refuses distributed rounds (its noise would rest on others').
+    distributed_dp_colluders: int | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,10 @@ def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
             "metric-noise-multiplier",
             f"node config metric-noise-multiplier must be > 0 and >= min-noise-multiplier {min_noise:g}, got {metric_noise!r}",
         )
+    colluders = node_config.get("distributed-dp-colluders")
+    if colluders is not None and (isinstance(colluders, bool) or not isinstance(colluders, int) or colluders < 0):
+        raise PolicyViolation("distributed-dp-colluders", f"node config distributed-dp-colluders must be a whole number "
+                              f">= 0, got {colluders!r}")
     if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
         raise PolicyViolation("num-examples", f"node config num-examples must be a positive integer, got {declared!r}")
     return SitePolicy(
@@ -160,6 +167,7 @@ def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
         privacy_unit_column=str(node_config["privacy-unit-column"]) if node_config.get("privacy-unit-column") else None,
         secure_noise=_flag(node_config, "secure-noise", False, "node config"),
         max_epsilon_per_run=per_run,
+        distributed_dp_colluders=colluders,
     )
 
 

@@ -56,10 +56,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedlora.run_config import SecureAggregationSettings
+from fedlora.secagg_grid import LEVELS, MODULUS, integer_sum
 
-QUANTIZATION_RANGE = 2**22  # levels per value (Flower's default)
-MODULUS = 2**32  # masks and sums live mod this: with 2^22 levels a sum of up to 1023 sites cannot wrap
-MAX_SITES = MODULUS // QUANTIZATION_RANGE - 1
+MAX_SITES = MODULUS // LEVELS - 1
 # Flower's mask generator seeds a 32-bit generator. Every site in a sum keeps at least this many
 # pairwise masks with other sites in it, whose seeds the server never learns, so that reading one
 # site's update means searching at least two 32-bit seeds at once, never one.
@@ -95,6 +94,9 @@ class SecAggPlus:
     settings: SecureAggregationSettings
     send_and_receive: SendAndReceive
     min_updates: int = 2  # updates (replies without a refusal) a sum needs before it is unmasked
+    # Distributed DP (``dp-mode = distributed``): the sum is of integer gradient vectors
+    # (``fedlora.secagg_grid``), and the round's update is this step size times their noisy mean.
+    distributed_learning_rate: float | None = None
     rng: random.Random = field(default_factory=random.SystemRandom)  # the neighbour ring: not the run's seed
 
     def run(self, grid: Grid, messages: Sequence[Message], timeout: float, label: str) -> SecureRound:
@@ -145,7 +147,7 @@ class SecAggPlus:
         setup = {
             Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: len(sampled), Key.SHARE_NUMBER: result.num_shares,
             Key.THRESHOLD: result.threshold, Key.CLIPPING_RANGE: self.settings.secagg_clipping_range,
-            Key.TARGET_RANGE: QUANTIZATION_RANGE, Key.MOD_RANGE: MODULUS, Key.MAX_WEIGHT: self.settings.secagg_max_weight,
+            Key.TARGET_RANGE: LEVELS, Key.MOD_RANGE: MODULUS, Key.MAX_WEIGHT: self.settings.secagg_max_weight,
         }
         keys = stage("setup", set(sampled), lambda nid: _configs(setup), (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2))
         public_keys = _usable_keys(keys, result.dropped)
@@ -211,9 +213,17 @@ class SecAggPlus:
                               f"secagg-threshold = {result.threshold} shares back")
             return _ended(result, reported)
         total = _unmasked(total, shares, dead, neighbours, public_keys, result.summed)
+        names = list(train[sampled[0]].content["arrays"].keys())
+        if self.distributed_learning_rate is not None:
+            updates = [reported[nid] for nid in result.summed if "status" not in reported[nid].content.config_records]
+            step = _gradient_step(total, len(result.summed), updates, self.distributed_learning_rate)
+            if isinstance(step, str):
+                result.failure = f"distributed DP: {step}"
+                return _ended(result, reported)
+            result.mean_update, result.total_weight = dict(zip(names, step[0], strict=True)), step[1]
+            return _ended(result, reported)
         mean, weight = _weighted_mean(total, len(result.summed), self.settings.secagg_clipping_range)
         result.total_weight = weight * self.settings.secagg_max_weight
-        names = list(train[sampled[0]].content["arrays"].keys())
         result.mean_update = dict(zip(names, mean, strict=True))
         return _ended(result, reported)
 
@@ -309,9 +319,26 @@ def _weighted_mean(total: list[np.ndarray], summed: int, clipping_range: float) 
     if weight_levels <= 0:
         log(WARNING, "secure aggregation: the summed weights are zero (every site in the sum sent weight 0)")
         return [np.zeros(v.shape, np.float32) for v in total[1:]], 0.0
-    values = dequantize(total[1:], clipping_range, QUANTIZATION_RANGE)
+    values = dequantize(total[1:], clipping_range, LEVELS)
     offset = (summed - 1) * clipping_range  # each site's quantization shifted its values by +c; dequantize took one c off
-    return [((v - offset) * (QUANTIZATION_RANGE / weight_levels)).astype(np.float32) for v in values], weight_levels / QUANTIZATION_RANGE
+    return [((v - offset) * (LEVELS / weight_levels)).astype(np.float32) for v in values], weight_levels / LEVELS
+
+
+def _gradient_step(total: list[np.ndarray], summed: int, updates: list[Message],
+                   learning_rate: float) -> tuple[list[np.ndarray], float] | str:
+    """Distributed DP's update, -lr * (sum of the integer gradient vectors) / (gamma * N): the
+    noisy mean of the sites' clipped per-example gradients over N = the summed sites' public
+    populations (``num-examples``), gamma the grid's public scale (``grid-scale``, equal at every
+    site, or the sum means nothing); or why there is none."""
+    scales = {float(m.content["metrics"].get("grid-scale", 0.0)) for m in updates if "metrics" in m.content}
+    population = sum(float(m.content["metrics"].get("num-examples", 0.0)) for m in updates if "metrics" in m.content)
+    if len(scales) != 1 or not min(scales) > 0:
+        return f"the sites in the sum report grid scales {sorted(scales)}, not one positive scale"
+    if not population > 0:
+        return "the sites in the sum report no public population (num-examples)"
+    (scale,) = scales
+    sums = [integer_sum(v, summed) for v in total[1:]]
+    return [(-learning_rate * s / (scale * population)).astype(np.float32) for s in sums], population
 
 
 def _ended(result: SecureRound, reported: dict[int, Message]) -> SecureRound:

@@ -60,6 +60,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedlora.run_config import ConfigError, RunSettings, StrategySettings
+from fedlora.secagg_grid import is_power_of_two
 from strategies.central_dp import CentralDP
 from strategies.ffa_lora import FreezeA, ffa_upload
 from strategies.hetlora import HetLoRA
@@ -96,6 +97,8 @@ def build_strategy(settings: RunSettings, around_aggregation: Callable[[Strategy
     aggregator = _aggregator_name(given)
     if settings.secure.secure_aggregation:
         _check_secure(given, aggregator, around_aggregation is not None)
+    if settings.dp.dp_mode == "distributed":
+        _check_distributed(settings, aggregator)
 
     central_dp = None
     if aggregator == "hetlora":
@@ -173,6 +176,26 @@ def _check_secure(given: StrategySettings, aggregator: str, wrapped: bool) -> No
     if wrapped:
         raise ConfigError("secure-aggregation", "canary clients (the site-level audit) add to single updates, which "
                                                 "secure-aggregation hides; audit without it")
+
+
+def _check_distributed(settings: RunSettings, aggregator: str) -> None:
+    """What distributed DP needs, refused by its key: the noise shares add up only inside a
+    SecAgg+ sum, of integer vectors that Flower's quantization keeps exact
+    (``fedlora.secagg_grid``), and the sites send gradients, not locally trained adapters."""
+    if not settings.dp.dp:
+        raise ConfigError("dp-mode", "dp-mode = distributed is a DP mode: set dp = true, or dp-mode = local")
+    if not settings.secure.secure_aggregation:
+        raise ConfigError("secure-aggregation", "dp-mode = distributed adds each site's share of the noise inside the "
+                                                "secure sum: set secure-aggregation = true")
+    if aggregator == "fedprox":
+        raise ConfigError("strategy", "dp-mode = distributed sends gradients, not locally trained adapters: a proximal "
+                                      "term has nothing to act on (use fedavg or ffa-lora)")
+    if not is_power_of_two(settings.secure.secagg_clipping_range):
+        raise ConfigError("secagg-clipping-range", "dp-mode = distributed needs a power-of-two secagg-clipping-range, "
+                                                   "so that each site's integer vector passes Flower's quantization exactly")
+    if settings.secure_sum_minimum - settings.dp.distributed_dp_colluders < 1:
+        raise ConfigError("distributed-dp-colluders", "distributed-dp-colluders must be below the fewest updates a "
+                                                      "secure sum holds, max(2, min-valid-updates): else no share is honest")
 
 
 def _aggregator(name: str, given: StrategySettings, learning_rate: float, common: dict[str, Any]) -> FedAvg:

@@ -18,9 +18,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.outgoing_guard import DisclosureError, check_outgoing, outgoing_guard
 from client.secure_aggregation import masked_upload, secure_aggregation
 from fedlora.run_config import ConfigError, RunSettings, apply_overrides, default_run_config
+from fedlora.secagg_grid import LEVELS as QUANTIZATION_RANGE
+from fedlora.secagg_grid import MODULUS
 from server.federation import Federation
 from server.history import history_json
-from server.secure_aggregation import MODULUS, QUANTIZATION_RANGE, SecAggPlus
+from server.secure_aggregation import SecAggPlus
 from server.progress import send_and_receive
 from strategies.factory import build_strategy
 from tests.fake_grid import FakeGrid, FakeSite, decode, honest, record, run_federation

@@ -1,0 +1,171 @@
+"""A site's round under distributed DP (``dp-mode = distributed``): at the global adapter it
+received, the full-batch sum of its units' clipped gradients on SecAgg's integer grid, plus its
+share of the Skellam noise (``privacy.distributed_dp``), for SecAgg+ to sum with the other sites'.
+
+The site takes part only inside a SecAgg+ round (a server that asks for distributed DP without
+it would see one site's vector, whose share is too little noise alone), and only if its node
+config names ``distributed-dp-colluders``: how many sites it assumes may collude with the server.
+The run config's value is a floor. Its noise multiplier z is calibrated, like DP-SGD's sigma,
+so that every round of the run (one Skellam release each, all units, rate 1) and the metric
+releases stay within the target epsilon; the charge goes to the ledger before the gradient
+is computed, as ``distributed:skellam``.
+
+The phases are the run's (``privacy.plan``): the head alone on the encoder's cached features in
+the probe rounds, LoRA and the head after; each round is one gradient step, taken by the server.
+"""
+
+from __future__ import annotations
+
+import secrets
+from logging import INFO
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+from opacus import GradSampleModule
+from tqdm.auto import tqdm
+
+from client.probe import FeatureHead, classification_head, stack_features
+from client.refusals import RefusedRound
+from client.site import Site, TrainOutcome, budget_line
+from client.training import MAX_ROWS_PER_UNIT, without_dropout
+from fedlora.adapters import state_key
+from fedlora.tasks import collate, forward_logits, per_example_loss
+from privacy.accountant import calibrate_noise
+from privacy.budget import BudgetExhausted, EffectiveDP, SitePolicy
+from privacy.distributed_dp import grid_scale, grid_sensitivity, honest_shares, noise_share, rounded_units
+from privacy.ledger import Charge
+from privacy.plan import ACCOUNTANT, PROBE, choose_schedule, phase_of
+from privacy.release import train_loss_charge
+from privacy.skellam import MECHANISM
+
+ROWS_PER_PASS = 64  # rows whose per-example gradients are held at once
+
+
+class DistributedSite(Site):
+    def train(self, global_adapter: ArrayRecord, server_round: int, proximal_mu: float = 0.0) -> TrainOutcome:
+        """One round's integer vector (``TrainOutcome.grid``); ``proximal_mu`` has no meaning here."""
+        policy, dp = self._privacy()
+        if not dp.enabled:
+            raise RefusedRound("policy-refused", "dp-mode", "dp-mode = distributed is a DP mode, and DP is off")
+        shares = self._honest_shares(policy)
+        data = self._data(policy, dp)
+        model, tokenizer = self._model(global_adapter)
+        encoded = self._encode(data.train, data.units(data.train), tokenizer, "training")
+        population = self._population(policy, dp, encoded.num_units)
+        phases = choose_schedule(self.run, population, True)
+        phase = phase_of(phases, server_round)
+        head = classification_head(model) if phases[0].name == PROBE else None
+        trained = {PROBE: list(head.parameters()) if head is not None else [],
+                   "all": [p for p in model.parameters() if p.requires_grad]}
+        dims = {name: sum(p.numel() for p in params) for name, params in trained.items()}
+        params = trained[PROBE] if phase.name == PROBE else trained["all"]
+        dimensions = sum(p.numel() for p in params)
+        sensitivity = grid_sensitivity(dimensions)
+        release_sigma = policy.metric_noise_multiplier if policy.report_metrics == "noised" else None
+        # the smallest D2 of the run's phases: the Skellam bound only falls as D2 grows
+        z = self._calibrate(dp, phases, release_sigma, min(grid_sensitivity(d) for d in dims.values() if d))
+        unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
+        charges = [Charge(MECHANISM, z, 1.0, 1, sensitivity, unit)]
+        if release_sigma is not None:
+            charges.append(train_loss_charge(release_sigma, phase.sample_rate, unit))
+        with self._ledger(policy) as ledger:
+            before = self._spent(ledger, dp)
+            spends = self._charge(ledger, charges, server_round, dp, self.device)
+            if phase.name == PROBE:
+                features = self._features(model, tokenizer, encoded)
+                runner = FeatureHead(head)
+                examples = [{"features": x, "labels": e["labels"]} for x, e in zip(features, encoded.examples)]
+                batches = stack_features
+            else:
+                runner, examples = model, encoded.examples
+                batches = lambda part: collate(part, tokenizer.pad_token_id, self.run.data.task)  # noqa: E731
+            total, zeroed = self._gradient_sum(runner, params, examples, encoded.units, batches, dp.max_grad_norm)
+            vector = total.numpy() + noise_share(dimensions, z, shares)
+            released = {}
+            if release_sigma is not None:
+                released["train-loss"] = self._released_train_loss(model, tokenizer, encoded, population, spends[1], dp)
+            for spend in spends:
+                ledger.confirm(spend.id)
+            anchor = ledger.anchor()
+            after = self._spent(ledger, dp)
+        log(INFO, "%s round %s: distributed DP gradient (%s), %s; %s rows (%s units), z %.4g over %s honest "
+            "share(s), %s units zeroed", self.name, server_round, phase.name, budget_line(before, after, dp),
+            len(encoded.examples), encoded.num_units, z, shares, zeroed)
+        names = {id(p): state_key(n) for n, p in model.named_parameters()}
+        grid, offset = {}, 0
+        for p in params:
+            grid[names[id(p)]] = vector[offset:offset + p.numel()].reshape(tuple(p.shape))
+            offset += p.numel()
+        metrics: dict[str, float | int] = {
+            "num-examples": population, "steps": 1, "sample-rate": 1.0, "noise-multiplier": z,
+            "max-grad-norm": dp.max_grad_norm, "delta": dp.delta, "max-epsilon": dp.max_epsilon, "dp": 1,
+            "user-level": int(policy.privacy_unit_column is not None), "lora-rank": self.lora_rank,
+            "grid-scale": grid_scale(dimensions, dp.max_grad_norm), "epsilon": spends[-1].epsilon, **released,
+        }
+        return TrainOutcome(adapter={}, metrics=metrics, anchor=anchor, grid=grid)
+
+    def _honest_shares(self, policy: SitePolicy) -> int:
+        """n - t, refused unless the site opted in and at least one share is honest."""
+        if policy.distributed_dp_colluders is None:
+            raise RefusedRound("policy-refused", "distributed-dp-colluders", "this site's node config names no "
+                               "distributed-dp-colluders, so it takes no part in distributed DP")
+        colluders = max(policy.distributed_dp_colluders, self.run.dp.distributed_dp_colluders)
+        shares = honest_shares(self.run.secure_sum_minimum, colluders)
+        if shares < 1:
+            raise RefusedRound("policy-refused", "distributed-dp-colluders", f"a secure sum holds at least "
+                               f"{self.run.secure_sum_minimum} updates, no more than the {colluders} colluding sites assumed")
+        return shares
+
+    def _calibrate(self, dp: EffectiveDP, phases, release_sigma: float | None, sensitivity: float) -> float:
+        """z for every round of the run, releases included (or the run's noise-multiplier), at
+        least the site's floor."""
+        releases = [row for phase in phases for row in phase.releases(release_sigma, phase.rounds)]
+        rounds = phases[-1].last_round
+        try:
+            z = dp.noise_multiplier or calibrate_noise(dp.target_epsilon, dp.delta, [(1.0, rounds)], ACCOUNTANT,
+                                                       prior=releases, skellam_sensitivity=sensitivity)
+        except BudgetExhausted as err:
+            raise RefusedRound("policy-refused", "target-epsilon", str(err)) from err
+        return dp.at_least_the_floor(z)
+
+    def _gradient_sum(self, runner: torch.nn.Module, params: list[torch.nn.Parameter], examples: list[dict[str, Any]],
+                      units: list[int], batches, max_grad_norm: float) -> tuple[torch.Tensor, int]:
+        """Sum over units of r_u (``privacy.distributed_dp.rounded_units``): each unit's gradient is
+        the mean of its rows' (at most MAX_ROWS_PER_UNIT, drawn at random), units whole in a pass."""
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        members: dict[int, list[int]] = {}
+        for index, unit in enumerate(units):
+            members.setdefault(unit, []).append(index)
+        groups = [[rows[i] for i in torch.randperm(len(rows), generator=generator)[:MAX_ROWS_PER_UNIT].tolist()]
+                  for rows in members.values()]
+        passes, current = [], []
+        for group in groups:
+            if current and sum(map(len, current)) + len(group) > ROWS_PER_PASS:
+                passes.append(current)
+                current = []
+            current.append(group)
+        passes += [current] if current else []
+        total, zeroed = torch.zeros(sum(p.numel() for p in params), dtype=torch.int64), 0
+        sampler = GradSampleModule(runner, batch_first=True, loss_reduction="sum")
+        try:
+            with without_dropout(runner):
+                runner.to(self.device).train()
+                for pass_groups in tqdm(passes, desc="distributed DP gradient", leave=False, disable=None):
+                    rows = [i for group in pass_groups for i in group]
+                    batch = {k: v.to(self.device) for k, v in batches([examples[i] for i in rows]).items()}
+                    per_example_loss(forward_logits(sampler, batch), batch["labels"], self.run.data.task).sum().backward()
+                    flat = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1)
+                    owner = torch.tensor([u for u, group in enumerate(pass_groups) for _ in group])
+                    sizes = torch.bincount(owner).to(flat.dtype).unsqueeze(1)
+                    unit_means = torch.zeros(len(pass_groups), flat.shape[1], dtype=flat.dtype).index_add_(0, owner, flat.cpu()) / sizes
+                    part, dropped = rounded_units(unit_means, max_grad_norm, generator)
+                    total += part
+                    zeroed += dropped
+                    for p in params:
+                        p.grad_sample = None
+                        p.grad = None
+        finally:
+            sampler.to_standard_module()  # remove Opacus' hooks, even after a failure
+        return total, zeroed

@@ -1,0 +1,74 @@
+"""Distributed DP's arithmetic: clipped gradients on SecAgg's integer grid, and each site's share
+of the Skellam noise (the round that uses it: ``client.distributed_site``).
+
+**The grid.** A round's gradient has d trainable values. Each privacy unit u's gradient g_u is
+clipped to L2 norm C and scaled by gamma = GRID sqrt(d) / C, then every coordinate is rounded
+down or up at random, up with probability its fractional part (so the rounding is unbiased)::
+
+    r_u = round_random(gamma clip_C(g_u)),    ||r_u||_2 <= gamma C + sqrt(d) = (GRID + 1) sqrt(d) = D2
+
+because rounding moves each coordinate by less than 1. :func:`rounded_units` enforces the bound
+rather than trusting float arithmetic: a unit whose vector would exceed D2 adds zero. GRID = 64
+keeps the rounding's share of the sensitivity at 1/65 (1.5 %) whatever d is, and one unit's value
+per coordinate near GRID, far inside the 2^21 a sum may reach (``fedlora.secagg_grid``).
+
+**The sum.** A site sends k = sum_u r_u + Sk(mu_share)^d. Adding or removing one unit changes the
+sum over all sites by r_u: an integer vector of L2 norm <= D2 whatever the rounding drew (the
+output is a mixture over the draws, and a mixture is no less private than its worst component),
+so the securely aggregated sum is the Skellam mechanism with sensitivity D2 (``privacy.skellam``).
+
+**The shares.** SecAgg+ unmasks no sum of fewer than n updates (``RunSettings.secure_sum_minimum``)
+and up to t of their sites may collude with the server, whose shares it then knows and subtracts.
+Each site therefore adds mu_share = (z D2)^2 / (n - t): any n - t honest shares hold variance
+(z D2)^2, what the ledger's row (``distributed:skellam``, z, rate 1, one step, D2) claims. A site
+with a refusal adds no share, and SecAgg+ does not count it among the n.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from privacy.skellam import share_variance, skellam_noise
+
+GRID = 64
+
+
+def grid_scale(dimensions: int, max_grad_norm: float) -> float:
+    """gamma: grid units per gradient unit, for d = ``dimensions`` and C = ``max_grad_norm``."""
+    return GRID * math.sqrt(dimensions) / max_grad_norm
+
+
+def grid_sensitivity(dimensions: int) -> float:
+    """D2: the L2 bound of one unit's rounded vector, in grid units."""
+    return (GRID + 1) * math.sqrt(dimensions)
+
+
+def honest_shares(secure_sum_minimum: int, colluders: int) -> int:
+    """n - t: the shares a sum holds that no colluding site can subtract."""
+    return secure_sum_minimum - colluders
+
+
+def rounded_units(unit_gradients: torch.Tensor, max_grad_norm: float, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """The sum over units (rows of ``unit_gradients``, shape [units, d]) of r_u, as int64, and
+    how many units were zeroed (a non-finite gradient, or a rounded vector over D2)."""
+    grads = unit_gradients.detach().to("cpu", torch.float64)
+    dimensions = grads.shape[1]
+    finite = torch.isfinite(grads.sum(dim=1))
+    grads = torch.where(finite.unsqueeze(1), grads, torch.zeros_like(grads))
+    norms = grads.norm(dim=1)
+    factor = (max_grad_norm / norms.clamp(min=1e-12)).clamp(max=1.0)
+    scaled = grads * (factor * grid_scale(dimensions, max_grad_norm)).unsqueeze(1)
+    low = torch.floor(scaled)
+    rounded = low + (torch.rand(scaled.shape, generator=generator, dtype=torch.float64) < scaled - low)
+    within = rounded.norm(dim=1) <= grid_sensitivity(dimensions)
+    kept = finite & within
+    total = rounded[kept].sum(dim=0).round().to(torch.int64)
+    return total, int((~kept).sum())
+
+
+def noise_share(dimensions: int, noise_multiplier: float, shares: int) -> np.ndarray:
+    """This site's Skellam share for d = ``dimensions`` values, for ``shares`` honest shares."""
+    return skellam_noise(dimensions, share_variance(noise_multiplier, grid_sensitivity(dimensions), shares))

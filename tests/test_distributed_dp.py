@@ -1,0 +1,263 @@
+"""Distributed DP (dp-mode = distributed): the integer grid through Flower's quantization, the
+rounding's sensitivity bound, and a site's round, attacked where a server could weaken it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.secure_aggregation.quantization import quantize
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import app as client_app
+from fedlora.run_config import ConfigError, apply_overrides
+from fedlora.secagg_grid import HALF, LEVELS, MODULUS, integer_sum, quantizer_input, wrapped
+from privacy import distributed_dp
+from privacy.distributed_dp import grid_scale, grid_sensitivity, rounded_units
+from privacy.ledger import PrivacyLedger
+from privacy.skellam import MECHANISM
+from server.global_model import GlobalModel
+from strategies.factory import build_strategy
+from tests.conftest import settings_of
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1234, 1
+
+
+def test_integer_vectors_pass_flowers_quantization_exactly_and_sum_back():
+    """Flower's own quantization (stochastic rounding, clipping) leaves the grid's values as they
+    are, and the sum of three sites' quantized vectors mod 2^32 gives back their integer sum
+    (mod 2^22, read around 0), wraps included."""
+    rng = np.random.default_rng(0)
+    vectors = [rng.integers(-3 * HALF, 3 * HALF, size=5000) for _ in range(3)]
+    vectors[0][:3] = [HALF - 1, -HALF, 0]
+    for clipping_range in (1.0, 0.25, 8.0):
+        quantized = [quantize([quantizer_input(k, clipping_range)], clipping_range, LEVELS)[0] for k in vectors]
+        for k, q in zip(vectors, quantized, strict=True):
+            assert np.array_equal(q.astype(np.int64), wrapped(k) + HALF)
+        total = np.mod(sum(q.astype(np.int64) for q in quantized), MODULUS)
+        assert np.array_equal(integer_sum(total, 3), wrapped(sum(vectors)))
+    with pytest.raises(ValueError, match="power-of-two"):
+        quantizer_input(vectors[0], 3.0)
+
+
+def test_a_rounded_unit_never_exceeds_the_sensitivity_and_the_rounding_is_unbiased():
+    generator = torch.Generator().manual_seed(0)
+    d, clip = 300, 0.5
+    gradients = torch.randn(200, d) * torch.logspace(-3, 3, 200).unsqueeze(1)
+    gradients[7, 3] = math.nan
+    for index in range(200):
+        total, zeroed = rounded_units(gradients[index:index + 1], clip, generator)
+        assert total.dtype == torch.int64
+        assert float(total.double().norm()) <= grid_sensitivity(d)
+        assert zeroed == (index == 7)
+    exact = gradients[:5] * (clip / gradients[:5].norm(dim=1, keepdim=True)).clamp(max=1) * grid_scale(d, clip)
+    draws = torch.stack([rounded_units(gradients[:5], clip, generator)[0] for _ in range(400)]).double()
+    # each value: a sum of 5 rounding draws (variance <= 5/4), averaged 400 times: within 5 std
+    assert torch.allclose(draws.mean(dim=0), exact.sum(dim=0).double(), atol=5 * math.sqrt(1.25 / 400))
+
+
+def test_rounding_needs_the_sqrt_d_in_the_sensitivity():
+    """A sensitivity of gamma C alone (no room for the rounding) would be wrong: a clipped
+    vector of norm exactly gamma C that rounds up in every coordinate is longer, though never
+    longer than D2."""
+    d = 400
+    per_value = grid_scale(d, 1.0) / math.sqrt(d)  # 64: an integer, so shift half the values down
+    low = per_value - 0.5
+    scaled = torch.tensor([low, math.sqrt(2 * per_value**2 - low**2)] * (d // 2), dtype=torch.float64)
+    assert float(scaled.norm()) == pytest.approx(grid_scale(d, 1.0))
+    assert float(torch.ceil(scaled).norm()) > grid_scale(d, 1.0)
+    assert float(torch.ceil(scaled).norm()) <= grid_sensitivity(d)
+
+
+def distributed_config(config: dict, **more) -> dict:
+    return apply_overrides(config, {"secure-aggregation": True, "dp-mode": "distributed", "min-valid-updates": 3,
+                                    "num-server-rounds": 3, **more})
+
+
+def context(config: dict, node: dict, tmp_path) -> Context:
+    return Context(run_id=1234, node_id=7, node_config=node, state=RecordDict(), run_config=config)
+
+
+def node_config(csv, tmp_path, **more) -> dict:
+    return {"data-path": str(csv), "ledger-path": str(tmp_path / "l.db"), "num-examples": 90, **more}
+
+
+def train_message(arrays: ArrayRecord, server_round: int = 1, secure: bool = True) -> Message:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    if secure:  # the collect stage, as train_site sees it inside Flower's mod
+        content[RECORD_KEY_CONFIGS] = ConfigRecord({"ctxts": [b"c"], "srcs": [2]})
+    return Message(content=content, dst_node_id=7, message_type="train")
+
+
+@pytest.mark.parametrize("server_round", [1, 2])
+def test_a_site_sends_its_noisy_gradient_sum_on_the_grid_and_charges_a_skellam_row(
+        tiny_run_config, classification_csv, tmp_path, monkeypatch, server_round):
+    """Round 1 is the probe phase (the head alone), round 2 fine-tunes (LoRA and the head): the
+    mod gets one exact grid value per received tensor (0 for the untrained ones) at weight ratio
+    1, the ledger a ``distributed:skellam`` row with D2 of the round's dimensions, and the noise
+    added is this site's share for n - t = 3 honest sites."""
+    config = distributed_config(tiny_run_config, **{"probe-rounds": 1})
+    sent = GlobalModel.load(settings_of(config)).arrays()
+    seen = {}
+    real_share = distributed_dp.noise_share
+
+    def share(dimensions, z, shares):
+        seen.update(dimensions=dimensions, z=z, shares=shares)
+        return real_share(dimensions, z, shares)
+
+    monkeypatch.setattr("client.distributed_site.noise_share", share)
+    ctx = context(config, node_config(classification_csv, tmp_path, **{"distributed-dp-colluders": 0}), tmp_path)
+    reply = client_app.train_site(train_message(sent, server_round), ctx, config)
+    assert "status" not in reply.content.config_records, reply.content
+    upload = reply.content["fitres.parameters"]
+    assert list(upload.keys()) == list(sent.keys())
+    assert reply.content["fitres.num_examples"]["num_examples"] == settings_of(config).secure.secagg_max_weight
+    trained = [name for name, value in upload.items() if value.numpy().any()]
+    if server_round == 1:
+        assert trained and all(".classifier." in name for name in trained)
+    else:
+        assert any(".lora_B." in name for name in trained) and any(".lora_A." in name for name in trained)
+    levels = [value.numpy().astype(np.float64) * HALF for value in upload.values()]  # c = 1: value * 2^21 = j
+    assert all(np.array_equal(v, np.round(v)) for v in levels)
+    assert seen["shares"] == 3 and seen["dimensions"] == sum(sent[name].numpy().size for name in trained)
+    metrics = reply.content["metrics"]
+    assert metrics["grid-scale"] == pytest.approx(grid_scale(seen["dimensions"], 1.0))
+    with PrivacyLedger(tmp_path / "l.db", read_only=True) as ledger:
+        (row, *_) = ledger.spends()
+    assert row.mechanism == MECHANISM and row.sample_rate == 1.0 and row.steps == 1
+    assert row.noise_multiplier == seen["z"] == metrics["noise-multiplier"]
+    assert row.max_grad_norm == pytest.approx(grid_sensitivity(seen["dimensions"]))
+    assert 0 < metrics["epsilon"] <= 8.0
+
+
+def test_the_noise_share_follows_the_sites_own_collusion_bound_not_the_servers(
+        tiny_run_config, classification_csv, tmp_path, monkeypatch):
+    """The server's run config says no site colludes; the site assumes one may: it adds noise for
+    n - 1 honest shares, twice what the server's figure would give at n = 3."""
+    config = distributed_config(tiny_run_config)
+    sent = GlobalModel.load(settings_of(config)).arrays()
+    seen = {}
+    monkeypatch.setattr("client.distributed_site.noise_share",
+                        lambda d, z, shares: seen.setdefault("shares", shares) and np.zeros(d, np.int64))
+    ctx = context(config, node_config(classification_csv, tmp_path, **{"distributed-dp-colluders": 1}), tmp_path)
+    client_app.train_site(train_message(sent), ctx, config)
+    assert seen["shares"] == 2
+
+
+@pytest.mark.parametrize("node, secure, setting", [
+    ({}, True, "distributed-dp-colluders"),  # never opted in: its noise would rest on others'
+    ({"distributed-dp-colluders": 2}, True, "distributed-dp-colluders"),  # no share left honest at n = 2
+    ({"distributed-dp-colluders": 0}, False, "secure-aggregation"),  # no SecAgg+: its share alone would leave
+])
+def test_a_site_refuses_a_distributed_round_it_cannot_trust_before_spending(
+        tiny_run_config, classification_csv, tmp_path, node, secure, setting):
+    config = distributed_config(tiny_run_config, **{"min-valid-updates": 2})
+    sent = GlobalModel.load(settings_of(config)).arrays()
+    ctx = context(config, node_config(classification_csv, tmp_path, **node), tmp_path)
+    reply = client_app.train_site(train_message(sent, secure=secure), ctx, config)
+    assert dict(reply.content["status"]) == {"status": "policy-refused", "setting": setting}
+    with PrivacyLedger(tmp_path / "l.db", read_only=True) as ledger:
+        assert ledger.spends() == []
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"secure-aggregation": False}, "secure-aggregation"),
+    ({"dp": False}, "dp-mode"),
+    ({"strategy": "fedprox"}, "strategy"),
+    ({"secagg-clipping-range": 3.0}, "secagg-clipping-range"),
+    ({"distributed-dp-colluders": 3}, "distributed-dp-colluders"),
+])
+def test_the_server_refuses_a_distributed_run_it_cannot_run_by_its_key(tiny_run_config, change, key):
+    with pytest.raises(ConfigError) as refused:
+        build_strategy(settings_of(distributed_config(tiny_run_config, **change)))
+    assert refused.value.setting == key
+
+
+def _real_sites(config: dict, csv, tmp_path, count: int = 3) -> dict:
+    """``count`` sites running fedlora's real ClientApp (SecAgg+ mod included), on one data file."""
+    contexts = {nid: Context(run_id=1234, node_id=nid, state=RecordDict(), run_config=config, node_config={
+        "data-path": str(csv), "ledger-path": str(tmp_path / f"site-{nid}.db"), "num-examples": 90,
+        "distributed-dp-colluders": 0, "site-name": f"site-{nid}"}) for nid in range(1, count + 1)}
+    return {nid: (lambda msg, ctx=ctx: client_app.app(msg, ctx)) for nid, ctx in contexts.items()}
+
+
+def _clipped_gradient_mean(config: dict, csv, tmp_path, arrays: ArrayRecord) -> tuple[dict[str, np.ndarray], int]:
+    """What the server's step should follow, computed apart: every training row's gradient at
+    the global adapter by plain autograd (one row at a time), clipped to C and averaged over the
+    site's public population (also returned)."""
+    from client.site import Site
+    from client.training import without_dropout
+    from fedlora.adapters import state_key
+    from fedlora.tasks import collate, forward_logits, per_example_loss
+
+    settings = settings_of(config)
+    ctx = Context(run_id=1234, node_id=99, state=RecordDict(), run_config=config, node_config={
+        "data-path": str(csv), "ledger-path": str(tmp_path / "apart.db"), "num-examples": 90})
+    site = Site(ctx, settings)
+    policy, dp = site._privacy()
+    data = site._data(policy, dp)
+    model, tokenizer = site._model(arrays)
+    encoded = site._encode(data.train, data.units(data.train), tokenizer, "training")
+    params = [(state_key(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params}
+    model.train()
+    with without_dropout(model):
+        for example in encoded.examples:
+            model.zero_grad()
+            batch = collate([example], tokenizer.pad_token_id, settings.data.task)
+            per_example_loss(forward_logits(model, batch), batch["labels"], settings.data.task).sum().backward()
+            norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for _, p in params))
+            for name, p in params:
+                total[name] += p.grad.double() * min(1.0, dp.max_grad_norm / norm)
+    population = site._population(policy, dp, encoded.num_units)
+    return {name: (value / population).numpy() for name, value in total.items()}, population
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_a_federation_steps_along_the_sites_clipped_mean_gradient_through_secagg(
+        tiny_run_config, classification_csv, tmp_path, monkeypatch, noise):
+    """Three real sites and the real SecAgg+ protocol, one fine-tuning round: without noise the
+    server's update is -lr times the clipped mean gradient computed apart by autograd (to the
+    grid's rounding); with it, the update differs from that by noise whose spread is what the
+    ledger's z claims for the sum of the three shares (z C / N per value), no more and no less."""
+    from server.federation import Federation
+    from server.progress import send_and_receive
+    from server.secure_aggregation import SecAggPlus
+    from tests.fake_grid import FakeGrid, decode
+
+    lr = 0.5
+    config = distributed_config(tiny_run_config, **{"num-server-rounds": 1, "probe-rounds": 0, "min-train-nodes": 3,
+                                                    "min-evaluate-nodes": 0, "fraction-evaluate": 0.0,
+                                                    "distributed-learning-rate": lr})
+    if not noise:
+        monkeypatch.setattr("client.distributed_site.noise_share", lambda d, z, shares: np.zeros(d, np.int64))
+    settings = settings_of(config)
+    start = GlobalModel.load(settings).arrays()
+    federation = Federation(FakeGrid(_real_sites(config, classification_csv, tmp_path)), build_strategy(settings), 1,
+                            timeout=60.0, train_config={}, evaluate_config={},
+                            secure=SecAggPlus(settings.secure, send_and_receive, min_updates=settings.secure_sum_minimum,
+                                              distributed_learning_rate=lr))
+    history = []
+    final = decode(federation.run(start, 1, history, lambda *_: None))
+    assert history and history[0].failure is None, history[0].failure
+    expected, population = _clipped_gradient_mean(config, classification_csv, tmp_path, start)
+    with PrivacyLedger(tmp_path / "site-1.db", read_only=True) as ledger:
+        z = ledger.spends()[0].noise_multiplier
+    dimensions = sum(v.size for v in expected.values())
+    scale = grid_scale(dimensions, 1.0)
+    deviation = np.concatenate([((final[n] - start[n].numpy()) / -lr - expected[n]).ravel() for n in expected])
+    signal = np.concatenate([value.ravel() for value in expected.values()])
+    assert np.abs(signal).max() > 20 / scale  # the gradient is well above the grid's resolution
+    if not noise:  # rounding moves each unit's value by under one grid unit: the mean by under 1 / gamma
+        assert np.abs(deviation).max() <= 1 / scale + 1e-6
+    else:
+        claimed = z * grid_sensitivity(dimensions) / (scale * 3 * population)  # z D2 / (gamma N), N = 3 sites' populations
+        assert deviation.std() == pytest.approx(claimed, rel=0.1)
