@@ -32,15 +32,27 @@ from client.site import Site, TrainOutcome, budget_line
 from client.training import MAX_ROWS_PER_UNIT, without_dropout
 from fedlora.adapters import state_key
 from fedlora.tasks import collate, forward_logits, per_example_loss
-from privacy.accountant import calibrate_noise
 from privacy.budget import BudgetExhausted, EffectiveDP, SitePolicy
 from privacy.distributed_dp import grid_scale, grid_sensitivity, honest_shares, noise_share, rounded_units
 from privacy.ledger import Charge
-from privacy.plan import ACCOUNTANT, PROBE, choose_schedule, phase_of
+from privacy.plan import PROBE, choose_schedule, phase_of, plan_distributed
 from privacy.release import train_loss_charge
 from privacy.skellam import MECHANISM
 
 ROWS_PER_PASS = 64  # rows whose per-example gradients are held at once
+
+
+def trained_parameters(model: torch.nn.Module, phase: str) -> list[torch.nn.Parameter]:
+    """What a round of ``phase`` computes the gradient of: the head alone when probing, else
+    every trainable tensor (LoRA and the head; FFA-LoRA's frozen A is not trainable)."""
+    if phase == PROBE:
+        return list(classification_head(model).parameters())
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def phase_sensitivities(model: torch.nn.Module, phases) -> tuple[float, ...]:
+    """D2 of each phase's rounds, for the plan (``privacy.plan.plan_distributed``)."""
+    return tuple(grid_sensitivity(sum(p.numel() for p in trained_parameters(model, phase.name))) for phase in phases)
 
 
 class DistributedSite(Site):
@@ -56,16 +68,11 @@ class DistributedSite(Site):
         population = self._population(policy, dp, encoded.num_units)
         phases = choose_schedule(self.run, population, True)
         phase = phase_of(phases, server_round)
-        head = classification_head(model) if phases[0].name == PROBE else None
-        trained = {PROBE: list(head.parameters()) if head is not None else [],
-                   "all": [p for p in model.parameters() if p.requires_grad]}
-        dims = {name: sum(p.numel() for p in params) for name, params in trained.items()}
-        params = trained[PROBE] if phase.name == PROBE else trained["all"]
+        params = trained_parameters(model, phase.name)
         dimensions = sum(p.numel() for p in params)
         sensitivity = grid_sensitivity(dimensions)
         release_sigma = policy.metric_noise_multiplier if policy.report_metrics == "noised" else None
-        # the smallest D2 of the run's phases: the Skellam bound only falls as D2 grows
-        z = self._calibrate(dp, phases, release_sigma, min(grid_sensitivity(d) for d in dims.values() if d))
+        z = self._calibrate(dp, phases, release_sigma, phase_sensitivities(model, phases))
         unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
         charges = [Charge(MECHANISM, z, 1.0, 1, sensitivity, unit)]
         if release_sigma is not None:
@@ -75,7 +82,7 @@ class DistributedSite(Site):
             spends = self._charge(ledger, charges, server_round, dp, self.device)
             if phase.name == PROBE:
                 features = self._features(model, tokenizer, encoded)
-                runner = FeatureHead(head)
+                runner = FeatureHead(classification_head(model))
                 examples = [{"features": x, "labels": e["labels"]} for x, e in zip(features, encoded.examples)]
                 batches = stack_features
             else:
@@ -118,17 +125,12 @@ class DistributedSite(Site):
                                f"{self.run.secure_sum_minimum} updates, no more than the {colluders} colluding sites assumed")
         return shares
 
-    def _calibrate(self, dp: EffectiveDP, phases, release_sigma: float | None, sensitivity: float) -> float:
-        """z for every round of the run, releases included (or the run's noise-multiplier), at
-        least the site's floor."""
-        releases = [row for phase in phases for row in phase.releases(release_sigma, phase.rounds)]
-        rounds = phases[-1].last_round
+    def _calibrate(self, dp: EffectiveDP, phases, release_sigma: float | None, sensitivities: tuple[float, ...]) -> float:
+        """z for every round of the run, releases included (``privacy.plan.plan_distributed``)."""
         try:
-            z = dp.noise_multiplier or calibrate_noise(dp.target_epsilon, dp.delta, [(1.0, rounds)], ACCOUNTANT,
-                                                       prior=releases, skellam_sensitivity=sensitivity)
+            return plan_distributed(dp, phases, release_sigma, sensitivities).noise_multiplier
         except BudgetExhausted as err:
             raise RefusedRound("policy-refused", "target-epsilon", str(err)) from err
-        return dp.at_least_the_floor(z)
 
     def _gradient_sum(self, runner: torch.nn.Module, params: list[torch.nn.Parameter], examples: list[dict[str, Any]],
                       units: list[int], batches, max_grad_norm: float) -> tuple[torch.Tensor, int]:

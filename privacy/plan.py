@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from fedlora.run_config import RunSettings
 from privacy.accountant import History, calibrate_noise, epsilon_for
 from privacy.budget import EffectiveDP
+from privacy.skellam import SkellamRow
 
 ACCOUNTANT = "rdp"
 PROBE, FINE_TUNE = "probe", "fine-tune"
@@ -146,6 +147,27 @@ def plan_run(dp: EffectiveDP, phases: tuple[Phase, ...], release_sigma: float | 
         epsilon_for(_history(phases, sigma, release_sigma, r), dp.delta, ACCOUNTANT) for r in range(1, last + 1)
     )
     return SitePlan(phases, sigma, release_sigma, after)
+
+
+def plan_distributed(dp: EffectiveDP, phases: tuple[Phase, ...], release_sigma: float | None,
+                     sensitivities: tuple[float, ...]) -> SitePlan:
+    """The privacy plan of distributed DP (``client.distributed_site``): every round one Skellam
+    release on all units (rate 1) at multiplier z and its phase's sensitivity D2 (one per phase
+    in ``sensitivities``), z given or calibrated over all the run's rounds and releases, at
+    least the site's floor."""
+    releases = [row for phase in phases for row in phase.releases(release_sigma, phase.rounds)]
+    z = dp.noise_multiplier or calibrate_noise(dp.target_epsilon, dp.delta, [(1.0, p.rounds) for p in phases], ACCOUNTANT,
+                                               prior=releases, skellam_sensitivities=sensitivities)
+    z = dp.at_least_the_floor(z)
+    after = []
+    for through in range(1, phases[-1].last_round + 1):
+        history: History = []
+        for phase, d2 in zip(phases, sensitivities, strict=True):
+            rounds = max(0, min(phase.last_round, through) - phase.first_round + 1)
+            if rounds:
+                history += [SkellamRow(z, 1.0, rounds, d2), *phase.releases(release_sigma, rounds)]
+        after.append(epsilon_for(history, dp.delta, ACCOUNTANT))
+    return SitePlan(phases, z, release_sigma, tuple(after))
 
 
 def _history(phases: tuple[Phase, ...], sigma: float, release_sigma: float | None, through_round: int) -> History:

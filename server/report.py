@@ -107,7 +107,13 @@ def write_report(out_dir: Path, settings: RunSettings, history: list[RoundRecord
         "eval (sites' held-out)": _points(history, "eval_accuracy"),
         "central test set": _points(history, "central_accuracy"),
     })
-    dp = "ON" if settings.dp.dp else "**OFF — training was not differentially private**"
+    dp = "**OFF — training was not differentially private**"
+    if settings.dp.distributed:
+        dp = (f"ON, distributed: each round one gradient step whose Skellam noise the sites share through SecAgg+, "
+              f"trusting that at most max(distributed-dp-colluders = {settings.dp.distributed_dp_colluders}, "
+              f"each site's own) sites collude with the server")
+    elif settings.dp.dp:
+        dp = "ON, local: each site's DP-SGD"
     simulated = (out_dir / SIMULATION_FILE).is_file()
     data = (f"`{settings.data.data}`, partition `{settings.data.partition}` over simulated sites" if simulated
             else "each site's own, which the coordinator never sees (a deployed run)")

@@ -16,7 +16,7 @@ from rich.table import Table
 from fedlora.run_config import RunSettings
 from privacy.budget import RUN_SHARE, BudgetExhausted, PolicyViolation, resolve, site_policy
 from privacy.ledger import LedgerError, spent_in_other_runs
-from privacy.plan import ACCOUNTANT, choose_schedule, plan_run, public_population
+from privacy.plan import ACCOUNTANT, choose_schedule, plan_distributed, plan_run, public_population
 from simulations.simulate import site_node_configs
 from simulations.site_files import assign_site_files
 
@@ -42,7 +42,10 @@ def simulated_site_plans(settings: RunSettings, sites: Mapping[str, Any]) -> lis
                 plans.append(entry | {"dp": False})
                 continue
             release_sigma = policy.metric_noise_multiplier if policy.report_metrics == "noised" else None
-            plan = plan_run(dp, phases, release_sigma)
+            if settings.dp.distributed:
+                plan = plan_distributed(dp, phases, release_sigma, _distributed_sensitivity(settings, phases))
+            else:
+                plan = plan_run(dp, phases, release_sigma)
         except (PolicyViolation, BudgetExhausted, LedgerError) as err:
             plans.append(entry | {"refused": str(err)})
             continue
@@ -52,6 +55,15 @@ def simulated_site_plans(settings: RunSettings, sites: Mapping[str, Any]) -> lis
             "target_epsilon": dp.target_epsilon, "epsilon_after_round": list(plan.epsilon_after_round),
         })
     return plans
+
+
+def _distributed_sensitivity(settings: RunSettings, phases) -> tuple[float, ...]:
+    """Each phase's D2 as a site computes it, from the model the site would load (``client.distributed_site``)."""
+    from client.distributed_site import phase_sensitivities
+    from client.site_model import warm_model
+
+    model, _ = warm_model(settings.model, settings.data.task, settings.data.label_names, settings.strategy.freezes_lora_a)
+    return phase_sensitivities(model, phases)
 
 
 def print_plans(plans: list[dict[str, Any]], rounds: int) -> None:

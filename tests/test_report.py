@@ -48,3 +48,14 @@ def test_the_rounds_table_shows_the_servers_own_seconds(tmp_path):
     assert "| seconds | server's own seconds |" in report
     rows = [line for line in report.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert rows[0].endswith("| 42.5 | 0.04 |") and rows[1].endswith("| 1.0 | – |")
+
+
+def test_the_report_says_which_dp_mode_ran_and_what_distributed_dp_trusts(tmp_path):
+    history = read_history([entry(1, "aggregated")])
+    local = write_report(tmp_path, settings_of(default_run_config()), history).read_text()
+    assert "differential privacy: ON, local: each site's DP-SGD" in local
+    distributed = default_run_config() | {"secure-aggregation": True, "dp-mode": "distributed", "distributed-dp-colluders": 1}
+    report = write_report(tmp_path, settings_of(distributed), history).read_text()
+    assert "differential privacy: ON, distributed:" in report and "distributed-dp-colluders = 1" in report
+    off = write_report(tmp_path, settings_of(default_run_config() | {"dp": False, "dp-mode": "distributed"}), history).read_text()
+    assert "**OFF" in off
