@@ -145,6 +145,12 @@ def test_a_ledger_charges_a_distributed_round_and_the_audit_recomputes_it(tmp_pa
             ledger.charge([Charge(skellam.MECHANISM, 0.3, 1.0, 5, 17_875.0)], round=3, **common)
     audit = audit_ledger(path)
     assert not audit.epsilon_mismatches and not audit.chain_problems
+    # the site's own status counts the Skellam row too (a Gaussian reading of it would be lower)
+    from privacy.site_status import site_status
+
+    status = site_status(str(path), {"ledger-path": str(path), "max-epsilon": 10.0, "delta": 1e-5})
+    assert status["spent"] == pytest.approx(audit.rows[-1].opacus_epsilon, rel=1e-12)
+    assert status["spent"] > epsilon_for([(1.1, 0.05, 300), (2.5, 1.0, 1), (10.0, 1.0, 1)], 1e-5)
     assert [row.mechanism for row in audit.rows] == ["dp-sgd:probe", "distributed:skellam", "release:eval"]
     assert audit.rows[1].prv_epsilon is None and audit.rows[0].prv_epsilon is not None
 
