@@ -110,10 +110,12 @@ class DPRequest:
     secure_noise: bool
     # ``distributed``: each site adds a share of the noise to its full-batch clipped gradient sum
     # and SecAgg+ sums them (``client.distributed_site``); the server takes a gradient step of
-    # distributed-learning-rate. A site takes part only if its node config states how many
+    # distributed-probe-learning-rate in the probe rounds (the head alone), of
+    # distributed-learning-rate after. A site takes part only if its node config states how many
     # sites may collude with the server (distributed-dp-colluders); the run's value is a floor.
     dp_mode: str
     distributed_dp_colluders: int
+    distributed_probe_learning_rate: float
     distributed_learning_rate: float
 
     @property
@@ -126,7 +128,9 @@ class DPRequest:
             _within(key, value, value >= 0, ">= 0 (0 = not given)")
         _one_of("dp-mode", self.dp_mode, DP_MODES)
         _within("distributed-dp-colluders", self.distributed_dp_colluders, self.distributed_dp_colluders >= 0, ">= 0")
-        _within("distributed-learning-rate", self.distributed_learning_rate, self.distributed_learning_rate > 0, "> 0")
+        for key in ("distributed-probe-learning-rate", "distributed-learning-rate"):
+            value = getattr(self, key.replace("-", "_"))
+            _within(key, value, value > 0, "> 0")
         _within("delta", self.delta, 0 <= self.delta < 1, "in [0, 1) (0 = not given)")
         _within("max-grad-norm", self.max_grad_norm, self.max_grad_norm > 0, "> 0")
 
@@ -208,6 +212,17 @@ class RunSettings:
     dp: DPRequest
     strategy: StrategySettings
     secure: SecureAggregationSettings
+
+    @property
+    def probe_rounds(self) -> int:
+        """Rounds 1..P train the head alone (``privacy.plan``); only a classifier has a head."""
+        return min(self.schedule.probe_rounds, self.num_server_rounds) if self.data.task == "classification" else 0
+
+    def distributed_step(self, server_round: int) -> float:
+        """The server's step size in a distributed-DP round: the probe phase's, or the rest's."""
+        if server_round <= self.probe_rounds:
+            return self.dp.distributed_probe_learning_rate
+        return self.dp.distributed_learning_rate
 
     @property
     def secure_sum_minimum(self) -> int:

@@ -112,8 +112,7 @@ def public_population(declared: int, eval_fraction: float, held_out: bool = Fals
 def choose_schedule(settings: RunSettings, population: int, private: bool) -> tuple[Phase, ...]:
     """The phases of a run for a site of ``population`` training units (see the module doc)."""
     rounds, given = settings.num_server_rounds, settings.schedule
-    probing = settings.data.task == "classification"
-    probe_rounds = min(given.probe_rounds, rounds) if probing else 0
+    probe_rounds = settings.probe_rounds
     phases = []
     if probe_rounds:
         batch = given.probe_batch_size or _clamp(population // 8, 8, 64)

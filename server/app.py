@@ -79,7 +79,7 @@ def run_server(
         central_eval=global_model.central_evaluator(settings.central_eval_data) if settings.central_eval_data else None,
         flag_after=settings.strategy.flag_after_rejections,
         secure=(SecAggPlus(settings.secure, send_and_receive, min_updates=settings.secure_sum_minimum,
-                           distributed_learning_rate=settings.dp.distributed_learning_rate if settings.dp.distributed else None)
+                           distributed_step=settings.distributed_step if settings.dp.distributed else None)
                 if settings.secure.secure_aggregation else None),
     )
 

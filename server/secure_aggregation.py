@@ -95,8 +95,9 @@ class SecAggPlus:
     send_and_receive: SendAndReceive
     min_updates: int = 2  # updates (replies without a refusal) a sum needs before it is unmasked
     # Distributed DP (``dp-mode = distributed``): the sum is of integer gradient vectors
-    # (``fedlora.secagg_grid``), and the round's update is this step size times their noisy mean.
-    distributed_learning_rate: float | None = None
+    # (``fedlora.secagg_grid``), and the round's update is minus this step size (of the round)
+    # times their noisy mean.
+    distributed_step: Callable[[int], float] | None = None
     rng: random.Random = field(default_factory=random.SystemRandom)  # the neighbour ring: not the run's seed
 
     def run(self, grid: Grid, messages: Sequence[Message], timeout: float, label: str) -> SecureRound:
@@ -214,9 +215,9 @@ class SecAggPlus:
             return _ended(result, reported)
         total = _unmasked(total, shares, dead, neighbours, public_keys, result.summed)
         names = list(train[sampled[0]].content["arrays"].keys())
-        if self.distributed_learning_rate is not None:
+        if self.distributed_step is not None:
             updates = [reported[nid] for nid in result.summed if "status" not in reported[nid].content.config_records]
-            step = _gradient_step(total, len(result.summed), updates, self.distributed_learning_rate)
+            step = _gradient_step(total, len(result.summed), updates, self.distributed_step(int(group)))
             if isinstance(step, str):
                 result.failure = f"distributed DP: {step}"
                 return _ended(result, reported)

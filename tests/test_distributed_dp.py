@@ -244,7 +244,7 @@ def test_a_federation_steps_along_the_sites_clipped_mean_gradient_through_secagg
     federation = Federation(FakeGrid(_real_sites(config, classification_csv, tmp_path)), build_strategy(settings), 1,
                             timeout=60.0, train_config={}, evaluate_config={},
                             secure=SecAggPlus(settings.secure, send_and_receive, min_updates=settings.secure_sum_minimum,
-                                              distributed_learning_rate=lr))
+                                              distributed_step=settings.distributed_step))
     history = []
     final = decode(federation.run(start, 1, history, lambda *_: None))
     assert history and history[0].failure is None, history[0].failure
@@ -261,3 +261,11 @@ def test_a_federation_steps_along_the_sites_clipped_mean_gradient_through_secagg
     else:
         claimed = z * grid_sensitivity(dimensions) / (scale * 3 * population)  # z D2 / (gamma N), N = 3 sites' populations
         assert deviation.std() == pytest.approx(claimed, rel=0.1)
+
+
+def test_the_server_steps_with_the_probe_rate_in_the_probe_rounds_only(tiny_run_config):
+    settings = settings_of(distributed_config(tiny_run_config, **{
+        "probe-rounds": 2, "distributed-probe-learning-rate": 7.0, "distributed-learning-rate": 0.5}))
+    assert [settings.distributed_step(r) for r in (1, 2, 3)] == [7.0, 7.0, 0.5]
+    causal = settings_of(apply_overrides(distributed_config(tiny_run_config, **{"probe-rounds": 2}), {"task": "causal-lm"}))
+    assert causal.distributed_step(1) == causal.dp.distributed_learning_rate  # no head to probe

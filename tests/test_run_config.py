@@ -18,7 +18,8 @@ def test_the_defaults_parse_into_typed_sections_and_back():
     assert settings.model.lora_rank == 8 and isinstance(settings.model.lora_alpha, float)
     assert settings.data.label_names == () and settings.dp == DPRequest(
         dp=True, noise_multiplier=0.0, target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0, max_epsilon=0.0,
-        secure_noise=False, dp_mode="local", distributed_dp_colluders=0, distributed_learning_rate=1.0)
+        secure_noise=False, dp_mode="local", distributed_dp_colluders=0,
+        distributed_probe_learning_rate=10.0, distributed_learning_rate=1.0)
     assert settings.strategy.freezes_lora_a is False
     assert RunSettings.parse(settings.as_dict()) == settings
     assert settings.as_dict() == default_run_config()
