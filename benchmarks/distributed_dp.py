@@ -4,9 +4,10 @@ Each cell is a real ``fedlora simulate`` run of 3 sites on ``--train``, then ``f
 of its final adapter on ``--test``:
 
 - ``local``: DP-SGD at each site (the default, fedavg, 3 rounds);
-- ``distributed-R<rounds>-lr<rate>-probe<rounds>``: ``dp-mode = distributed`` under SecAgg+, each
-  round one full-batch gradient step whose noise the three sites share (no site assumed to
-  collude: ``distributed-dp-colluders = 0``, every sum of all three).
+- ``distributed-R<rounds>-plr<rate>-lr<rate>-probe<rounds>``: ``dp-mode = distributed`` under
+  SecAgg+, each round one full-batch gradient step (step size plr in the probe rounds, lr after)
+  whose noise the three sites share (no site assumed to collude: ``distributed-dp-colluders = 0``,
+  every sum of all three).
 
 Every site has ``max-epsilon = max-epsilon-per-run = target-epsilon = --epsilon``. Reported per
 cell: accuracy on ``--test``, the sites' final epsilon (from ``history.json``), rounds, wall time.
@@ -29,21 +30,22 @@ from pathlib import Path
 
 from fpb_federated import run
 
-CELL = re.compile(r"^(local|distributed-R(\d+)-lr([0-9.]+)-probe(\d+))$")
+CELL = re.compile(r"^(local|distributed-R(\d+)-plr([0-9.]+)-lr([0-9.]+)-probe(\d+))$")
 
 
 def options(cell: str, epsilon: float) -> tuple[list[str], int]:
     """A cell's ``fedlora simulate`` options and its rounds."""
     match = CELL.match(cell)
     if not match:
-        raise SystemExit(f"unknown cell {cell!r}: local or distributed-R<rounds>-lr<rate>-probe<rounds>")
+        raise SystemExit(f"unknown cell {cell!r}: local or distributed-R<rounds>-plr<rate>-lr<rate>-probe<rounds>")
     budget = f"max-epsilon={epsilon:g} max-epsilon-per-run={epsilon:g} delta=1e-5"
     common = ["--num-clients", "3", "--strategy", "fedavg", "--set", f"target-epsilon={epsilon:g}"]
     if match.group(1) == "local":
         return [*common, "--node-config", budget], 3
-    rounds, rate, probe = int(match.group(2)), match.group(3), match.group(4)
+    rounds, probe_rate, rate, probe = int(match.group(2)), match.group(3), match.group(4), match.group(5)
     return [*common, "--set", "secure-aggregation=true", "--set", "dp-mode=distributed", "--set", "min-valid-updates=3",
-            "--set", f"distributed-learning-rate={rate}", "--set", f"probe-rounds={probe}",
+            "--set", f"distributed-probe-learning-rate={probe_rate}", "--set", f"distributed-learning-rate={rate}",
+            "--set", f"probe-rounds={probe}",
             "--node-config", f"{budget} distributed-dp-colluders=0"], rounds
 
 
@@ -66,7 +68,7 @@ def main() -> None:
     parser.add_argument("--test", required=True, help="the held-out file every adapter is scored on")
     parser.add_argument("--out", default="benchmarks/results/distributed-dp")
     parser.add_argument("--epsilon", type=float, default=8.0)
-    parser.add_argument("--cells", nargs="+", default=["local", "distributed-R10-lr2-probe5"])
+    parser.add_argument("--cells", nargs="+", default=["local", "distributed-R10-plr30-lr1-probe5"])
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = []
