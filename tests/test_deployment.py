@@ -770,3 +770,36 @@ class TestSecureAggregation:
         # site-d went down holding its training: it may have charged it (then it is audited too) or not
         audit = secure.federation.audit([sites[name].ledger for name in SECURE_SITES if sites[name].ledger.exists()])
         assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+@pytest.fixture(scope="class")
+def distributed(pki, procs, tiny_bert, tmp_path_factory) -> Outcome:
+    """Distributed DP over TLS: three sites whose node configs consent to it
+    (``distributed-dp-colluders = 0``), one round, every sum holding all three."""
+    fed = Federation(tmp_path_factory.mktemp("distributed"), pki, procs)
+    fed.start_superlink()
+    sites = [fed.site(name, site_rows(seed)) for seed, name in enumerate(HEALTHY)]
+    for site in sites:
+        node_config = site.dir / "node-config.toml"
+        node_config.write_text(node_config.read_text() + "distributed-dp-colluders = 0\n")
+        fed.start_site(site)
+    fed.wait_online(len(sites))
+    out = fed.root / "runs" / "distributed"
+    config = fast_config(tiny_bert, out, **{"num-server-rounds": 1, "secure-aggregation": True, "dp-mode": "distributed",
+                                            "min-valid-updates": 3, "round-timeout": 120.0})
+    run = fed.submit(config)
+    return Outcome(fed, out, [fed.finish(run, timeout=420)])
+
+
+@pytest.mark.usefixtures("distributed")
+class TestDistributedDP:
+    def test_the_round_is_one_secure_sum_of_noisy_gradients_and_the_ledgers_say_so(self, distributed):
+        (record,) = history(distributed.out)
+        assert record["failure"] is None and record["secure_aggregation"]["summed"] == 3
+        assert all(by_site(record)[name]["outcome"] == "aggregated" for name in HEALTHY)
+        assert "differential privacy: ON, distributed:" in (distributed.out / "report.md").read_text()
+        sites = distributed.federation.sites
+        for name in HEALTHY:
+            assert [s["confirmed"] for s in ledger_spends(sites[name].ledger, "distributed:skellam")] == [True]
+        audit = distributed.federation.audit([sites[name].ledger for name in HEALTHY])
+        assert audit.returncode == 0, audit.stdout + audit.stderr
