@@ -23,7 +23,9 @@ from flwr.clientapp import ClientApp
 
 from client.outgoing_guard import outgoing_guard
 from client.refusals import SETTINGS, RefusedRound
-from client.secure_aggregation import grid_upload, is_secure_round, masked_upload, secure_aggregation
+from client.secure_aggregation import (
+    check_distributed_round, grid_upload, is_secure_round, masked_upload, secure_aggregation,
+)
 from fedlora.run_config import ConfigError, RunSettings
 from fedlora.upload_codec import encode_upload
 
@@ -58,6 +60,8 @@ def train_site(msg: Message, context: Context, run_config: Mapping[str, Any]) ->
         settings = _settings(run_config)
         if secure:
             _check_secure_site(context, settings)
+            if settings.dp.distributed:
+                check_distributed_round(context, settings)
         elif settings.dp.distributed:  # one site's vector alone would carry only its share of the noise
             raise RefusedRound("policy-refused", "secure-aggregation", "dp-mode = distributed, but this round is "
                                "not a SecAgg+ round; a site's share of the noise protects nothing alone")

@@ -16,6 +16,7 @@ the probe rounds, LoRA and the head after; each round is one gradient step, take
 
 from __future__ import annotations
 
+import math
 import secrets
 from logging import INFO
 from typing import Any
@@ -30,16 +31,20 @@ from client.probe import FeatureHead, classification_head, stack_features
 from client.refusals import RefusedRound
 from client.site import Site, TrainOutcome, budget_line
 from client.training import MAX_ROWS_PER_UNIT, without_dropout
-from fedlora.adapters import state_key
+from fedlora.adapters import adapter_state, state_key
 from fedlora.tasks import collate, forward_logits, per_example_loss
-from privacy.budget import BudgetExhausted, EffectiveDP, SitePolicy
+from privacy.budget import BudgetExhausted, EffectiveDP, PolicyViolation, SitePolicy
 from privacy.distributed_dp import grid_scale, grid_sensitivity, honest_shares, noise_share, rounded_units
+from privacy.dp_sgd import rng_mode
 from privacy.ledger import Charge
 from privacy.plan import PROBE, choose_schedule, phase_of, plan_distributed
 from privacy.release import train_loss_charge
 from privacy.skellam import MECHANISM
 
 ROWS_PER_PASS = 64  # rows whose per-example gradients are held at once
+
+
+SAMPLER = "skellam:numpy-pcg64"  # the ledger's rng_mode (privacy.skellam), beside the releases' Gaussian one
 
 
 def trained_parameters(model: torch.nn.Module, phase: str) -> list[torch.nn.Parameter]:
@@ -50,9 +55,15 @@ def trained_parameters(model: torch.nn.Module, phase: str) -> list[torch.nn.Para
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def phase_sensitivities(model: torch.nn.Module, phases) -> tuple[float, ...]:
-    """D2 of each phase's rounds, for the plan (``privacy.plan.plan_distributed``)."""
-    return tuple(grid_sensitivity(sum(p.numel() for p in trained_parameters(model, phase.name))) for phase in phases)
+def adapter_layout(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of the site's own adapter, in order: the vector a round sends
+    covers all of them (d values), whatever the round trains and whatever the server sent."""
+    return {name: tuple(tensor.shape) for name, tensor in adapter_state(model).items()}
+
+
+def adapter_sensitivity(model: torch.nn.Module) -> float:
+    """D2 for the site's adapter (``privacy.distributed_dp``), the same every round."""
+    return grid_sensitivity(sum(math.prod(shape) for shape in adapter_layout(model).values()))
 
 
 class DistributedSite(Site):
@@ -61,6 +72,9 @@ class DistributedSite(Site):
         policy, dp = self._privacy()
         if not dp.enabled:
             raise RefusedRound("policy-refused", "dp-mode", "dp-mode = distributed is a DP mode, and DP is off")
+        if dp.secure_noise:
+            raise RefusedRound("policy-refused", "secure-noise", "secure-noise asks for CSPRNG noise; distributed DP's "
+                               "Skellam sampler is numpy's PCG64 (privacy.skellam), so this site takes no part")
         shares = self._honest_shares(policy)
         data = self._data(policy, dp)
         model, tokenizer = self._model(global_adapter)
@@ -69,17 +83,18 @@ class DistributedSite(Site):
         phases = choose_schedule(self.run, population, True)
         phase = phase_of(phases, server_round)
         params = trained_parameters(model, phase.name)
-        dimensions = sum(p.numel() for p in params)
+        layout = adapter_layout(model)
+        dimensions = sum(math.prod(shape) for shape in layout.values())
         sensitivity = grid_sensitivity(dimensions)
         release_sigma = policy.metric_noise_multiplier if policy.report_metrics == "noised" else None
-        z = self._calibrate(dp, phases, release_sigma, phase_sensitivities(model, phases))
+        z = self._calibrate(dp, phases, release_sigma, sensitivity, shares)
         unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
         charges = [Charge(MECHANISM, z, 1.0, 1, sensitivity, unit)]
         if release_sigma is not None:
             charges.append(train_loss_charge(release_sigma, phase.sample_rate, unit))
         with self._ledger(policy) as ledger:
             before = self._spent(ledger, dp)
-            spends = self._charge(ledger, charges, server_round, dp, self.device)
+            spends = self._charge(ledger, charges, server_round, dp, f"{SAMPLER},release:{rng_mode(self.device, False)}")
             if phase.name == PROBE:
                 features = self._features(model, tokenizer, encoded)
                 runner = FeatureHead(classification_head(model))
@@ -88,8 +103,16 @@ class DistributedSite(Site):
             else:
                 runner, examples = model, encoded.examples
                 batches = lambda part: collate(part, tokenizer.pad_token_id, self.run.data.task)  # noqa: E731
-            total, zeroed = self._gradient_sum(runner, params, examples, encoded.units, batches, dp.max_grad_norm)
-            vector = total.numpy() + noise_share(dimensions, z, shares)
+            total, zeroed = self._gradient_sum(runner, params, examples, encoded.units, batches, dp.max_grad_norm, dimensions)
+            vector = noise_share(dimensions, z, shares)
+            names = {id(p): state_key(n) for n, p in model.named_parameters()}
+            offsets, start = {}, 0
+            for name, shape in layout.items():
+                offsets[name], start = start, start + math.prod(shape)
+            at = 0
+            for p in params:  # the trained values' places in the adapter's vector
+                vector[offsets[names[id(p)]]:offsets[names[id(p)]] + p.numel()] += total[at:at + p.numel()].numpy()
+                at += p.numel()
             released = {}
             if release_sigma is not None:
                 released["train-loss"] = self._released_train_loss(model, tokenizer, encoded, population, spends[1], dp)
@@ -100,11 +123,7 @@ class DistributedSite(Site):
         log(INFO, "%s round %s: distributed DP gradient (%s), %s; %s rows (%s units), z %.4g over %s honest "
             "share(s), %s units zeroed", self.name, server_round, phase.name, budget_line(before, after, dp),
             len(encoded.examples), encoded.num_units, z, shares, zeroed)
-        names = {id(p): state_key(n) for n, p in model.named_parameters()}
-        grid, offset = {}, 0
-        for p in params:
-            grid[names[id(p)]] = vector[offset:offset + p.numel()].reshape(tuple(p.shape))
-            offset += p.numel()
+        grid = {name: vector[offsets[name]:offsets[name] + math.prod(shape)].reshape(shape) for name, shape in layout.items()}
         metrics: dict[str, float | int] = {
             "num-examples": population, "steps": 1, "sample-rate": 1.0, "noise-multiplier": z,
             "max-grad-norm": dp.max_grad_norm, "delta": dp.delta, "max-epsilon": dp.max_epsilon, "dp": 1,
@@ -114,26 +133,23 @@ class DistributedSite(Site):
         return TrainOutcome(adapter={}, metrics=metrics, anchor=anchor, grid=grid)
 
     def _honest_shares(self, policy: SitePolicy) -> int:
-        """n - t, refused unless the site opted in and at least one share is honest."""
-        if policy.distributed_dp_colluders is None:
-            raise RefusedRound("policy-refused", "distributed-dp-colluders", "this site's node config names no "
-                               "distributed-dp-colluders, so it takes no part in distributed DP")
-        colluders = max(policy.distributed_dp_colluders, self.run.dp.distributed_dp_colluders)
-        shares = honest_shares(self.run.secure_sum_minimum, colluders)
-        if shares < 1:
-            raise RefusedRound("policy-refused", "distributed-dp-colluders", f"a secure sum holds at least "
-                               f"{self.run.secure_sum_minimum} updates, no more than the {colluders} colluding sites assumed")
-        return shares
+        try:
+            return honest_shares(self.run.secure_sum_minimum, policy.distributed_dp_colluders,
+                                 self.run.dp.distributed_dp_colluders)
+        except PolicyViolation as err:
+            raise RefusedRound("policy-refused", err.setting, str(err)) from err
 
-    def _calibrate(self, dp: EffectiveDP, phases, release_sigma: float | None, sensitivities: tuple[float, ...]) -> float:
+    def _calibrate(self, dp: EffectiveDP, phases, release_sigma: float | None, sensitivity: float, shares: int) -> float:
         """z for every round of the run, releases included (``privacy.plan.plan_distributed``)."""
         try:
-            return plan_distributed(dp, phases, release_sigma, sensitivities).noise_multiplier
+            return plan_distributed(dp, phases, release_sigma, sensitivity, shares).noise_multiplier
         except BudgetExhausted as err:
+            if dp.target_epsilon == dp.run_allowance:  # the site's budget bound the target, not the run config
+                raise RefusedRound("budget-exhausted", "max-epsilon-per-run", str(err)) from err
             raise RefusedRound("policy-refused", "target-epsilon", str(err)) from err
 
     def _gradient_sum(self, runner: torch.nn.Module, params: list[torch.nn.Parameter], examples: list[dict[str, Any]],
-                      units: list[int], batches, max_grad_norm: float) -> tuple[torch.Tensor, int]:
+                      units: list[int], batches, max_grad_norm: float, dimensions: int) -> tuple[torch.Tensor, int]:
         """Sum over units of r_u (``privacy.distributed_dp.rounded_units``): each unit's gradient is
         the mean of its rows' (at most MAX_ROWS_PER_UNIT, drawn at random), units whole in a pass."""
         generator = torch.Generator().manual_seed(secrets.randbits(63))
@@ -162,7 +178,7 @@ class DistributedSite(Site):
                     owner = torch.tensor([u for u, group in enumerate(pass_groups) for _ in group])
                     sizes = torch.bincount(owner).to(flat.dtype).unsqueeze(1)
                     unit_means = torch.zeros(len(pass_groups), flat.shape[1], dtype=flat.dtype).index_add_(0, owner, flat.cpu()) / sizes
-                    part, dropped = rounded_units(unit_means, max_grad_norm, generator)
+                    part, dropped = rounded_units(unit_means, max_grad_norm, dimensions, generator)
                     total += part
                     zeroed += dropped
                     for p in params:

@@ -29,9 +29,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Array, bytes_to_ndarray, ndarray_to_bytes
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 
-from fedlora.secagg_grid import quantizer_input
+from client.refusals import RefusedRound
+from fedlora.run_config import RunSettings
+from fedlora.secagg_grid import LEVELS, MODULUS, quantizer_input
 
 PROTOCOL_RECORD = RECORD_KEY_CONFIGS
 MASKED_VECTOR = Key.MASKED_PARAMETERS
@@ -69,6 +71,24 @@ def _as_uint32(part: bytes) -> bytes:
     as int64 (half their bytes zero), and the sum needs each only mod 2^32, which the cast keeps
     exactly (it keeps the low 32 bits): a site uploads what an fp32 adapter takes, not twice it."""
     return ndarray_to_bytes(bytes_to_ndarray(part).astype(np.uint32))
+
+
+def check_distributed_round(context: Context, settings: RunSettings) -> None:
+    """Refuse, before anything is charged, a distributed-DP round whose SecAgg+ setup is not the
+    run config's: Flower's mod quantizes with the clipping range, levels and max weight the
+    server sent at setup, so another max weight would scale this site's vector (its noise share
+    included) down, and another range would break the grid's exact passage; and a round of fewer
+    sites than a sum must hold (``RunSettings.secure_sum_minimum``) cannot hold the shares the
+    site counts on."""
+    state = context.state.config_records.get(RECORD_KEY_STATE, {})
+    expected = {"clipping_range": settings.secure.secagg_clipping_range, "target_range": LEVELS, "mod_range": MODULUS,
+                "max_weight": settings.secure.secagg_max_weight}
+    if any(state.get(key) != value for key, value in expected.items()):
+        raise RefusedRound("policy-refused", "secure-aggregation", "this SecAgg+ round was set up with other parameters "
+                           "than the run config's (clipping range, levels, modulus, max weight)")
+    if int(state.get("sample_num", 0)) < settings.secure_sum_minimum:
+        raise RefusedRound("policy-refused", "min-valid-updates", "this SecAgg+ round has fewer sites than a secure "
+                           "sum must hold, so the noise shares this site counts on cannot all be there")
 
 
 def grid_upload(vectors: Mapping[str, np.ndarray], received: ArrayRecord, clipping_range: float,

@@ -118,7 +118,7 @@ class Site:
             torch.manual_seed(settings.seed)
         with self._ledger(policy) as ledger:
             before = self._spent(ledger, dp)
-            spends = self._charge(ledger, charges, server_round, dp, settings.device)
+            spends = self._charge(ledger, charges, server_round, dp, rng_mode(settings.device, dp.secure_noise))
             private = DPSettings(noise, dp.max_grad_norm, dp.secure_noise) if dp.enabled else None
             if probing:  # the head alone, on the cached features (client.probe)
                 result = train(
@@ -195,7 +195,8 @@ class Site:
         unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
         with self._ledger(policy) as ledger:
             before = self._spent(ledger, dp)
-            (spend,) = self._charge(ledger, [eval_charge(policy.metric_noise_multiplier, unit)], server_round, dp, self.device)
+            (spend,) = self._charge(ledger, [eval_charge(policy.metric_noise_multiplier, unit)], server_round, dp,
+                                    rng_mode(self.device, dp.secure_noise))
             metrics = noised_evaluation(
                 per_unit_means(losses, encoded.units), per_unit_means(accuracies, encoded.units),
                 population, spend.charge, dp.secure_noise,
@@ -287,7 +288,7 @@ class Site:
         except LedgerError as err:
             raise RefusedRound("ledger-error", "ledger-path", str(err)) from err
 
-    def _charge(self, ledger, charges: list[Charge], server_round: int, dp: EffectiveDP, device: torch.device):
+    def _charge(self, ledger, charges: list[Charge], server_round: int, dp: EffectiveDP, rng: str):
         """Charge every mechanism of this message before it runs: a crash from here on can only
         over-count the spend. Budget check and append are one transaction."""
         if ledger is None:
@@ -295,8 +296,7 @@ class Site:
         try:
             return ledger.charge(
                 charges, run_id=self.run_id, round=server_round, delta=dp.delta, accountant=ACCOUNTANT,
-                max_epsilon=dp.max_epsilon, rng_mode=rng_mode(device, dp.secure_noise), enforce_budget=dp.enabled,
-                max_run_epsilon=dp.run_allowance,
+                max_epsilon=dp.max_epsilon, rng_mode=rng, enforce_budget=dp.enabled, max_run_epsilon=dp.run_allowance,
             )
         except BudgetExhausted as err:
             raise RefusedRound("budget-exhausted", err.setting, str(err)) from err

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlora.lora_ranks import is_lora_a, is_lora_b
+
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 TASKS = ("classification", "causal-lm")
 UPLOAD_DTYPES = ("fp32", "fp16", "bf16", "int8")  # fedlora.upload_codec
@@ -218,10 +220,12 @@ class RunSettings:
         """Rounds 1..P train the head alone (``privacy.plan``); only a classifier has a head."""
         return min(self.schedule.probe_rounds, self.num_server_rounds) if self.data.task == "classification" else 0
 
-    def distributed_step(self, server_round: int) -> float:
-        """The server's step size in a distributed-DP round: the probe phase's, or the rest's."""
+    def distributed_step(self, server_round: int, tensor: str) -> float:
+        """The server's step size for ``tensor`` in a distributed-DP round: the probe rate for the
+        head in the probe rounds (which train nothing else: the LoRA tensors' sums then hold
+        noise alone, and stay unapplied), the other rate after."""
         if server_round <= self.probe_rounds:
-            return self.dp.distributed_probe_learning_rate
+            return 0.0 if is_lora_a(tensor) or is_lora_b(tensor) else self.dp.distributed_probe_learning_rate
         return self.dp.distributed_learning_rate
 
     @property

@@ -1,16 +1,21 @@
 """Distributed DP's arithmetic: clipped gradients on SecAgg's integer grid, and each site's share
 of the Skellam noise (the round that uses it: ``client.distributed_site``).
 
-**The grid.** A round's gradient has d trainable values. Each privacy unit u's gradient g_u is
-clipped to L2 norm C and scaled by gamma = GRID sqrt(d) / C, then every coordinate is rounded
-down or up at random, up with probability its fractional part (so the rounding is unbiased)::
+**The grid.** A site's adapter has d values (all its tensors that travel, whatever the round
+trains: fixed by the site's own model, never by the server's message). Each privacy unit u's
+gradient g_u (zero outside the round's trained tensors) is clipped to L2 norm C and scaled by
+gamma = GRID sqrt(d) / C, then every coordinate is rounded down or up at random, up with
+probability its fractional part (so the rounding is unbiased)::
 
     r_u = round_random(gamma clip_C(g_u)),    ||r_u||_2 <= gamma C + sqrt(d) = (GRID + 1) sqrt(d) = D2
 
 because rounding moves each coordinate by less than 1. :func:`rounded_units` enforces the bound
 rather than trusting float arithmetic: a unit whose vector would exceed D2 adds zero. GRID = 64
-keeps the rounding's share of the sensitivity at 1/65 (1.5 %) whatever d is, and one unit's value
-per coordinate near GRID, far inside the 2^21 a sum may reach (``fedlora.secagg_grid``).
+keeps the rounding's share of the sensitivity at 1/65 (1.5 %) whatever d is. A unit's value in
+one coordinate can reach gamma C = 64 sqrt(d) grid units (all its norm there) but is near 64 when
+spread; a sum wraps past 2^21 (``fedlora.secagg_grid``: a wrong value, never a privacy loss) only
+when thousands of units align on one coordinate, or the summed noise, z 65 sqrt(d), nears 2^21
+(z of several hundred rounds on a model with a million adapter values).
 
 **The sum.** A site sends k = sum_u r_u + Sk(mu_share)^d. Adding or removing one unit changes the
 sum over all sites by r_u: an integer vector of L2 norm <= D2 whatever the rounding drew (the
@@ -19,9 +24,12 @@ so the securely aggregated sum is the Skellam mechanism with sensitivity D2 (``p
 
 **The shares.** SecAgg+ unmasks no sum of fewer than n updates (``RunSettings.secure_sum_minimum``)
 and up to t of their sites may collude with the server, whose shares it then knows and subtracts.
-Each site therefore adds mu_share = (z D2)^2 / (n - t): any n - t honest shares hold variance
-(z D2)^2, what the ledger's row (``distributed:skellam``, z, rate 1, one step, D2) claims. A site
-with a refusal adds no share, and SecAgg+ does not count it among the n.
+Each site therefore adds mu_share = (z D2)^2 / (n - t) to every one of the d values: any n - t
+honest shares hold variance (z D2)^2 in every coordinate, what the ledger's row
+(``distributed:skellam``, z, rate 1, one step, D2) claims, whichever tensors each site was told
+to train. A site with a refusal adds no share, and SecAgg+ does not count it among the n. Since
+n comes from the server's run config, a site's own share must still meet its node config's
+``min-noise-multiplier`` alone: z / sqrt(n - t) >= the floor (``privacy.plan.plan_distributed``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import math
 import numpy as np
 import torch
 
+from privacy.budget import PolicyViolation
 from privacy.skellam import share_variance, skellam_noise
 
 GRID = 64
@@ -46,16 +55,26 @@ def grid_sensitivity(dimensions: int) -> float:
     return (GRID + 1) * math.sqrt(dimensions)
 
 
-def honest_shares(secure_sum_minimum: int, colluders: int) -> int:
-    """n - t: the shares a sum holds that no colluding site can subtract."""
+def honest_shares(secure_sum_minimum: int, site_colluders: int | None, run_colluders: int) -> int:
+    """n - t, the shares a sum holds that no colluding site can subtract, t the larger of the
+    site's node config and the run's; PolicyViolation unless the site opted in (its node config
+    names its t) and at least one share is honest."""
+    if site_colluders is None:
+        raise PolicyViolation("distributed-dp-colluders", "this site's node config names no distributed-dp-colluders, "
+                              "so it takes no part in distributed DP")
+    colluders = max(site_colluders, run_colluders)
+    if secure_sum_minimum - colluders < 1:
+        raise PolicyViolation("distributed-dp-colluders", f"a secure sum holds at least {secure_sum_minimum} updates, "
+                              f"no more than the {colluders} colluding sites assumed")
     return secure_sum_minimum - colluders
 
 
-def rounded_units(unit_gradients: torch.Tensor, max_grad_norm: float, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-    """The sum over units (rows of ``unit_gradients``, shape [units, d]) of r_u, as int64, and
-    how many units were zeroed (a non-finite gradient, or a rounded vector over D2)."""
+def rounded_units(unit_gradients: torch.Tensor, max_grad_norm: float, dimensions: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """The sum over units (rows of ``unit_gradients``, shape [units, k]: the k <= d trained
+    values) of r_u, as int64, on the grid of a d-value adapter, and how many units were zeroed
+    (a non-finite gradient, or a rounded vector over D2)."""
     grads = unit_gradients.detach().to("cpu", torch.float64)
-    dimensions = grads.shape[1]
     finite = torch.isfinite(grads.sum(dim=1))
     grads = torch.where(finite.unsqueeze(1), grads, torch.zeros_like(grads))
     norms = grads.norm(dim=1)

@@ -149,22 +149,22 @@ def plan_run(dp: EffectiveDP, phases: tuple[Phase, ...], release_sigma: float | 
 
 
 def plan_distributed(dp: EffectiveDP, phases: tuple[Phase, ...], release_sigma: float | None,
-                     sensitivities: tuple[float, ...]) -> SitePlan:
+                     sensitivity: float, honest_shares: int) -> SitePlan:
     """The privacy plan of distributed DP (``client.distributed_site``): every round one Skellam
-    release on all units (rate 1) at multiplier z and its phase's sensitivity D2 (one per phase
-    in ``sensitivities``), z given or calibrated over all the run's rounds and releases, at
-    least the site's floor."""
+    release on all units (rate 1) at multiplier z and sensitivity D2 (the site's whole adapter's,
+    ``privacy.distributed_dp``), z given or calibrated over all the run's rounds and releases.
+    The site's floor applies to its own share, z / sqrt(``honest_shares``): the server sets how
+    many shares a sum is assumed to hold, so it must not set how little noise one share carries."""
     releases = [row for phase in phases for row in phase.releases(release_sigma, phase.rounds)]
-    z = dp.noise_multiplier or calibrate_noise(dp.target_epsilon, dp.delta, [(1.0, p.rounds) for p in phases], ACCOUNTANT,
-                                               prior=releases, skellam_sensitivities=sensitivities)
-    z = dp.at_least_the_floor(z)
+    last = phases[-1].last_round
+    z = dp.noise_multiplier or calibrate_noise(dp.target_epsilon, dp.delta, [(1.0, last)], ACCOUNTANT, prior=releases,
+                                               skellam_sensitivities=[sensitivity])
+    z = math.sqrt(honest_shares) * dp.at_least_the_floor(z / math.sqrt(honest_shares))
     after = []
-    for through in range(1, phases[-1].last_round + 1):
-        history: History = []
-        for phase, d2 in zip(phases, sensitivities, strict=True):
-            rounds = max(0, min(phase.last_round, through) - phase.first_round + 1)
-            if rounds:
-                history += [SkellamRow(z, 1.0, rounds, d2), *phase.releases(release_sigma, rounds)]
+    for through in range(1, last + 1):
+        history: History = [SkellamRow(z, 1.0, through, sensitivity)]
+        for phase in phases:
+            history += phase.releases(release_sigma, max(0, min(phase.last_round, through) - phase.first_round + 1))
         after.append(epsilon_for(history, dp.delta, ACCOUNTANT))
     return SitePlan(phases, z, release_sigma, tuple(after))
 

@@ -95,9 +95,9 @@ class SecAggPlus:
     send_and_receive: SendAndReceive
     min_updates: int = 2  # updates (replies without a refusal) a sum needs before it is unmasked
     # Distributed DP (``dp-mode = distributed``): the sum is of integer gradient vectors
-    # (``fedlora.secagg_grid``), and the round's update is minus this step size (of the round)
-    # times their noisy mean.
-    distributed_step: Callable[[int], float] | None = None
+    # (``fedlora.secagg_grid``), and each tensor's update is minus its step size in the round
+    # (``RunSettings.distributed_step``) times their noisy mean.
+    distributed_step: Callable[[int, str], float] | None = None
     rng: random.Random = field(default_factory=random.SystemRandom)  # the neighbour ring: not the run's seed
 
     def run(self, grid: Grid, messages: Sequence[Message], timeout: float, label: str) -> SecureRound:
@@ -217,7 +217,8 @@ class SecAggPlus:
         names = list(train[sampled[0]].content["arrays"].keys())
         if self.distributed_step is not None:
             updates = [reported[nid] for nid in result.summed if "status" not in reported[nid].content.config_records]
-            step = _gradient_step(total, len(result.summed), updates, self.distributed_step(int(group)))
+            rates = [self.distributed_step(int(group), name) for name in names]
+            step = _gradient_step(total, len(result.summed), updates, rates)
             if isinstance(step, str):
                 result.failure = f"distributed DP: {step}"
                 return _ended(result, reported)
@@ -326,8 +327,9 @@ def _weighted_mean(total: list[np.ndarray], summed: int, clipping_range: float) 
 
 
 def _gradient_step(total: list[np.ndarray], summed: int, updates: list[Message],
-                   learning_rate: float) -> tuple[list[np.ndarray], float] | str:
-    """Distributed DP's update, -lr * (sum of the integer gradient vectors) / (gamma * N): the
+                   rates: list[float]) -> tuple[list[np.ndarray], float] | str:
+    """Distributed DP's update, -lr * (sum of the integer gradient vectors) / (gamma * N) with
+    each tensor's lr in ``rates``: the
     noisy mean of the sites' clipped per-example gradients over N = the summed sites' public
     populations (``num-examples``), gamma the grid's public scale (``grid-scale``, equal at every
     site, or the sum means nothing); or why there is none."""
@@ -339,7 +341,7 @@ def _gradient_step(total: list[np.ndarray], summed: int, updates: list[Message],
         return "the sites in the sum report no public population (num-examples)"
     (scale,) = scales
     sums = [integer_sum(v, summed) for v in total[1:]]
-    return [(-learning_rate * s / (scale * population)).astype(np.float32) for s in sums], population
+    return [(-rate * s / (scale * population)).astype(np.float32) for rate, s in zip(rates, sums, strict=True)], population
 
 
 def _ended(result: SecureRound, reported: dict[int, Message]) -> SecureRound:

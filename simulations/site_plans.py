@@ -15,6 +15,7 @@ from rich.table import Table
 
 from fedlora.run_config import RunSettings
 from privacy.budget import RUN_SHARE, BudgetExhausted, PolicyViolation, resolve, site_policy
+from privacy.distributed_dp import honest_shares
 from privacy.ledger import LedgerError, spent_in_other_runs
 from privacy.plan import ACCOUNTANT, choose_schedule, plan_distributed, plan_run, public_population
 from simulations.simulate import site_node_configs
@@ -43,7 +44,9 @@ def simulated_site_plans(settings: RunSettings, sites: Mapping[str, Any]) -> lis
                 continue
             release_sigma = policy.metric_noise_multiplier if policy.report_metrics == "noised" else None
             if settings.dp.distributed:
-                plan = plan_distributed(dp, phases, release_sigma, _distributed_sensitivity(settings, phases))
+                shares = honest_shares(settings.secure_sum_minimum, policy.distributed_dp_colluders,
+                                       settings.dp.distributed_dp_colluders)
+                plan = plan_distributed(dp, phases, release_sigma, _distributed_sensitivity(settings), shares)
             else:
                 plan = plan_run(dp, phases, release_sigma)
         except (PolicyViolation, BudgetExhausted, LedgerError) as err:
@@ -57,13 +60,13 @@ def simulated_site_plans(settings: RunSettings, sites: Mapping[str, Any]) -> lis
     return plans
 
 
-def _distributed_sensitivity(settings: RunSettings, phases) -> tuple[float, ...]:
-    """Each phase's D2 as a site computes it, from the model the site would load (``client.distributed_site``)."""
-    from client.distributed_site import phase_sensitivities
+def _distributed_sensitivity(settings: RunSettings) -> float:
+    """D2 as a site computes it, from the model the site would load (``client.distributed_site``)."""
+    from client.distributed_site import adapter_sensitivity
     from client.site_model import warm_model
 
     model, _ = warm_model(settings.model, settings.data.task, settings.data.label_names, settings.strategy.freezes_lora_a)
-    return phase_sensitivities(model, phases)
+    return adapter_sensitivity(model)
 
 
 def print_plans(plans: list[dict[str, Any]], rounds: int) -> None:

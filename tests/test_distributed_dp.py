@@ -52,12 +52,12 @@ def test_a_rounded_unit_never_exceeds_the_sensitivity_and_the_rounding_is_unbias
     gradients = torch.randn(200, d) * torch.logspace(-3, 3, 200).unsqueeze(1)
     gradients[7, 3] = math.nan
     for index in range(200):
-        total, zeroed = rounded_units(gradients[index:index + 1], clip, generator)
+        total, zeroed = rounded_units(gradients[index:index + 1], clip, d, generator)
         assert total.dtype == torch.int64
         assert float(total.double().norm()) <= grid_sensitivity(d)
         assert zeroed == (index == 7)
     exact = gradients[:5] * (clip / gradients[:5].norm(dim=1, keepdim=True)).clamp(max=1) * grid_scale(d, clip)
-    draws = torch.stack([rounded_units(gradients[:5], clip, generator)[0] for _ in range(400)]).double()
+    draws = torch.stack([rounded_units(gradients[:5], clip, d, generator)[0] for _ in range(400)]).double()
     # each value: a sum of 5 rounding draws (variance <= 5/4), averaged 400 times: within 5 std
     assert torch.allclose(draws.mean(dim=0), exact.sum(dim=0).double(), atol=5 * math.sqrt(1.25 / 400))
 
@@ -80,8 +80,16 @@ def distributed_config(config: dict, **more) -> dict:
                                     "num-server-rounds": 3, **more})
 
 
-def context(config: dict, node: dict, tmp_path) -> Context:
-    return Context(run_id=1234, node_id=7, node_config=node, state=RecordDict(), run_config=config)
+def context(config: dict, node: dict, tmp_path, **setup) -> Context:
+    """A site's context inside a SecAgg+ round whose setup stage Flower's mod recorded (the run
+    config's parameters, 3 sites, unless ``setup`` says otherwise)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    settings = settings_of(config)
+    state = {"clipping_range": settings.secure.secagg_clipping_range, "target_range": LEVELS, "mod_range": MODULUS,
+             "max_weight": settings.secure.secagg_max_weight, "sample_num": 3, **setup}
+    return Context(run_id=1234, node_id=7, node_config=node, run_config=config,
+                   state=RecordDict({RECORD_KEY_STATE: ConfigRecord(state)}))
 
 
 def node_config(csv, tmp_path, **more) -> dict:
@@ -101,9 +109,10 @@ def train_message(arrays: ArrayRecord, server_round: int = 1, secure: bool = Tru
 def test_a_site_sends_its_noisy_gradient_sum_on_the_grid_and_charges_a_skellam_row(
         tiny_run_config, classification_csv, tmp_path, monkeypatch, server_round):
     """Round 1 is the probe phase (the head alone), round 2 fine-tunes (LoRA and the head): the
-    mod gets one exact grid value per received tensor (0 for the untrained ones) at weight ratio
-    1, the ledger a ``distributed:skellam`` row with D2 of the round's dimensions, and the noise
-    added is this site's share for n - t = 3 honest sites."""
+    mod gets one exact grid value per received tensor at weight ratio 1, the gradient only where
+    the round trains (seen with the noise taken out), the noise everywhere (so every coordinate
+    of a sum holds every site's share, whichever round the server told each site it was), and
+    the ledger a ``distributed:skellam`` row whose D2 is the whole adapter's."""
     config = distributed_config(tiny_run_config, **{"probe-rounds": 1})
     sent = GlobalModel.load(settings_of(config)).arrays()
     seen = {}
@@ -114,28 +123,33 @@ def test_a_site_sends_its_noisy_gradient_sum_on_the_grid_and_charges_a_skellam_r
         return real_share(dimensions, z, shares)
 
     monkeypatch.setattr("client.distributed_site.noise_share", share)
-    ctx = context(config, node_config(classification_csv, tmp_path, **{"distributed-dp-colluders": 0}), tmp_path)
-    reply = client_app.train_site(train_message(sent, server_round), ctx, config)
+    node = node_config(classification_csv, tmp_path, **{"distributed-dp-colluders": 0})
+    reply = client_app.train_site(train_message(sent, server_round), context(config, node, tmp_path), config)
     assert "status" not in reply.content.config_records, reply.content
     upload = reply.content["fitres.parameters"]
     assert list(upload.keys()) == list(sent.keys())
     assert reply.content["fitres.num_examples"]["num_examples"] == settings_of(config).secure.secagg_max_weight
-    trained = [name for name, value in upload.items() if value.numpy().any()]
-    if server_round == 1:
-        assert trained and all(".classifier." in name for name in trained)
-    else:
-        assert any(".lora_B." in name for name in trained) and any(".lora_A." in name for name in trained)
+    assert all(value.numpy().any() for value in upload.values())  # the noise share covers every value
     levels = [value.numpy().astype(np.float64) * HALF for value in upload.values()]  # c = 1: value * 2^21 = j
     assert all(np.array_equal(v, np.round(v)) for v in levels)
-    assert seen["shares"] == 3 and seen["dimensions"] == sum(sent[name].numpy().size for name in trained)
+    assert seen["shares"] == 3 and seen["dimensions"] == sum(value.numpy().size for value in sent.values())
     metrics = reply.content["metrics"]
     assert metrics["grid-scale"] == pytest.approx(grid_scale(seen["dimensions"], 1.0))
     with PrivacyLedger(tmp_path / "l.db", read_only=True) as ledger:
         (row, *_) = ledger.spends()
     assert row.mechanism == MECHANISM and row.sample_rate == 1.0 and row.steps == 1
+    assert row.rng_mode.startswith("skellam:numpy-pcg64")
     assert row.noise_multiplier == seen["z"] == metrics["noise-multiplier"]
     assert row.max_grad_norm == pytest.approx(grid_sensitivity(seen["dimensions"]))
     assert 0 < metrics["epsilon"] <= 8.0
+    # the gradient alone: the head in the probe round, LoRA (B; A's gradient is 0 while B is) after
+    monkeypatch.setattr("client.distributed_site.noise_share", lambda d, z, shares: np.zeros(d, np.int64))
+    node["ledger-path"] = str(tmp_path / "again.db")
+    upload = client_app.train_site(train_message(sent, server_round), context(config, node, tmp_path), config).content[
+        "fitres.parameters"]
+    trained = [name for name, value in upload.items() if value.numpy().any()]
+    assert any(".classifier." in name for name in trained)
+    assert any(".lora_B." in name for name in trained) == (server_round == 2)
 
 
 def test_the_noise_share_follows_the_sites_own_collusion_bound_not_the_servers(
@@ -152,16 +166,36 @@ def test_the_noise_share_follows_the_sites_own_collusion_bound_not_the_servers(
     assert seen["shares"] == 2
 
 
-@pytest.mark.parametrize("node, secure, setting", [
-    ({}, True, "distributed-dp-colluders"),  # never opted in: its noise would rest on others'
-    ({"distributed-dp-colluders": 2}, True, "distributed-dp-colluders"),  # no share left honest at n = 2
-    ({"distributed-dp-colluders": 0}, False, "secure-aggregation"),  # no SecAgg+: its share alone would leave
+def test_a_server_that_inflates_the_sum_cannot_thin_a_sites_own_share_below_its_floor(
+        tiny_run_config, classification_csv, tmp_path, monkeypatch):
+    """min-valid-updates is the server's: at 100 the site's share would be z / 10 of the noise.
+    The site's min-noise-multiplier (1.0 here) holds for its share alone: z >= 10."""
+    config = distributed_config(tiny_run_config, **{"min-valid-updates": 100})
+    sent = GlobalModel.load(settings_of(config)).arrays()
+    seen = {}
+    monkeypatch.setattr("client.distributed_site.noise_share",
+                        lambda d, z, shares: seen.update(z=z, shares=shares) or np.zeros(d, np.int64))
+    node = node_config(classification_csv, tmp_path, **{"distributed-dp-colluders": 0, "min-noise-multiplier": 1.0})
+    reply = client_app.train_site(train_message(sent), context(config, node, tmp_path, sample_num=100), config)
+    assert "status" not in reply.content.config_records, reply.content
+    assert seen["shares"] == 100 and seen["z"] / math.sqrt(100) >= 1.0 - 1e-12
+
+
+@pytest.mark.parametrize("node, secure, setup, setting", [
+    ({}, True, {}, "distributed-dp-colluders"),  # never opted in: its noise would rest on others'
+    ({"distributed-dp-colluders": 2}, True, {}, "distributed-dp-colluders"),  # no share left honest at n = 2
+    ({"distributed-dp-colluders": 0}, False, {}, "secure-aggregation"),  # no SecAgg+: its share alone would leave
+    # SecAgg+ set up with a max weight that would scale this site's vector, its noise with it, to 0
+    ({"distributed-dp-colluders": 0}, True, {"max_weight": 1e12}, "secure-aggregation"),
+    ({"distributed-dp-colluders": 0}, True, {"clipping_range": 0.5}, "secure-aggregation"),
+    ({"distributed-dp-colluders": 0}, True, {"sample_num": 1}, "min-valid-updates"),  # fewer sites than shares counted
+    ({"distributed-dp-colluders": 0, "secure-noise": True}, True, {}, "secure-noise"),  # Skellam's sampler is no CSPRNG
 ])
 def test_a_site_refuses_a_distributed_round_it_cannot_trust_before_spending(
-        tiny_run_config, classification_csv, tmp_path, node, secure, setting):
+        tiny_run_config, classification_csv, tmp_path, node, secure, setup, setting):
     config = distributed_config(tiny_run_config, **{"min-valid-updates": 2})
     sent = GlobalModel.load(settings_of(config)).arrays()
-    ctx = context(config, node_config(classification_csv, tmp_path, **node), tmp_path)
+    ctx = context(config, node_config(classification_csv, tmp_path, **node), tmp_path, **setup)
     reply = client_app.train_site(train_message(sent, secure=secure), ctx, config)
     assert dict(reply.content["status"]) == {"status": "policy-refused", "setting": setting}
     with PrivacyLedger(tmp_path / "l.db", read_only=True) as ledger:
@@ -266,6 +300,8 @@ def test_a_federation_steps_along_the_sites_clipped_mean_gradient_through_secagg
 def test_the_server_steps_with_the_probe_rate_in_the_probe_rounds_only(tiny_run_config):
     settings = settings_of(distributed_config(tiny_run_config, **{
         "probe-rounds": 2, "distributed-probe-learning-rate": 7.0, "distributed-learning-rate": 0.5}))
-    assert [settings.distributed_step(r) for r in (1, 2, 3)] == [7.0, 7.0, 0.5]
+    head, lora = "base_model.model.classifier.weight", "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
+    assert [settings.distributed_step(r, head) for r in (1, 2, 3)] == [7.0, 7.0, 0.5]
+    assert [settings.distributed_step(r, lora) for r in (1, 2, 3)] == [0.0, 0.0, 0.5]  # noise alone while probing
     causal = settings_of(apply_overrides(distributed_config(tiny_run_config, **{"probe-rounds": 2}), {"task": "causal-lm"}))
-    assert causal.distributed_step(1) == causal.dp.distributed_learning_rate  # no head to probe
+    assert causal.distributed_step(1, lora) == causal.dp.distributed_learning_rate  # no head to probe
