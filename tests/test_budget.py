@@ -24,7 +24,8 @@ POLICY = SitePolicy(max_epsilon=10.0, delta=1e-5, min_noise_multiplier=0.3, requ
 
 def request(**overrides) -> DPRequest:
     values = dict(dp=True, noise_multiplier=0.0, target_epsilon=0.0, delta=0.0, max_grad_norm=1.0, max_epsilon=0.0,
-                  secure_noise=False)
+                  secure_noise=False, dp_mode="local", distributed_dp_colluders=0, distributed_probe_learning_rate=10.0,
+                  distributed_learning_rate=1.0)
     return DPRequest(**(values | overrides))
 
 

@@ -305,3 +305,14 @@ def test_the_server_steps_with_the_probe_rate_in_the_probe_rounds_only(tiny_run_
     assert [settings.distributed_step(r, lora) for r in (1, 2, 3)] == [0.0, 0.0, 0.5]  # noise alone while probing
     causal = settings_of(apply_overrides(distributed_config(tiny_run_config, **{"probe-rounds": 2}), {"task": "causal-lm"}))
     assert causal.distributed_step(1, lora) == causal.dp.distributed_learning_rate  # no head to probe
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "2"])
+def test_a_malformed_collusion_bound_in_the_node_config_is_refused_by_its_key(value):
+    from privacy.budget import PolicyViolation, site_policy
+
+    with pytest.raises(PolicyViolation) as refused:
+        site_policy({"distributed-dp-colluders": value})
+    assert refused.value.setting == "distributed-dp-colluders"
+    assert site_policy({"distributed-dp-colluders": 2}).distributed_dp_colluders == 2
+    assert site_policy({}).distributed_dp_colluders is None  # not opted in
