@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--test", required=True, help="the held-out file every adapter is scored on")
     parser.add_argument("--out", default="benchmarks/results/distributed-dp")
     parser.add_argument("--epsilon", type=float, default=8.0)
-    parser.add_argument("--cells", nargs="+", default=["local", "distributed-R10-plr30-lr1-probe5"])
+    parser.add_argument("--cells", nargs="+", default=["local", "distributed-R30-plr10-lr1-probe20"])
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = []
