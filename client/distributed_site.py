@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from client.probe import FeatureHead, classification_head, stack_features
 from client.refusals import RefusedRound
 from client.site import Site, TrainOutcome, budget_line
-from client.training import MAX_ROWS_PER_UNIT, without_dropout
+from client.training import rows_of_unit, unit_members, without_dropout
 from fedlora.adapters import adapter_state, state_key
 from fedlora.tasks import collate, forward_logits, per_example_loss
 from privacy.budget import BudgetExhausted, EffectiveDP, PolicyViolation, SitePolicy
@@ -153,11 +153,7 @@ class DistributedSite(Site):
         """Sum over units of r_u (``privacy.distributed_dp.rounded_units``): each unit's gradient is
         the mean of its rows' (at most MAX_ROWS_PER_UNIT, drawn at random), units whole in a pass."""
         generator = torch.Generator().manual_seed(secrets.randbits(63))
-        members: dict[int, list[int]] = {}
-        for index, unit in enumerate(units):
-            members.setdefault(unit, []).append(index)
-        groups = [[rows[i] for i in torch.randperm(len(rows), generator=generator)[:MAX_ROWS_PER_UNIT].tolist()]
-                  for rows in members.values()]
+        groups = [rows_of_unit(rows, generator) for rows in unit_members(units)]
         passes, current = [], []
         for group in groups:
             if current and sum(map(len, current)) + len(group) > ROWS_PER_PASS:

@@ -98,7 +98,7 @@ def train(
     # With DP and no usable row, every step is a noise-only step: the site answers like any
     # other, since whether it holds usable rows is itself private.
     collate_batch = collate_batch or (lambda part: collate(part, pad_token_id, task))
-    members = _members(units if units is not None else range(n))
+    members = unit_members(units if units is not None else range(n))
     lengths = [len(example.get("input_ids", ())) for example in examples]  # cached features: all 0
     population = population or len(members)
     q, steps = settings.sample_rate(population), settings.steps
@@ -115,7 +115,7 @@ def train(
             model, optimizer, dp.noise_multiplier, dp.max_grad_norm, settings.batch_size, dp.secure_noise
         )
         batches = (
-            [_rows_of(members[u], generator) for u in sampled]
+            [rows_of_unit(members[u], generator) for u in sampled]
             for sampled in (poisson_batches(len(members), q, steps, generator) if members else ([] for _ in range(steps)))
         )
     else:
@@ -198,7 +198,7 @@ def without_dropout(model: torch.nn.Module) -> Iterator[None]:
             module.p = p
 
 
-def _members(units: Iterable[int]) -> list[list[int]]:
+def unit_members(units: Iterable[int]) -> list[list[int]]:
     """Example indices of each unit, units numbered in first-seen order."""
     members: dict[int, list[int]] = {}
     for index, unit in enumerate(units):
@@ -206,7 +206,8 @@ def _members(units: Iterable[int]) -> list[list[int]]:
     return list(members.values())
 
 
-def _rows_of(rows: list[int], generator: torch.Generator) -> list[int]:
+def rows_of_unit(rows: list[int], generator: torch.Generator) -> list[int]:
+    """A unit's rows, at most MAX_ROWS_PER_UNIT of them drawn at random (user-level DP)."""
     if len(rows) <= MAX_ROWS_PER_UNIT:
         return rows
     chosen = torch.randperm(len(rows), generator=generator)[:MAX_ROWS_PER_UNIT].tolist()

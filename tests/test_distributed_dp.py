@@ -316,3 +316,56 @@ def test_a_malformed_collusion_bound_in_the_node_config_is_refused_by_its_key(va
     assert refused.value.setting == "distributed-dp-colluders"
     assert site_policy({"distributed-dp-colluders": 2}).distributed_dp_colluders == 2
     assert site_policy({}).distributed_dp_colluders is None  # not opted in
+
+
+def test_under_user_level_dp_each_users_gradient_is_the_mean_of_its_rows_by_autograd(
+        tiny_run_config, tmp_path, monkeypatch):
+    """privacy-unit-column: 36 rows of 6 patients. What the site rounds onto the grid, unit by
+    unit, is each patient's mean per-row gradient, computed apart by plain autograd."""
+    import pandas as pd
+
+    from client.site import Site
+    from client.training import unit_members, without_dropout
+    from fedlora.tasks import collate, forward_logits, per_example_loss
+    from tests.conftest import make_classification_rows
+
+    rows = pd.DataFrame(make_classification_rows(36, seed=11))
+    rows["patient"] = [f"p{i % 6}" for i in range(36)]
+    csv = tmp_path / "patients.csv"
+    rows.to_csv(csv, index=False)
+    config = distributed_config(tiny_run_config, **{"probe-rounds": 0})
+    sent = GlobalModel.load(settings_of(config)).arrays()
+    node = {**node_config(csv, tmp_path, **{"distributed-dp-colluders": 0}), "num-examples": 6,
+            "privacy-unit-column": "patient", "delta": 1e-3}
+    captured = []
+    real = distributed_dp.rounded_units
+
+    def capture(unit_gradients, *args):
+        captured.append(unit_gradients.detach().clone())
+        return real(unit_gradients, *args)
+
+    monkeypatch.setattr("client.distributed_site.rounded_units", capture)
+    reply = client_app.train_site(train_message(sent), context(config, node, tmp_path), config)
+    assert "status" not in reply.content.config_records, reply.content
+    with PrivacyLedger(tmp_path / "l.db", read_only=True) as ledger:
+        assert ledger.spends()[0].privacy_unit == "user:patient"
+    site = Site(context(config, {**node, "ledger-path": str(tmp_path / "apart.db")}, tmp_path), settings_of(config))
+    policy, dp = site._privacy()
+    data = site._data(policy, dp)
+    model, tokenizer = site._model(sent)
+    encoded = site._encode(data.train, data.units(data.train), tokenizer, "training")
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = []
+    model.train()
+    with without_dropout(model):
+        for members in unit_members(encoded.units):
+            grads = []
+            for index in members:
+                model.zero_grad()
+                batch = collate([encoded.examples[index]], tokenizer.pad_token_id, "classification")
+                per_example_loss(forward_logits(model, batch), batch["labels"], "classification").sum().backward()
+                grads.append(torch.cat([p.grad.flatten() for p in params]))
+            expected.append(torch.stack(grads).mean(dim=0))
+    got = torch.cat(captured)
+    assert got.shape == (len(expected), sum(p.numel() for p in params)) and len(expected) >= 3
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-6)
