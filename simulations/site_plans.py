@@ -5,7 +5,7 @@ trains. Each site's plan is computed from exactly what the site will use: its no
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from fedlora.run_config import RunSettings
 from privacy.budget import RUN_SHARE, BudgetExhausted, PolicyViolation, resolve, site_policy
 from privacy.distributed_dp import honest_shares
 from privacy.ledger import LedgerError, spent_in_other_runs
-from privacy.plan import ACCOUNTANT, choose_schedule, plan_distributed, plan_run, public_population
+from privacy.plan import ACCOUNTANT, PROBE, Phase, choose_schedule, plan_distributed, plan_run, public_population
 from simulations.simulate import site_node_configs
 from simulations.site_files import assign_site_files
 
@@ -38,7 +38,7 @@ def simulated_site_plans(settings: RunSettings, sites: Mapping[str, Any]) -> lis
                 dp = dp.for_run(spent_in_other_runs(policy.ledger_path, "", dp.delta, ACCOUNTANT))
             population = public_population(policy.declared_examples, settings.data.eval_fraction)
             phases = choose_schedule(settings, population, dp.enabled)
-            entry["phases"] = [asdict(phase) for phase in phases]
+            entry["phases"] = [asdict(_as_run(phase, settings, population)) for phase in phases]
             if not dp.enabled:
                 plans.append(entry | {"dp": False})
                 continue
@@ -58,6 +58,15 @@ def simulated_site_plans(settings: RunSettings, sites: Mapping[str, Any]) -> lis
             "target_epsilon": dp.target_epsilon, "epsilon_after_round": list(plan.epsilon_after_round),
         })
     return plans
+
+
+def _as_run(phase: Phase, settings: RunSettings, population: int) -> Phase:
+    """The phase as its rounds run: under distributed DP one full-batch step per round (rate 1),
+    taken by the server at its step size for the phase."""
+    if not settings.dp.distributed:
+        return phase
+    step = settings.dp.distributed_probe_learning_rate if phase.name == PROBE else settings.dp.distributed_learning_rate
+    return replace(phase, batch_size=population, sample_rate=1.0, steps_per_round=1, learning_rate=step)
 
 
 def _distributed_sensitivity(settings: RunSettings) -> float:
