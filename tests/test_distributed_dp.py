@@ -369,3 +369,20 @@ def test_under_user_level_dp_each_users_gradient_is_the_mean_of_its_rows_by_auto
     got = torch.cat(captured)
     assert got.shape == (len(expected), sum(p.numel() for p in params)) and len(expected) >= 3
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-6)
+
+
+def test_a_causal_lm_site_sends_a_distributed_round_of_its_lora_gradient(tiny_llama, instruction_jsonl, tiny_run_config,
+                                                                         tmp_path, monkeypatch):
+    """No head, no probe phase: every round's gradient is LoRA's, on the whole adapter's grid."""
+    config = distributed_config(apply_overrides(tiny_run_config, {"model": tiny_llama, "task": "causal-lm",
+                                                                  "data": str(instruction_jsonl), "label-names": ""}))
+    sent = GlobalModel.load(settings_of(config)).arrays()
+    monkeypatch.setattr("client.distributed_site.noise_share", lambda d, z, shares: np.zeros(d, np.int64))
+    node = {**node_config(instruction_jsonl, tmp_path, **{"distributed-dp-colluders": 0}), "num-examples": 60}
+    reply = client_app.train_site(train_message(sent), context(config, node, tmp_path), config)
+    assert "status" not in reply.content.config_records, reply.content
+    upload = reply.content["fitres.parameters"]
+    assert list(upload.keys()) == list(sent.keys()) and all("lora_" in name for name in upload)
+    assert any(value.numpy().any() for name, value in upload.items() if ".lora_B." in name)
+    with PrivacyLedger(tmp_path / "l.db", read_only=True) as ledger:
+        assert ledger.spends()[0].max_grad_norm == pytest.approx(grid_sensitivity(sum(v.numpy().size for v in sent.values())))
