@@ -69,7 +69,7 @@ def train_site(msg: Message, context: Context, run_config: Mapping[str, Any]) ->
         site = _site_class(settings)(context, settings)
         outcome = site.train(msg.content["arrays"], server_round, proximal_mu)
         weight = float(outcome.metrics["num-examples"])
-        if secure and weight > settings.secure.secagg_max_weight:  # a site that declares no size (no DP)
+        if secure and outcome.grid is None and weight > settings.secure.secagg_max_weight:  # a site that declares no size (no DP)
             raise RefusedRound("config-error", "secagg-max-weight",
                                f"this site's FedAvg weight {weight:g} exceeds secagg-max-weight; SecAgg+ would overflow")
     except RefusedRound as refusal:

@@ -5,10 +5,11 @@ share of the Skellam noise (``privacy.distributed_dp``), for SecAgg+ to sum with
 The site takes part only inside a SecAgg+ round (a server that asks for distributed DP without
 it would see one site's vector, whose share is too little noise alone), and only if its node
 config names ``distributed-dp-colluders``: how many sites it assumes may collude with the server.
-The run config's value is a floor. Its noise multiplier z is calibrated, like DP-SGD's sigma,
-so that every round of the run (one Skellam release each, all units, rate 1) and the metric
-releases stay within the target epsilon; the charge goes to the ledger before the gradient
-is computed, as ``distributed:skellam``.
+The run config's value is a floor. The site adds at least the run's public share and more where
+its own target asks for it, and records the z it can count on: its own share and the others'
+public ones (``privacy.distributed_dp.Shares``, ``privacy.plan.plan_distributed``); the charge
+goes to the ledger before the gradient is computed, as ``distributed:skellam``. A site's own
+``audit-canaries`` are not used in distributed rounds (no adapter of its own to audit).
 
 The phases are the run's (``privacy.plan``): the head alone on the encoder's cached features in
 the probe rounds, LoRA and the head after; each round is one gradient step, taken by the server.
@@ -27,17 +28,17 @@ from flwr.common.logger import log
 from opacus import GradSampleModule
 from tqdm.auto import tqdm
 
-from client.probe import FeatureHead, classification_head, stack_features
+from client.probe import FeatureHead, ProbeError, classification_head, stack_features
 from client.refusals import RefusedRound
 from client.site import Site, TrainOutcome, budget_line
 from client.training import rows_of_unit, unit_members, without_dropout
 from fedlora.adapters import adapter_state, state_key
 from fedlora.tasks import collate, forward_logits, per_example_loss
 from privacy.budget import BudgetExhausted, EffectiveDP, PolicyViolation, SitePolicy
-from privacy.distributed_dp import grid_scale, grid_sensitivity, honest_shares, noise_share, rounded_units
+from privacy.distributed_dp import Shares, grid_scale, grid_sensitivity, noise_share, rounded_units, site_shares
 from privacy.dp_sgd import rng_mode
 from privacy.ledger import Charge
-from privacy.plan import PROBE, choose_schedule, phase_of, plan_distributed
+from privacy.plan import PROBE, choose_schedule, phase_of, plan_distributed, public_noise_multiplier
 from privacy.release import train_loss_charge
 from privacy.skellam import MECHANISM
 
@@ -75,36 +76,35 @@ class DistributedSite(Site):
         if dp.secure_noise:
             raise RefusedRound("policy-refused", "secure-noise", "secure-noise asks for CSPRNG noise; distributed DP's "
                                "Skellam sampler is numpy's PCG64 (privacy.skellam), so this site takes no part")
-        shares = self._honest_shares(policy)
         data = self._data(policy, dp)
         model, tokenizer = self._model(global_adapter)
         encoded = self._encode(data.train, data.units(data.train), tokenizer, "training")
         population = self._population(policy, dp, encoded.num_units)
         phases = choose_schedule(self.run, population, True)
         phase = phase_of(phases, server_round)
-        params = trained_parameters(model, phase.name)
+        params = self._trained(model, phase.name)
         layout = adapter_layout(model)
         dimensions = sum(math.prod(shape) for shape in layout.values())
-        sensitivity = grid_sensitivity(dimensions)
+        shares = self._shares(policy, grid_sensitivity(dimensions))
         release_sigma = policy.metric_noise_multiplier if policy.report_metrics == "noised" else None
-        z = self._calibrate(dp, phases, release_sigma, sensitivity, shares)
+        z, own_variance = self._plan_shares(dp, phases, release_sigma, shares)
         unit = f"user:{policy.privacy_unit_column}" if policy.privacy_unit_column else "row"
-        charges = [Charge(MECHANISM, z, 1.0, 1, sensitivity, unit)]
+        charges = [Charge(MECHANISM, z, 1.0, 1, shares.sensitivity, unit)]
         if release_sigma is not None:
             charges.append(train_loss_charge(release_sigma, phase.sample_rate, unit))
+        if phase.name == PROBE:  # before the charge: a model the probe cannot read is refused for free
+            features = self._features(model, tokenizer, encoded)
+            runner = FeatureHead(classification_head(model))
+            examples = [{"features": x, "labels": e["labels"]} for x, e in zip(features, encoded.examples)]
+            batches = stack_features
+        else:
+            runner, examples = model, encoded.examples
+            batches = lambda part: collate(part, tokenizer.pad_token_id, self.run.data.task)  # noqa: E731
         with self._ledger(policy) as ledger:
             before = self._spent(ledger, dp)
             spends = self._charge(ledger, charges, server_round, dp, f"{SAMPLER},release:{rng_mode(self.device, False)}")
-            if phase.name == PROBE:
-                features = self._features(model, tokenizer, encoded)
-                runner = FeatureHead(classification_head(model))
-                examples = [{"features": x, "labels": e["labels"]} for x, e in zip(features, encoded.examples)]
-                batches = stack_features
-            else:
-                runner, examples = model, encoded.examples
-                batches = lambda part: collate(part, tokenizer.pad_token_id, self.run.data.task)  # noqa: E731
             total, zeroed = self._gradient_sum(runner, params, examples, encoded.units, batches, dp.max_grad_norm, dimensions)
-            vector = noise_share(dimensions, z, shares)
+            vector = noise_share(dimensions, own_variance)
             names = {id(p): state_key(n) for n, p in model.named_parameters()}
             offsets, start = {}, 0
             for name, shape in layout.items():
@@ -120,9 +120,9 @@ class DistributedSite(Site):
                 ledger.confirm(spend.id)
             anchor = ledger.anchor()
             after = self._spent(ledger, dp)
-        log(INFO, "%s round %s: distributed DP gradient (%s), %s; %s rows (%s units), z %.4g over %s honest "
-            "share(s), %s units zeroed", self.name, server_round, phase.name, budget_line(before, after, dp),
-            len(encoded.examples), encoded.num_units, z, shares, zeroed)
+        log(INFO, "%s round %s: distributed DP gradient (%s), %s; %s rows (%s units), z %.4g (own share and %s "
+            "others'), %s units zeroed", self.name, server_round, phase.name, budget_line(before, after, dp),
+            len(encoded.examples), encoded.num_units, z, shares.counted_others, zeroed)
         grid = {name: vector[offsets[name]:offsets[name] + math.prod(shape)].reshape(shape) for name, shape in layout.items()}
         metrics: dict[str, float | int] = {
             "num-examples": population, "steps": 1, "sample-rate": 1.0, "noise-multiplier": z,
@@ -132,21 +132,35 @@ class DistributedSite(Site):
         }
         return TrainOutcome(adapter={}, metrics=metrics, anchor=anchor, grid=grid)
 
-    def _honest_shares(self, policy: SitePolicy) -> int:
+    def _shares(self, policy: SitePolicy, sensitivity: float) -> Shares:
+        """The shares this site counts on (``privacy.distributed_dp.Shares``), from the run's public
+        multiplier; refused unless the site opted in and counts at least its own share."""
+        run = self.run.dp
+        if not run.noise_multiplier and not (run.target_epsilon > 0 and run.delta > 0):
+            raise RefusedRound("policy-refused", "target-epsilon", "dp-mode = distributed needs the run's public "
+                               "multiplier: noise-multiplier, or target-epsilon and delta")
         try:
-            return honest_shares(self.run.secure_sum_minimum, policy.distributed_dp_colluders,
-                                 self.run.dp.distributed_dp_colluders)
+            public = public_noise_multiplier(self.run, sensitivity)
+            return site_shares(sensitivity, public, self.run.secure_sum_minimum, policy.distributed_dp_colluders,
+                               run.distributed_dp_colluders)
         except PolicyViolation as err:
             raise RefusedRound("policy-refused", err.setting, str(err)) from err
 
-    def _calibrate(self, dp: EffectiveDP, phases, release_sigma: float | None, sensitivity: float, shares: int) -> float:
-        """z for every round of the run, releases included (``privacy.plan.plan_distributed``)."""
+    def _plan_shares(self, dp: EffectiveDP, phases, release_sigma: float | None, shares: Shares) -> tuple[float, float]:
+        """The z this site can count on and its own share's variance (``privacy.plan.plan_distributed``)."""
         try:
-            return plan_distributed(dp, phases, release_sigma, sensitivity, shares).noise_multiplier
+            plan, own_variance = plan_distributed(dp, phases, release_sigma, shares)
         except BudgetExhausted as err:
             if dp.target_epsilon == dp.run_allowance:  # the site's budget bound the target, not the run config
                 raise RefusedRound("budget-exhausted", "max-epsilon-per-run", str(err)) from err
             raise RefusedRound("policy-refused", "target-epsilon", str(err)) from err
+        return plan.noise_multiplier, own_variance
+
+    def _trained(self, model: torch.nn.Module, phase: str) -> list[torch.nn.Parameter]:
+        try:
+            return trained_parameters(model, phase)
+        except ProbeError as err:
+            raise RefusedRound("model-error", "probe-rounds", str(err)) from err
 
     def _gradient_sum(self, runner: torch.nn.Module, params: list[torch.nn.Parameter], examples: list[dict[str, Any]],
                       units: list[int], batches, max_grad_norm: float, dimensions: int) -> tuple[torch.Tensor, int]:

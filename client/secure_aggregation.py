@@ -33,7 +33,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.refusals import RefusedRound
 from fedlora.run_config import RunSettings
-from fedlora.secagg_grid import LEVELS, MODULUS, quantizer_input
+from fedlora.secagg_grid import LEVELS, MODULUS, is_power_of_two, quantizer_input
 
 PROTOCOL_RECORD = RECORD_KEY_CONFIGS
 MASKED_VECTOR = Key.MASKED_PARAMETERS
@@ -79,16 +79,18 @@ def check_distributed_round(context: Context, settings: RunSettings) -> None:
     server sent at setup, so another max weight would scale this site's vector (its noise share
     included) down, and another range would break the grid's exact passage; and a round of fewer
     sites than a sum must hold (``RunSettings.secure_sum_minimum``) cannot hold the shares the
-    site counts on."""
+    site counts on. (The setup's site count is the server's word: that the sum holds that many is
+    SecAgg+'s honest-but-curious assumption, docs/privacy.md A11.)"""
     state = context.state.config_records.get(RECORD_KEY_STATE, {})
     expected = {"clipping_range": settings.secure.secagg_clipping_range, "target_range": LEVELS, "mod_range": MODULUS,
                 "max_weight": settings.secure.secagg_max_weight}
-    if any(state.get(key) != value for key, value in expected.items()):
+    if any(state.get(key) != value for key, value in expected.items()) or not is_power_of_two(expected["clipping_range"]):
         raise RefusedRound("policy-refused", "secure-aggregation", "this SecAgg+ round was set up with other parameters "
-                           "than the run config's (clipping range, levels, modulus, max weight)")
+                           "than the run config's (clipping range, levels, modulus, max weight), or with a clipping "
+                           "range that is not a power of two (the grid's exact passage needs one)")
     if int(state.get("sample_num", 0)) < settings.secure_sum_minimum:
-        raise RefusedRound("policy-refused", "min-valid-updates", "this SecAgg+ round has fewer sites than a secure "
-                           "sum must hold, so the noise shares this site counts on cannot all be there")
+        raise RefusedRound("policy-refused", "min-valid-updates", "this SecAgg+ round was set up with fewer sites than "
+                           "a secure sum must hold, so the noise shares this site counts on cannot all be there")
 
 
 def grid_upload(vectors: Mapping[str, np.ndarray], received: ArrayRecord, clipping_range: float,

@@ -24,23 +24,28 @@ so the securely aggregated sum is the Skellam mechanism with sensitivity D2 (``p
 
 **The shares.** SecAgg+ unmasks no sum of fewer than n updates (``RunSettings.secure_sum_minimum``)
 and up to t of their sites may collude with the server, whose shares it then knows and subtracts.
-Each site therefore adds mu_share = (z D2)^2 / (n - t) to every one of the d values: any n - t
-honest shares hold variance (z D2)^2 in every coordinate, what the ledger's row
-(``distributed:skellam``, z, rate 1, one step, D2) claims, whichever tensors each site was told
-to train. A site with a refusal adds no share, and SecAgg+ does not count it among the n. Since
-n comes from the server's run config, a site's own share must still meet its node config's
-``min-noise-multiplier`` alone: z / sqrt(n - t) >= the floor (``privacy.plan.plan_distributed``).
+Sites differ (budgets, floors, deltas, releases, their own t), so no site may count on another
+adding what it adds itself. The run fixes a public multiplier z_run (``privacy.plan.
+public_noise_multiplier``: from the run config alone) and with it a public share
+P = (z_run D2)^2 / (n - t_run) that every site adds at least, to every one of the d values. A
+site counts its own share O >= P and P from each of n - t - 1 others (t >= t_run its own bound):
+its ledger row (``distributed:skellam``, rate 1, one step, D2) records z = sqrt(O + (n - t - 1) P) / D2,
+whichever tensors each site was told to train. O exceeds P where the site's own target or its
+``min-noise-multiplier`` (which holds for its share alone: n is the server's) asks for more
+(``privacy.plan.plan_distributed``). A site with a refusal adds no share, and SecAgg+ does not
+count it among the n.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from privacy.budget import PolicyViolation
-from privacy.skellam import share_variance, skellam_noise
+from privacy.skellam import skellam_noise
 
 GRID = 64
 
@@ -55,10 +60,26 @@ def grid_sensitivity(dimensions: int) -> float:
     return (GRID + 1) * math.sqrt(dimensions)
 
 
-def honest_shares(secure_sum_minimum: int, site_colluders: int | None, run_colluders: int) -> int:
-    """n - t, the shares a sum holds that no colluding site can subtract, t the larger of the
-    site's node config and the run's; PolicyViolation unless the site opted in (its node config
-    names its t) and at least one share is honest."""
+@dataclass(frozen=True)
+class Shares:
+    """The noise shares one site counts on: every site adds at least the public share
+    P = (z_run D2)^2 / (n - t_run) (z_run, n and t_run are the run's, the same at every site), and
+    of the others in a sum this site counts only ``counted_others`` = n - t - 1 honest ones, t
+    the larger of its node config's bound and the run's."""
+
+    sensitivity: float
+    public_variance: float
+    counted_others: int
+
+    def noise_multiplier(self, own_variance: float) -> float:
+        """The multiplier of the noise the site can count on: its own share and the others'."""
+        return math.sqrt(own_variance + self.counted_others * self.public_variance) / self.sensitivity
+
+
+def site_shares(sensitivity: float, public_multiplier: float, secure_sum_minimum: int, site_colluders: int | None,
+                run_colluders: int) -> Shares:
+    """The site's :class:`Shares`; PolicyViolation unless the site opted in (its node config
+    names its t) and it counts at least its own share."""
     if site_colluders is None:
         raise PolicyViolation("distributed-dp-colluders", "this site's node config names no distributed-dp-colluders, "
                               "so it takes no part in distributed DP")
@@ -66,7 +87,8 @@ def honest_shares(secure_sum_minimum: int, site_colluders: int | None, run_collu
     if secure_sum_minimum - colluders < 1:
         raise PolicyViolation("distributed-dp-colluders", f"a secure sum holds at least {secure_sum_minimum} updates, "
                               f"no more than the {colluders} colluding sites assumed")
-    return secure_sum_minimum - colluders
+    public = (public_multiplier * sensitivity) ** 2 / (secure_sum_minimum - run_colluders)
+    return Shares(sensitivity, public, secure_sum_minimum - colluders - 1)
 
 
 def rounded_units(unit_gradients: torch.Tensor, max_grad_norm: float, dimensions: int,
@@ -88,6 +110,6 @@ def rounded_units(unit_gradients: torch.Tensor, max_grad_norm: float, dimensions
     return total, int((~kept).sum())
 
 
-def noise_share(dimensions: int, noise_multiplier: float, shares: int) -> np.ndarray:
-    """This site's Skellam share for d = ``dimensions`` values, for ``shares`` honest shares."""
-    return skellam_noise(dimensions, share_variance(noise_multiplier, grid_sensitivity(dimensions), shares))
+def noise_share(dimensions: int, variance: float) -> np.ndarray:
+    """This site's Skellam share: d = ``dimensions`` draws of Sk(``variance``)."""
+    return skellam_noise(dimensions, variance)

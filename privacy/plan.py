@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from fedlora.run_config import RunSettings
 from privacy.accountant import History, calibrate_noise, epsilon_for
 from privacy.budget import EffectiveDP
+from privacy.distributed_dp import Shares
 from privacy.skellam import SkellamRow
 
 ACCOUNTANT = "rdp"
@@ -148,25 +149,42 @@ def plan_run(dp: EffectiveDP, phases: tuple[Phase, ...], release_sigma: float | 
     return SitePlan(phases, sigma, release_sigma, after)
 
 
+def public_noise_multiplier(settings: RunSettings, sensitivity: float) -> float:
+    """z_run, the multiplier the run asks of every secure sum: ``noise-multiplier``, or the
+    smallest that keeps the run's rounds of Skellam releases alone within ``target-epsilon`` at
+    the run's ``delta``. From public values only, so every site computes the same one and every
+    site's share is at least the same public size (``privacy.distributed_dp.Shares``)."""
+    if settings.dp.noise_multiplier:
+        return settings.dp.noise_multiplier
+    return calibrate_noise(settings.dp.target_epsilon, settings.dp.delta, [(1.0, settings.num_server_rounds)],
+                           ACCOUNTANT, skellam_sensitivities=[sensitivity])
+
+
 def plan_distributed(dp: EffectiveDP, phases: tuple[Phase, ...], release_sigma: float | None,
-                     sensitivity: float, honest_shares: int) -> SitePlan:
-    """The privacy plan of distributed DP (``client.distributed_site``): every round one Skellam
-    release on all units (rate 1) at multiplier z and sensitivity D2 (the site's whole adapter's,
-    ``privacy.distributed_dp``), z given or calibrated over all the run's rounds and releases.
-    The site's floor applies to its own share, z / sqrt(``honest_shares``): the server sets how
-    many shares a sum is assumed to hold, so it must not set how little noise one share carries."""
+                     shares: Shares) -> tuple[SitePlan, float]:
+    """The privacy plan of distributed DP (``client.distributed_site``) and the variance of this
+    site's own share. Every round is one Skellam release on all units (rate 1) at sensitivity D2.
+    The site needs multiplier z_need: the run's, or calibrated to its own target over all the
+    run's rounds and releases. It counts on its own share O and, from the others, only the
+    public size P each adds at least (``shares.counted``), so it adds
+    O = max(P, z_need^2 D2^2 - others P, (floor D2)^2): at least its part, more where its own
+    target asks for it, and never less than its ``min-noise-multiplier`` alone (the server sets
+    how many shares a sum is assumed to hold, so it must not set how little noise one carries).
+    The plan's z is sqrt(O + others P) / D2, the noise the site can count on."""
     releases = [row for phase in phases for row in phase.releases(release_sigma, phase.rounds)]
-    last = phases[-1].last_round
-    z = dp.noise_multiplier or calibrate_noise(dp.target_epsilon, dp.delta, [(1.0, last)], ACCOUNTANT, prior=releases,
-                                               skellam_sensitivities=[sensitivity])
-    z = math.sqrt(honest_shares) * dp.at_least_the_floor(z / math.sqrt(honest_shares))
+    last, d2 = phases[-1].last_round, shares.sensitivity
+    need = dp.noise_multiplier or calibrate_noise(dp.target_epsilon, dp.delta, [(1.0, last)], ACCOUNTANT,
+                                                  prior=releases, skellam_sensitivities=[d2])
+    own = max(shares.public_variance, (need * d2) ** 2 - shares.counted_others * shares.public_variance,
+              (dp.min_noise_multiplier * d2) ** 2)
+    z = shares.noise_multiplier(own)
     after = []
     for through in range(1, last + 1):
-        history: History = [SkellamRow(z, 1.0, through, sensitivity)]
+        history: History = [SkellamRow(z, 1.0, through, d2)]
         for phase in phases:
             history += phase.releases(release_sigma, max(0, min(phase.last_round, through) - phase.first_round + 1))
         after.append(epsilon_for(history, dp.delta, ACCOUNTANT))
-    return SitePlan(phases, z, release_sigma, tuple(after))
+    return SitePlan(phases, z, release_sigma, tuple(after)), own
 
 
 def _history(phases: tuple[Phase, ...], sigma: float, release_sigma: float | None, through_round: int) -> History:

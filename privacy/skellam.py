@@ -78,14 +78,6 @@ def dominating_gaussian(noise_multiplier: float, sensitivity: float) -> float:
     return 1.0 / math.sqrt(1.0 / z2 + 9.0 / (4.0 * z2**2 * sensitivity**2))
 
 
-def share_variance(noise_multiplier: float, sensitivity: float, honest_shares: int) -> float:
-    """The Skellam variance one site adds so that any ``honest_shares`` sites' shares sum to the
-    variance (z D2)^2 the accounting assumes."""
-    if honest_shares < 1:
-        raise ValueError(f"at least one honest share is needed, got {honest_shares}")
-    return (noise_multiplier * sensitivity) ** 2 / honest_shares
-
-
 def skellam_noise(size: int, variance: float) -> np.ndarray:
     """``size`` independent draws of Sk(``variance``) as int64."""
     if not variance > 0:

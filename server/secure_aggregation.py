@@ -333,8 +333,10 @@ def _gradient_step(total: list[np.ndarray], summed: int, updates: list[Message],
     noisy mean of the sites' clipped per-example gradients over N = the summed sites' public
     populations (``num-examples``), gamma the grid's public scale (``grid-scale``, equal at every
     site, or the sum means nothing); or why there is none."""
-    scales = {float(m.content["metrics"].get("grid-scale", 0.0)) for m in updates if "metrics" in m.content}
-    population = sum(float(m.content["metrics"].get("num-examples", 0.0)) for m in updates if "metrics" in m.content)
+    if any("metrics" not in m.content for m in updates):
+        return "a site in the sum sent no metrics (its grid scale and population)"
+    scales = {float(m.content["metrics"].get("grid-scale", 0.0)) for m in updates}
+    population = sum(float(m.content["metrics"].get("num-examples", 0.0)) for m in updates)
     if len(scales) != 1 or not min(scales) > 0:
         return f"the sites in the sum report grid scales {sorted(scales)}, not one positive scale"
     if not population > 0:

@@ -15,9 +15,11 @@ from rich.table import Table
 
 from fedlora.run_config import RunSettings
 from privacy.budget import RUN_SHARE, BudgetExhausted, PolicyViolation, resolve, site_policy
-from privacy.distributed_dp import honest_shares
+from privacy.distributed_dp import site_shares
 from privacy.ledger import LedgerError, spent_in_other_runs
-from privacy.plan import ACCOUNTANT, PROBE, Phase, choose_schedule, plan_distributed, plan_run, public_population
+from privacy.plan import (
+    ACCOUNTANT, PROBE, Phase, choose_schedule, plan_distributed, plan_run, public_noise_multiplier, public_population,
+)
 from simulations.simulate import site_node_configs
 from simulations.site_files import assign_site_files
 
@@ -44,9 +46,10 @@ def simulated_site_plans(settings: RunSettings, sites: Mapping[str, Any]) -> lis
                 continue
             release_sigma = policy.metric_noise_multiplier if policy.report_metrics == "noised" else None
             if settings.dp.distributed:
-                shares = honest_shares(settings.secure_sum_minimum, policy.distributed_dp_colluders,
-                                       settings.dp.distributed_dp_colluders)
-                plan = plan_distributed(dp, phases, release_sigma, _distributed_sensitivity(settings), shares)
+                sensitivity = _distributed_sensitivity(settings)
+                shares = site_shares(sensitivity, public_noise_multiplier(settings, sensitivity), settings.secure_sum_minimum,
+                                     policy.distributed_dp_colluders, settings.dp.distributed_dp_colluders)
+                plan, _ = plan_distributed(dp, phases, release_sigma, shares)
             else:
                 plan = plan_run(dp, phases, release_sigma)
         except (PolicyViolation, BudgetExhausted, LedgerError) as err:
@@ -61,12 +64,12 @@ def simulated_site_plans(settings: RunSettings, sites: Mapping[str, Any]) -> lis
 
 
 def _as_run(phase: Phase, settings: RunSettings, population: int) -> Phase:
-    """The phase as its rounds run: under distributed DP one full-batch step per round (rate 1),
-    taken by the server at its step size for the phase."""
+    """The phase as its rounds run: under distributed DP one full-batch step per round, taken by
+    the server at its step size for the phase (the rate stays the train-loss release's)."""
     if not settings.dp.distributed:
         return phase
     step = settings.dp.distributed_probe_learning_rate if phase.name == PROBE else settings.dp.distributed_learning_rate
-    return replace(phase, batch_size=population, sample_rate=1.0, steps_per_round=1, learning_rate=step)
+    return replace(phase, batch_size=population, steps_per_round=1, learning_rate=step)
 
 
 def _distributed_sensitivity(settings: RunSettings) -> float:

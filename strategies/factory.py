@@ -193,6 +193,9 @@ def _check_distributed(settings: RunSettings, aggregator: str) -> None:
     if not is_power_of_two(settings.secure.secagg_clipping_range):
         raise ConfigError("secagg-clipping-range", "dp-mode = distributed needs a power-of-two secagg-clipping-range, "
                                                    "so that each site's integer vector passes Flower's quantization exactly")
+    if not settings.dp.noise_multiplier and not (settings.dp.target_epsilon > 0 and settings.dp.delta > 0):
+        raise ConfigError("target-epsilon", "dp-mode = distributed needs a public multiplier for every secure sum: "
+                                            "set noise-multiplier, or target-epsilon and delta")
     if settings.secure_sum_minimum - settings.dp.distributed_dp_colluders < 1:
         raise ConfigError("distributed-dp-colluders", "distributed-dp-colluders must be below the fewest updates a "
                                                       "secure sum holds, max(2, min-valid-updates): else no share is honest")

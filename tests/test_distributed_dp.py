@@ -4,6 +4,7 @@ rounding's sensitivity bound, and a site's round, attacked where a server could 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from fedlora.secagg_grid import HALF, LEVELS, MODULUS, integer_sum, quantizer_in
 from privacy import distributed_dp
 from privacy.distributed_dp import grid_scale, grid_sensitivity, rounded_units
 from privacy.ledger import PrivacyLedger
+from privacy.plan import public_noise_multiplier
 from privacy.skellam import MECHANISM
 from server.global_model import GlobalModel
 from strategies.factory import build_strategy
@@ -118,9 +120,9 @@ def test_a_site_sends_its_noisy_gradient_sum_on_the_grid_and_charges_a_skellam_r
     seen = {}
     real_share = distributed_dp.noise_share
 
-    def share(dimensions, z, shares):
-        seen.update(dimensions=dimensions, z=z, shares=shares)
-        return real_share(dimensions, z, shares)
+    def share(dimensions, variance):
+        seen.update(dimensions=dimensions, variance=variance)
+        return real_share(dimensions, variance)
 
     monkeypatch.setattr("client.distributed_site.noise_share", share)
     node = node_config(classification_csv, tmp_path, **{"distributed-dp-colluders": 0})
@@ -132,18 +134,23 @@ def test_a_site_sends_its_noisy_gradient_sum_on_the_grid_and_charges_a_skellam_r
     assert all(value.numpy().any() for value in upload.values())  # the noise share covers every value
     levels = [value.numpy().astype(np.float64) * HALF for value in upload.values()]  # c = 1: value * 2^21 = j
     assert all(np.array_equal(v, np.round(v)) for v in levels)
-    assert seen["shares"] == 3 and seen["dimensions"] == sum(value.numpy().size for value in sent.values())
+    assert seen["dimensions"] == sum(value.numpy().size for value in sent.values())
     metrics = reply.content["metrics"]
     assert metrics["grid-scale"] == pytest.approx(grid_scale(seen["dimensions"], 1.0))
     with PrivacyLedger(tmp_path / "l.db", read_only=True) as ledger:
         (row, *_) = ledger.spends()
     assert row.mechanism == MECHANISM and row.sample_rate == 1.0 and row.steps == 1
     assert row.rng_mode.startswith("skellam:numpy-pcg64")
-    assert row.noise_multiplier == seen["z"] == metrics["noise-multiplier"]
-    assert row.max_grad_norm == pytest.approx(grid_sensitivity(seen["dimensions"]))
+    assert row.noise_multiplier == metrics["noise-multiplier"]
+    d2 = grid_sensitivity(seen["dimensions"])
+    assert row.max_grad_norm == pytest.approx(d2)
+    # it counts its own share and the public share of the 2 others (n = 3, no colluder)
+    public = (public_noise_multiplier(settings_of(config), d2) * d2) ** 2 / 3
+    assert seen["variance"] >= public
+    assert row.noise_multiplier == pytest.approx(math.sqrt(seen["variance"] + 2 * public) / d2, rel=1e-12)
     assert 0 < metrics["epsilon"] <= 8.0
     # the gradient alone: the head in the probe round, LoRA (B; A's gradient is 0 while B is) after
-    monkeypatch.setattr("client.distributed_site.noise_share", lambda d, z, shares: np.zeros(d, np.int64))
+    monkeypatch.setattr("client.distributed_site.noise_share", lambda d, variance: np.zeros(d, np.int64))
     node["ledger-path"] = str(tmp_path / "again.db")
     upload = client_app.train_site(train_message(sent, server_round), context(config, node, tmp_path), config).content[
         "fitres.parameters"]
@@ -152,33 +159,66 @@ def test_a_site_sends_its_noisy_gradient_sum_on_the_grid_and_charges_a_skellam_r
     assert any(".lora_B." in name for name in trained) == (server_round == 2)
 
 
-def test_the_noise_share_follows_the_sites_own_collusion_bound_not_the_servers(
-        tiny_run_config, classification_csv, tmp_path, monkeypatch):
-    """The server's run config says no site colludes; the site assumes one may: it adds noise for
-    n - 1 honest shares, twice what the server's figure would give at n = 3."""
-    config = distributed_config(tiny_run_config)
-    sent = GlobalModel.load(settings_of(config)).arrays()
+def _round(config: dict, node: dict, tmp_path, monkeypatch, **setup) -> tuple[float, float, float]:
+    """One site's distributed round with its noise captured: (its share's variance, the z its
+    ledger row records, D2)."""
     seen = {}
     monkeypatch.setattr("client.distributed_site.noise_share",
-                        lambda d, z, shares: seen.setdefault("shares", shares) and np.zeros(d, np.int64))
-    ctx = context(config, node_config(classification_csv, tmp_path, **{"distributed-dp-colluders": 1}), tmp_path)
-    client_app.train_site(train_message(sent), ctx, config)
-    assert seen["shares"] == 2
+                        lambda d, variance: seen.update(variance=variance) or np.zeros(d, np.int64))
+    sent = GlobalModel.load(settings_of(config)).arrays()
+    reply = client_app.train_site(train_message(sent), context(config, node, tmp_path, **setup), config)
+    assert "status" not in reply.content.config_records, reply.content
+    with PrivacyLedger(Path(node["ledger-path"]), read_only=True) as ledger:
+        row = ledger.spends()[0]
+    return seen["variance"], row.noise_multiplier, row.max_grad_norm
+
+
+def test_the_noise_a_site_counts_on_follows_its_own_collusion_bound_not_the_servers(
+        tiny_run_config, classification_csv, tmp_path, monkeypatch):
+    """The server's run config says no site colludes; this site assumes one may. It counts only
+    its own share and one other's public share (not two): its ledger records less noise than a
+    site that believed the server, for the same share."""
+    config = distributed_config(tiny_run_config)
+    trusting, z_trusting, d2 = _round(config, node_config(classification_csv, tmp_path / "a", **{
+        "distributed-dp-colluders": 0}), tmp_path, monkeypatch)
+    wary, z_wary, _ = _round(config, node_config(classification_csv, tmp_path / "b", **{
+        "distributed-dp-colluders": 1}), tmp_path, monkeypatch)
+    public = (public_noise_multiplier(settings_of(config), d2) * d2) ** 2 / 3
+    assert z_trusting == pytest.approx(math.sqrt(trusting + 2 * public) / d2, rel=1e-12)
+    assert z_wary == pytest.approx(math.sqrt(wary + public) / d2, rel=1e-12)
+    assert wary > trusting  # to reach the same target with one share fewer, it adds more itself
+
+
+def test_sites_with_other_budgets_never_count_on_more_noise_than_the_others_add(
+        tiny_run_config, classification_csv, tmp_path, monkeypatch):
+    """Three sites of one sum, with different budgets, floors and collusion bounds: what each
+    site's ledger claims must be covered by the noise actually there: its own share plus the
+    shares of the others it counts on, each the least any other site adds. (When each site sized
+    its share from its own z alone, a site with a small budget counted on shares as large as its
+    own, which the others did not add: epsilon 2.00 claimed, 3.37 real.)"""
+    config = distributed_config(tiny_run_config)
+    nodes = [
+        {"distributed-dp-colluders": 0},
+        {"distributed-dp-colluders": 0, "max-epsilon": 2.0, "max-epsilon-per-run": 2.0},
+        {"distributed-dp-colluders": 1, "min-noise-multiplier": 2.0},
+    ]
+    rounds = [_round(config, node_config(classification_csv, tmp_path / str(i), **node), tmp_path, monkeypatch)
+              for i, node in enumerate(nodes)]
+    variances = [variance for variance, _, _ in rounds]
+    for index, (own, z, d2) in enumerate(rounds):
+        colluders = nodes[index]["distributed-dp-colluders"]
+        others = sorted(v for i, v in enumerate(variances) if i != index)[:3 - colluders - 1]  # the smallest honest ones
+        assert (z * d2) ** 2 <= own + sum(others) + 1e-6 * own
 
 
 def test_a_server_that_inflates_the_sum_cannot_thin_a_sites_own_share_below_its_floor(
         tiny_run_config, classification_csv, tmp_path, monkeypatch):
-    """min-valid-updates is the server's: at 100 the site's share would be z / 10 of the noise.
-    The site's min-noise-multiplier (1.0 here) holds for its share alone: z >= 10."""
+    """min-valid-updates is the server's: at 100 the public share would be z_run / 10 of the
+    noise. The site's min-noise-multiplier (1.0 here) holds for its share alone."""
     config = distributed_config(tiny_run_config, **{"min-valid-updates": 100})
-    sent = GlobalModel.load(settings_of(config)).arrays()
-    seen = {}
-    monkeypatch.setattr("client.distributed_site.noise_share",
-                        lambda d, z, shares: seen.update(z=z, shares=shares) or np.zeros(d, np.int64))
     node = node_config(classification_csv, tmp_path, **{"distributed-dp-colluders": 0, "min-noise-multiplier": 1.0})
-    reply = client_app.train_site(train_message(sent), context(config, node, tmp_path, sample_num=100), config)
-    assert "status" not in reply.content.config_records, reply.content
-    assert seen["shares"] == 100 and seen["z"] / math.sqrt(100) >= 1.0 - 1e-12
+    own, _, d2 = _round(config, node, tmp_path, monkeypatch, sample_num=100)
+    assert own >= d2**2 * (1 - 1e-12)
 
 
 @pytest.mark.parametrize("node, secure, setup, setting", [
@@ -190,10 +230,16 @@ def test_a_server_that_inflates_the_sum_cannot_thin_a_sites_own_share_below_its_
     ({"distributed-dp-colluders": 0}, True, {"clipping_range": 0.5}, "secure-aggregation"),
     ({"distributed-dp-colluders": 0}, True, {"sample_num": 1}, "min-valid-updates"),  # fewer sites than shares counted
     ({"distributed-dp-colluders": 0, "secure-noise": True}, True, {}, "secure-noise"),  # Skellam's sampler is no CSPRNG
+    # a run config that no server should send (its factory refuses it): the site refuses it too
+    ({"distributed-dp-colluders": 0}, True, {"clipping_range": 3.0}, "secure-aggregation"),  # no exact grid
+    ({"distributed-dp-colluders": 0}, True, {"target-epsilon": 0.0}, "target-epsilon"),  # no public multiplier
 ])
 def test_a_site_refuses_a_distributed_round_it_cannot_trust_before_spending(
         tiny_run_config, classification_csv, tmp_path, node, secure, setup, setting):
-    config = distributed_config(tiny_run_config, **{"min-valid-updates": 2})
+    run = {key: setup.pop(key) for key in ("target-epsilon",) if key in setup}
+    if setup.get("clipping_range") == 3.0:
+        run["secagg-clipping-range"] = 3.0
+    config = distributed_config(tiny_run_config, **{"min-valid-updates": 2, **run})
     sent = GlobalModel.load(settings_of(config)).arrays()
     ctx = context(config, node_config(classification_csv, tmp_path, **node), tmp_path, **setup)
     reply = client_app.train_site(train_message(sent, secure=secure), ctx, config)
@@ -208,6 +254,7 @@ def test_a_site_refuses_a_distributed_round_it_cannot_trust_before_spending(
     ({"strategy": "fedprox"}, "strategy"),
     ({"secagg-clipping-range": 3.0}, "secagg-clipping-range"),
     ({"distributed-dp-colluders": 3}, "distributed-dp-colluders"),
+    ({"target-epsilon": 0.0}, "target-epsilon"),
 ])
 def test_the_server_refuses_a_distributed_run_it_cannot_run_by_its_key(tiny_run_config, change, key):
     with pytest.raises(ConfigError) as refused:
@@ -271,8 +318,13 @@ def test_a_federation_steps_along_the_sites_clipped_mean_gradient_through_secagg
     config = distributed_config(tiny_run_config, **{"num-server-rounds": 1, "probe-rounds": 0, "min-train-nodes": 3,
                                                     "min-evaluate-nodes": 0, "fraction-evaluate": 0.0,
                                                     "distributed-learning-rate": lr})
+    added = []  # each site's share
     if not noise:
-        monkeypatch.setattr("client.distributed_site.noise_share", lambda d, z, shares: np.zeros(d, np.int64))
+        monkeypatch.setattr("client.distributed_site.noise_share", lambda d, variance: np.zeros(d, np.int64))
+    else:
+        real = distributed_dp.noise_share
+        monkeypatch.setattr("client.distributed_site.noise_share",
+                            lambda d, variance: added.append(variance) or real(d, variance))
     settings = settings_of(config)
     start = GlobalModel.load(settings).arrays()
     federation = Federation(FakeGrid(_real_sites(config, classification_csv, tmp_path)), build_strategy(settings), 1,
@@ -293,8 +345,11 @@ def test_a_federation_steps_along_the_sites_clipped_mean_gradient_through_secagg
     if not noise:  # rounding moves each unit's value by under one grid unit: the mean by under 1 / gamma
         assert np.abs(deviation).max() <= 1 / scale + 1e-6
     else:
-        claimed = z * grid_sensitivity(dimensions) / (scale * 3 * population)  # z D2 / (gamma N), N = 3 sites' populations
-        assert deviation.std() == pytest.approx(claimed, rel=0.1)
+        # the three shares' noise, in the mean gradient: sqrt(sum of shares) / (gamma N), N the 3 populations
+        assert len(added) == 3
+        assert deviation.std() == pytest.approx(math.sqrt(sum(added)) / (scale * 3 * population), rel=0.1)
+        claimed = z * grid_sensitivity(dimensions) / (scale * 3 * population)  # what a site's ledger counts on
+        assert claimed <= math.sqrt(sum(added)) / (scale * 3 * population) * (1 + 1e-9)
 
 
 def test_the_server_steps_with_the_probe_rate_in_the_probe_rounds_only(tiny_run_config):
@@ -377,7 +432,7 @@ def test_a_causal_lm_site_sends_a_distributed_round_of_its_lora_gradient(tiny_ll
     config = distributed_config(apply_overrides(tiny_run_config, {"model": tiny_llama, "task": "causal-lm",
                                                                   "data": str(instruction_jsonl), "label-names": ""}))
     sent = GlobalModel.load(settings_of(config)).arrays()
-    monkeypatch.setattr("client.distributed_site.noise_share", lambda d, z, shares: np.zeros(d, np.int64))
+    monkeypatch.setattr("client.distributed_site.noise_share", lambda d, variance: np.zeros(d, np.int64))
     node = {**node_config(instruction_jsonl, tmp_path, **{"distributed-dp-colluders": 0}), "num-examples": 60}
     reply = client_app.train_site(train_message(sent), context(config, node, tmp_path), config)
     assert "status" not in reply.content.config_records, reply.content

@@ -54,9 +54,9 @@ def test_the_ledgers_hold_skellam_rows_the_audit_recomputes_and_the_plan_predict
     capsys.readouterr()
     assert main(["privacy", "plan", "--resume", str(distributed_run), "--json"]) == 0
     plans = {p["site"]: p for p in json.loads(capsys.readouterr().out)}
-    # each round one full-batch step (rate 1), the server's step size per phase
-    assert [(p["name"], p["sample_rate"], p["steps_per_round"], p["learning_rate"]) for p in plans["site-0"]["phases"]] \
-        == [("probe", 1.0, 1, 10.0), ("fine-tune", 1.0, 1, 1.0)]
+    # each round one full-batch step at the server's step size for the phase
+    assert [(p["name"], p["steps_per_round"], p["learning_rate"]) for p in plans["site-0"]["phases"]] \
+        == [("probe", 1, 10.0), ("fine-tune", 1, 1.0)]
     for site in ("site-0", "site-1", "site-2"):
         path = distributed_run / "privacy" / f"{site}.db"
         with PrivacyLedger(path, read_only=True) as ledger:
