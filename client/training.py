@@ -107,6 +107,7 @@ def train(
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    optimizer.zero_grad(set_to_none=True)  # the model is kept warm across messages: no earlier gradient may leak in
     if proximal_mu > 0:
         _add_proximal_gradient(optimizer, params, proximal_mu)
     runner = model

@@ -298,6 +298,7 @@ def _clipped_gradient_mean(config: dict, csv, tmp_path, arrays: ArrayRecord) -> 
             norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for _, p in params))
             for name, p in params:
                 total[name] += p.grad.double() * min(1.0, dp.max_grad_norm / norm)
+    model.zero_grad(set_to_none=True)  # the site's model is kept warm for the next test
     population = site._population(policy, dp, encoded.num_units)
     return {name: (value / population).numpy() for name, value in total.items()}, population
 
@@ -421,6 +422,7 @@ def test_under_user_level_dp_each_users_gradient_is_the_mean_of_its_rows_by_auto
                 per_example_loss(forward_logits(model, batch), batch["labels"], "classification").sum().backward()
                 grads.append(torch.cat([p.grad.flatten() for p in params]))
             expected.append(torch.stack(grads).mean(dim=0))
+    model.zero_grad(set_to_none=True)  # the site's model is kept warm for the next test
     got = torch.cat(captured)
     assert got.shape == (len(expected), sum(p.numel() for p in params)) and len(expected) >= 3
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-6)

@@ -22,7 +22,8 @@ from tests.conftest import LABELS, make_classification_rows
 import datasets
 
 
-def _train_once(model_dir: str, physical_batch_size: int, dp: DPSettings | None) -> dict[str, torch.Tensor]:
+def _train_once(model_dir: str, physical_batch_size: int, dp: DPSettings | None,
+                stale_gradients: bool = False) -> dict[str, torch.Tensor]:
     tokenizer = load_tokenizer(model_dir)
     rows = make_classification_rows(40)
     dataset = datasets.Dataset.from_list([{"text": r["text"], "label": LABELS.index(r["label"])} for r in rows])
@@ -36,9 +37,19 @@ def _train_once(model_dir: str, physical_batch_size: int, dp: DPSettings | None)
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     settings = TrainSettings(learning_rate=0.01, batch_size=12, steps=3, physical_batch_size=physical_batch_size, seed=5)
+    if stale_gradients:  # what an earlier user of a warm model could leave behind
+        for param in model.parameters():
+            param.grad = torch.full_like(param, 3.0)
     torch.manual_seed(1)  # the DP noise comes from torch's global generator
     train(model, examples, "classification", tokenizer.pad_token_id, settings, dp)
     return adapter_state(model)
+
+
+def test_gradients_left_on_a_warm_model_never_reach_its_next_training(tiny_bert):
+    """A site's model is kept warm across messages: a gradient left on it (by a distributed-DP
+    round, or anything else) must not enter the next training's first step."""
+    clean, stale = _train_once(tiny_bert, 0, None), _train_once(tiny_bert, 0, None, stale_gradients=True)
+    assert all(torch.equal(clean[name], stale[name]) for name in clean)
 
 
 @pytest.mark.parametrize("dp", [None, DPSettings(noise_multiplier=1.0, max_grad_norm=0.5)], ids=["no-dp", "dp"])
