@@ -35,12 +35,12 @@ from client.training import rows_of_unit, unit_members, without_dropout
 from fedlora.adapters import adapter_state, state_key
 from fedlora.tasks import collate, forward_logits, per_example_loss
 from privacy.budget import BudgetExhausted, EffectiveDP, PolicyViolation, SitePolicy
-from privacy.distributed_dp import Shares, grid_scale, grid_sensitivity, noise_share, rounded_units, site_shares
+from privacy.distributed_dp import Shares, grid_scale, grid_sensitivity, rounded_units, site_shares
 from privacy.dp_sgd import rng_mode
 from privacy.ledger import Charge
 from privacy.plan import PROBE, choose_schedule, phase_of, plan_distributed, public_noise_multiplier
 from privacy.release import train_loss_charge
-from privacy.skellam import MECHANISM
+from privacy.skellam import MECHANISM, skellam_noise
 
 ROWS_PER_PASS = 64  # rows whose per-example gradients are held at once
 
@@ -104,7 +104,7 @@ class DistributedSite(Site):
             before = self._spent(ledger, dp)
             spends = self._charge(ledger, charges, server_round, dp, f"{SAMPLER},release:{rng_mode(self.device, False)}")
             total, zeroed = self._gradient_sum(runner, params, examples, encoded.units, batches, dp.max_grad_norm, dimensions)
-            vector = noise_share(dimensions, own_variance)
+            vector = skellam_noise(dimensions, own_variance)
             names = {id(p): state_key(n) for n, p in model.named_parameters()}
             offsets, start = {}, 0
             for name, shape in layout.items():

@@ -157,12 +157,12 @@ def calibrate_noise(
     phases: Sequence[tuple[float, int]],
     accountant: str = "rdp",
     prior: Sequence[tuple[float, float, int]] = (),
-    skellam_sensitivities: Sequence[float] | None = None,
+    skellam_sensitivity: float | None = None,
 ) -> float:
     """Smallest sigma (to 0.1 %) with ``epsilon_for(prior + [(sigma, q, T) for (q, T) in phases])
     <= target_epsilon``: one sigma shared by every phase (a phase: T steps at sampling rate q).
-    With ``skellam_sensitivities`` (one D2 per phase) the phases are Skellam rows
-    ``SkellamRow(sigma, 1, T, D2)`` instead (distributed DP, q = 1).
+    With ``skellam_sensitivity`` D2 the phases are Skellam rows ``SkellamRow(sigma, 1, T, D2)``
+    instead (distributed DP, q = 1).
 
     Epsilon falls monotonically as sigma grows, so a bracket [low, high] with
     epsilon(low) > target >= epsilon(high), shrunk until high - low <= 1e-3 * high, finds it:
@@ -191,8 +191,8 @@ def calibrate_noise(
         )
 
     def epsilon(sigma: float) -> float:
-        if skellam_sensitivities is not None:
-            rows = [SkellamRow(sigma, 1.0, t, d2) for (_, t), d2 in zip(phases, skellam_sensitivities, strict=True)]
+        if skellam_sensitivity is not None:
+            rows = [SkellamRow(sigma, 1.0, t, skellam_sensitivity) for _, t in phases]
             return epsilon_for(prior_rows + rows, delta, accountant)
         return epsilon_for(prior_rows + [(sigma, q, t) for q, t in phases], delta, accountant)
 

@@ -41,11 +41,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from privacy.budget import PolicyViolation
-from privacy.skellam import skellam_noise
 
 GRID = 64
 
@@ -108,8 +106,3 @@ def rounded_units(unit_gradients: torch.Tensor, max_grad_norm: float, dimensions
     kept = finite & within
     total = rounded[kept].sum(dim=0).round().to(torch.int64)
     return total, int((~kept).sum())
-
-
-def noise_share(dimensions: int, variance: float) -> np.ndarray:
-    """This site's Skellam share: d = ``dimensions`` draws of Sk(``variance``)."""
-    return skellam_noise(dimensions, variance)

@@ -157,7 +157,7 @@ def public_noise_multiplier(settings: RunSettings, sensitivity: float) -> float:
     if settings.dp.noise_multiplier:
         return settings.dp.noise_multiplier
     return calibrate_noise(settings.dp.target_epsilon, settings.dp.delta, [(1.0, settings.num_server_rounds)],
-                           ACCOUNTANT, skellam_sensitivities=[sensitivity])
+                           ACCOUNTANT, skellam_sensitivity=sensitivity)
 
 
 def plan_distributed(dp: EffectiveDP, phases: tuple[Phase, ...], release_sigma: float | None,
@@ -174,7 +174,7 @@ def plan_distributed(dp: EffectiveDP, phases: tuple[Phase, ...], release_sigma: 
     releases = [row for phase in phases for row in phase.releases(release_sigma, phase.rounds)]
     last, d2 = phases[-1].last_round, shares.sensitivity
     need = dp.noise_multiplier or calibrate_noise(dp.target_epsilon, dp.delta, [(1.0, last)], ACCOUNTANT,
-                                                  prior=releases, skellam_sensitivities=[d2])
+                                                  prior=releases, skellam_sensitivity=d2)
     own = max(shares.public_variance, (need * d2) ** 2 - shares.counted_others * shares.public_variance,
               (dp.min_noise_multiplier * d2) ** 2)
     z = shares.noise_multiplier(own)

@@ -16,7 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client import app as client_app
 from fedlora.run_config import ConfigError, apply_overrides
 from fedlora.secagg_grid import HALF, LEVELS, MODULUS, integer_sum, quantizer_input, wrapped
-from privacy import distributed_dp
+from privacy import distributed_dp, skellam
 from privacy.distributed_dp import grid_scale, grid_sensitivity, rounded_units
 from privacy.ledger import PrivacyLedger
 from privacy.plan import public_noise_multiplier
@@ -118,13 +118,13 @@ def test_a_site_sends_its_noisy_gradient_sum_on_the_grid_and_charges_a_skellam_r
     config = distributed_config(tiny_run_config, **{"probe-rounds": 1})
     sent = GlobalModel.load(settings_of(config)).arrays()
     seen = {}
-    real_share = distributed_dp.noise_share
+    real_share = skellam.skellam_noise
 
     def share(dimensions, variance):
         seen.update(dimensions=dimensions, variance=variance)
         return real_share(dimensions, variance)
 
-    monkeypatch.setattr("client.distributed_site.noise_share", share)
+    monkeypatch.setattr("client.distributed_site.skellam_noise", share)
     node = node_config(classification_csv, tmp_path, **{"distributed-dp-colluders": 0})
     reply = client_app.train_site(train_message(sent, server_round), context(config, node, tmp_path), config)
     assert "status" not in reply.content.config_records, reply.content
@@ -150,7 +150,7 @@ def test_a_site_sends_its_noisy_gradient_sum_on_the_grid_and_charges_a_skellam_r
     assert row.noise_multiplier == pytest.approx(math.sqrt(seen["variance"] + 2 * public) / d2, rel=1e-12)
     assert 0 < metrics["epsilon"] <= 8.0
     # the gradient alone: the head in the probe round, LoRA (B; A's gradient is 0 while B is) after
-    monkeypatch.setattr("client.distributed_site.noise_share", lambda d, variance: np.zeros(d, np.int64))
+    monkeypatch.setattr("client.distributed_site.skellam_noise", lambda d, variance: np.zeros(d, np.int64))
     node["ledger-path"] = str(tmp_path / "again.db")
     upload = client_app.train_site(train_message(sent, server_round), context(config, node, tmp_path), config).content[
         "fitres.parameters"]
@@ -163,7 +163,7 @@ def _round(config: dict, node: dict, tmp_path, monkeypatch, **setup) -> tuple[fl
     """One site's distributed round with its noise captured: (its share's variance, the z its
     ledger row records, D2)."""
     seen = {}
-    monkeypatch.setattr("client.distributed_site.noise_share",
+    monkeypatch.setattr("client.distributed_site.skellam_noise",
                         lambda d, variance: seen.update(variance=variance) or np.zeros(d, np.int64))
     sent = GlobalModel.load(settings_of(config)).arrays()
     reply = client_app.train_site(train_message(sent), context(config, node, tmp_path, **setup), config)
@@ -321,10 +321,10 @@ def test_a_federation_steps_along_the_sites_clipped_mean_gradient_through_secagg
                                                     "distributed-learning-rate": lr})
     added = []  # each site's share
     if not noise:
-        monkeypatch.setattr("client.distributed_site.noise_share", lambda d, variance: np.zeros(d, np.int64))
+        monkeypatch.setattr("client.distributed_site.skellam_noise", lambda d, variance: np.zeros(d, np.int64))
     else:
-        real = distributed_dp.noise_share
-        monkeypatch.setattr("client.distributed_site.noise_share",
+        real = skellam.skellam_noise
+        monkeypatch.setattr("client.distributed_site.skellam_noise",
                             lambda d, variance: added.append(variance) or real(d, variance))
     settings = settings_of(config)
     start = GlobalModel.load(settings).arrays()
@@ -434,7 +434,7 @@ def test_a_causal_lm_site_sends_a_distributed_round_of_its_lora_gradient(tiny_ll
     config = distributed_config(apply_overrides(tiny_run_config, {"model": tiny_llama, "task": "causal-lm",
                                                                   "data": str(instruction_jsonl), "label-names": ""}))
     sent = GlobalModel.load(settings_of(config)).arrays()
-    monkeypatch.setattr("client.distributed_site.noise_share", lambda d, variance: np.zeros(d, np.int64))
+    monkeypatch.setattr("client.distributed_site.skellam_noise", lambda d, variance: np.zeros(d, np.int64))
     node = {**node_config(instruction_jsonl, tmp_path, **{"distributed-dp-colluders": 0}), "num-examples": 60}
     reply = client_app.train_site(train_message(sent), context(config, node, tmp_path), config)
     assert "status" not in reply.content.config_records, reply.content

@@ -116,7 +116,7 @@ def test_a_skellam_row_must_be_at_rate_one_with_a_real_sensitivity():
 
 def test_calibration_finds_the_smallest_skellam_multiplier_for_the_target():
     d2 = 64.0 * 275
-    z = calibrate_noise(8.0, 1e-5, [(1.0, 30)], skellam_sensitivities=[d2])
+    z = calibrate_noise(8.0, 1e-5, [(1.0, 30)], skellam_sensitivity=d2)
     assert epsilon_for([SkellamRow(z, 1.0, 30, d2)], 1e-5) <= 8.0
     assert epsilon_for([SkellamRow(z * (1 - 1e-3), 1.0, 30, d2)], 1e-5) > 8.0
     # at this sensitivity it is the Gaussian's multiplier to within the integer-order grid
